@@ -1,0 +1,117 @@
+"""Gateway errors, each carrying the Anthropic error type and HTTP status it is sent as.
+
+Every failure a client can see is one of these, so that the web layer has one way of turning a
+failure into the Anthropic envelope, whether as an HTTP response or, once a stream has started,
+as an in-band SSE ``error`` event. This module is pure (no Flask, no network).
+
+    GatewayError                 500 api_error
+    ├── InvalidRequest           400 invalid_request_error
+    ├── AuthenticationFailed     401 authentication_error
+    ├── BillingError             402 billing_error
+    ├── PermissionDenied         403 permission_error
+    ├── NotFound                 404 not_found_error
+    ├── MethodNotAllowed         405 invalid_request_error
+    ├── RequestTooLarge          413 request_too_large
+    ├── RateLimited              429 rate_limit_error
+    ├── UpstreamError            500 api_error (502 when the backend cannot be reached)
+    ├── UpstreamTimeout          504 timeout_error
+    └── Overloaded               529 overloaded_error
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class GatewayError(Exception):
+    """Base: an error that has an Anthropic ``error.type`` and an HTTP status."""
+
+    status = 500
+    error_type = "api_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        should_retry: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.headers = dict(headers or {})
+        if should_retry is not None:
+            # The SDKs obey x-should-retry before their own status rules.
+            self.headers["x-should-retry"] = "true" if should_retry else "false"
+
+    def payload(self, request_id: str | None = None) -> dict[str, Any]:
+        """The Anthropic error envelope, as an HTTP body or an SSE ``error`` event."""
+        body: dict[str, Any] = {
+            "type": "error",
+            "error": {"type": self.error_type, "message": self.message},
+        }
+        if request_id:
+            body["request_id"] = request_id
+        return body
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    error_type = "authentication_error"
+
+
+class BillingError(GatewayError):
+    status = 402
+    error_type = "billing_error"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    error_type = "permission_error"
+
+
+class NotFound(GatewayError):
+    status = 404
+    error_type = "not_found_error"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    error_type = "invalid_request_error"
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    error_type = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    error_type = "rate_limit_error"
+
+
+class UpstreamError(GatewayError):
+    status = 500
+    error_type = "api_error"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    error_type = "timeout_error"
+
+
+class Overloaded(GatewayError):
+    status = 529
+    error_type = "overloaded_error"
+
+
+def field_error(path: str, problem: str) -> InvalidRequest:
+    """An invalid_request_error that names the offending field, as the real API does."""
+    return InvalidRequest(f"{path}: {problem}")

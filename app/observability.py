@@ -1,0 +1,60 @@
+"""Logging: one JSON line per request (the access log) and JSON-formatted gateway messages.
+
+The access line is written when the response is really over (after the last streamed byte, or
+when the client went away), so its timings are the ones an operator cares about: time to first
+token and total time, not the time it took to return a generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import time
+from typing import Any
+
+from app import ids, jsonc
+
+access_log = logging.getLogger("gateway.access")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+
+
+class JSONFormatter(logging.Formatter):
+    """Gateway messages as JSON lines, so one log pipeline reads both kinds of line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "gateway.access" and isinstance(record.msg, dict):
+            return jsonc.dumps_str(record.msg)
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return jsonc.dumps_str(entry)
+
+
+def configure_logging(level: str) -> None:
+    """Route the ``gateway`` loggers to stderr (the journal under systemd), once per process."""
+    logger = logging.getLogger("gateway")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "_gateway", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JSONFormatter())
+        handler._gateway = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
+def request_id_from(header: str | None) -> str:
+    """Keep a sane incoming X-Request-ID (nginx's, say) so both logs share it; else mint one."""
+    if header and _REQUEST_ID.match(header):
+        return header
+    return ids.request_id()
+
+
+def log_access(entry: dict[str, Any], started: float) -> None:
+    entry["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
+    access_log.info(entry)

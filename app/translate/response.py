@@ -1,0 +1,174 @@
+"""OpenAI Chat Completion -> Anthropic ``message`` object, plus the mappings streams share.
+
+``stop_reason``, usage and tool-argument parsing live here once, so the streaming and the
+non-streaming paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from app import ids, jsonc
+from app.errors import UpstreamError
+from app.translate.upstream_errors import error_from_body
+
+THINKING_SIGNATURE_PREFIX = "gw1."
+
+
+def translate_response(
+    completion: Any, *, model: str, message_id: str, stop_sequences: list[str]
+) -> dict[str, Any]:
+    """The Anthropic message for a complete (non-streamed) backend answer."""
+    if not isinstance(completion, dict):
+        raise UpstreamError("backend returned a response that is not a JSON object")
+    if "error" in completion or completion.get("object") == "error":
+        raise error_from_body(completion)
+    choices = completion.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise UpstreamError("backend returned no choices")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    content = _content_blocks(message)
+    has_tools = any(b["type"] == "tool_use" for b in content)
+    stop_reason, stop_sequence = map_stop_reason(
+        choice.get("finish_reason"), has_tools, choice.get("stop_reason"), stop_sequences
+    )
+    if stop_reason is None:
+        raise error_from_body(completion)
+    return {
+        "id": message_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": map_usage(completion.get("usage"), estimate_output=_estimate(content)),
+    }
+
+
+def _content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """Thinking, then text, then tool calls: the order Anthropic models produce."""
+    blocks: list[dict[str, Any]] = []
+    reasoning = reasoning_text(message)
+    if reasoning:
+        blocks.append({"type": "thinking", "thinking": reasoning, "signature": signature()})
+    text = _text(message.get("content")) + _text(message.get("refusal"))
+    if text:
+        blocks.append({"type": "text", "text": text})
+    seen: set[str] = set()
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        call_id = tool_use_id(call.get("id"), seen)
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call_id,
+                "name": function.get("name") or "",
+                "input": parse_arguments(function.get("arguments")),
+            }
+        )
+    return blocks
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts, as some servers return
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def reasoning_text(delta: dict[str, Any]) -> str:
+    """Reasoning under either name (vLLM/Ollama ``reasoning``, DeepSeek/llama.cpp ``_content``)."""
+    text = delta.get("reasoning_content") or delta.get("reasoning")
+    return text if isinstance(text, str) else ""
+
+
+def signature() -> str:
+    """A gateway-issued thinking signature; clients send it back and the gateway ignores it."""
+    return THINKING_SIGNATURE_PREFIX + ids.tool_use_id()[6:]
+
+
+def tool_use_id(upstream_id: Any, seen: set[str]) -> str:
+    """Keep the backend's call id when usable and unique, else mint a ``toolu_`` id."""
+    if isinstance(upstream_id, str) and upstream_id and upstream_id not in seen:
+        seen.add(upstream_id)
+        return upstream_id
+    new_id = ids.tool_use_id()
+    seen.add(new_id)
+    return new_id
+
+
+_FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
+_TRAILING_COMMA = re.compile(r",\s*([}\]])")
+
+
+def parse_arguments(arguments: Any) -> dict[str, Any]:
+    """Tool arguments as an object: parsed, repaired when unambiguous, or wrapped raw.
+
+    A broken ``input`` would crash the client's JSON handling; wrapping the raw text under
+    ``_raw_arguments`` lets the tool reject it and the model try again.
+    """
+    if isinstance(arguments, dict):
+        return arguments
+    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+        return {}
+    text = str(arguments)
+    for candidate in (text, _FENCE.sub(r"\1", text), _TRAILING_COMMA.sub(r"\1", text)):
+        try:
+            value = jsonc.loads(candidate)
+        except jsonc.JSONDecodeError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {"_raw_arguments": text}
+
+
+def map_stop_reason(
+    finish_reason: Any, has_tool_calls: bool, matched: Any, stop_sequences: list[str]
+) -> tuple[str | None, str | None]:
+    """OpenAI ``finish_reason`` -> Anthropic ``(stop_reason, stop_sequence)``.
+
+    ``matched`` is vLLM's per-choice ``stop_reason``: the stop string that fired, the only way
+    to learn which one did. Returns ``(None, None)`` for ``error``, which is not a stop.
+    """
+    if finish_reason == "error":
+        return None, None
+    if finish_reason == "length":
+        return "max_tokens", None
+    if has_tool_calls or finish_reason in ("tool_calls", "function_call"):
+        return "tool_use", None
+    if finish_reason == "content_filter":
+        return "refusal", None
+    if isinstance(matched, str) and matched in stop_sequences:
+        return "stop_sequence", matched
+    return "end_turn", None
+
+
+def map_usage(usage: Any, *, estimate_output: int = 0) -> dict[str, int]:
+    """OpenAI usage -> Anthropic usage; ``input_tokens`` excludes cached tokens there."""
+    if not isinstance(usage, dict):
+        usage = {}
+    prompt = _int(usage.get("prompt_tokens"))
+    details = usage.get("prompt_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = cached or _int(usage.get("prompt_cache_hit_tokens"))
+    output = usage.get("completion_tokens")
+    return {
+        "input_tokens": max(prompt - cached, 0),
+        "output_tokens": _int(output) if output is not None else estimate_output,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": cached,
+    }
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _estimate(content: list[dict[str, Any]]) -> int:
+    """Rough output size (4 characters a token) for backends that report no usage."""
+    chars = sum(len(b.get("text") or b.get("thinking") or "") for b in content)
+    return (chars + 3) // 4

@@ -1,0 +1,289 @@
+"""OpenAI chat-completion chunks -> the Anthropic stream event grammar, as a state machine.
+
+    message_start (content_block_start ping? content_block_delta* content_block_stop)*
+    message_delta message_stop
+
+Feed each parsed backend chunk; get back the Anthropic events it completes. Block indexes are
+the gateway's own (0, 1, 2… in start order), never the backend's tool-call ``index``: clients
+look blocks up by position. Tool calls are buffered per call and emitted whole once complete,
+so that interleaved fragments never leave two blocks open and the joined ``partial_json`` is
+always valid JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import jsonc
+from app.errors import GatewayError, UpstreamError
+from app.translate.response import (
+    map_stop_reason,
+    map_usage,
+    parse_arguments,
+    reasoning_text,
+    signature,
+    tool_use_id,
+)
+from app.translate.upstream_errors import error_from_body
+
+Event = dict[str, Any]
+PING: Event = {"type": "ping"}
+
+
+class _ToolCall:
+    __slots__ = ("id", "name", "arguments")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.name = ""
+        self.arguments: list[str] = []
+
+
+class StreamTranslator:
+    """One translator per response; not reusable."""
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        message_id: str,
+        stop_sequences: list[str],
+        input_tokens: int = 0,
+    ) -> None:
+        self.model = model
+        self.message_id = message_id
+        self.stop_sequences = stop_sequences
+        self.input_tokens = input_tokens
+        self.finish_reason: str | None = None
+        self.matched_stop: Any = None
+        self.usage: dict[str, Any] | None = None
+        self.stop_reason: str | None = None
+        self.output_chars = 0
+        self.ended = False
+        self.error_type: str | None = None
+        self._next_index = 0
+        self._open: str | None = None  # "text" | "thinking" while a block is open
+        self._tools: dict[int, _ToolCall] = {}
+        self._tool_ids: set[str] = set()
+        self._pinged = False
+
+    # --- public ---------------------------------------------------------------------------
+
+    def start(self) -> list[Event]:
+        usage = {
+            "input_tokens": self.input_tokens,
+            "output_tokens": 0,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+        message = {
+            "id": self.message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": usage,
+        }
+        return [{"type": "message_start", "message": message}]
+
+    def feed_data(self, data: bytes) -> list[Event]:
+        """One ``data:`` payload (not ``[DONE]``): parse it and translate."""
+        try:
+            chunk = jsonc.loads(data)
+        except jsonc.JSONDecodeError:
+            return self.fail(UpstreamError("backend sent malformed stream data"))
+        if not isinstance(chunk, dict):
+            return self.fail(UpstreamError("backend sent malformed stream data"))
+        return self.feed(chunk)
+
+    def feed(self, chunk: dict[str, Any]) -> list[Event]:
+        if self.ended:
+            return []
+        if "error" in chunk or chunk.get("object") == "error":
+            return self.fail(error_from_body(chunk))
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage
+        choices = chunk.get("choices")
+        if not choices:
+            return []  # the usage chunk (choices: []) and keep-alive objects
+        choice = choices[0]
+        events: list[Event] = []
+        delta = choice.get("delta")
+        if delta:
+            self._apply_delta(delta, events)
+        finish = choice.get("finish_reason")
+        if finish:
+            if finish == "error":
+                return events + self.fail(error_from_body(chunk))
+            self.finish_reason = finish
+            self.matched_stop = choice.get("stop_reason")
+        return events
+
+    def finish(self, *, saw_done: bool) -> list[Event]:
+        """Close the message at ``[DONE]`` or at end of body.
+
+        A body that ends with neither ``[DONE]`` nor a finish reason was cut short: report an
+        error rather than pretend the answer was complete.
+        """
+        if self.ended:
+            return []
+        if not saw_done and self.finish_reason is None:
+            return self.fail(UpstreamError("backend stream ended before the answer was complete"))
+        events = self._flush_tools()
+        self._close_block(events)
+        stop_reason, stop_sequence = map_stop_reason(
+            self.finish_reason, bool(self._tool_ids), self.matched_stop, self.stop_sequences
+        )
+        self.stop_reason = stop_reason
+        usage = map_usage(self.usage, estimate_output=(self.output_chars + 3) // 4)
+        if self.usage is None:
+            usage["input_tokens"] = self.input_tokens
+        events.append(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                "usage": usage,
+            }
+        )
+        events.append({"type": "message_stop"})
+        self.ended = True
+        return events
+
+    def fail(self, error: GatewayError) -> list[Event]:
+        """An in-band error event; it ends the stream (no message_stop follows)."""
+        self.ended = True
+        self.error_type = error.error_type
+        return [error.payload()]
+
+    @property
+    def final_usage(self) -> dict[str, int]:
+        return map_usage(self.usage, estimate_output=(self.output_chars + 3) // 4)
+
+    # --- deltas -------------------------------------------------------------------------------
+
+    def _apply_delta(self, delta: dict[str, Any], events: list[Event]) -> None:
+        reasoning = reasoning_text(delta)
+        if reasoning:
+            self._append("thinking", "thinking_delta", "thinking", reasoning, events)
+        content = delta.get("content")
+        if content and isinstance(content, str):
+            self._append("text", "text_delta", "text", content, events)
+        refusal = delta.get("refusal")
+        if refusal and isinstance(refusal, str):
+            self._append("text", "text_delta", "text", refusal, events)
+        calls = delta.get("tool_calls")
+        if calls:
+            for fragment in calls:
+                if isinstance(fragment, dict):
+                    self._tool_fragment(fragment)
+
+    def _append(
+        self, kind: str, delta_type: str, field: str, text: str, events: list[Event]
+    ) -> None:
+        if self._open != kind:
+            events.extend(self._flush_tools())
+            self._close_block(events)
+            self._open_block(kind, events)
+        self.output_chars += len(text)
+        events.append(
+            {
+                "type": "content_block_delta",
+                "index": self._next_index - 1,
+                "delta": {"type": delta_type, field: text},
+            }
+        )
+
+    def _open_block(self, kind: str, events: list[Event]) -> None:
+        block: dict[str, Any] = (
+            {"type": "text", "text": ""}
+            if kind == "text"
+            else {"type": "thinking", "thinking": "", "signature": ""}
+        )
+        events.append(
+            {"type": "content_block_start", "index": self._next_index, "content_block": block}
+        )
+        self._next_index += 1
+        self._open = kind
+        if not self._pinged:
+            self._pinged = True
+            events.append(PING)
+
+    def _close_block(self, events: list[Event]) -> None:
+        if self._open is None:
+            return
+        index = self._next_index - 1
+        if self._open == "thinking":
+            events.append(
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "signature_delta", "signature": signature()},
+                }
+            )
+        events.append({"type": "content_block_stop", "index": index})
+        self._open = None
+
+    # --- tool calls ---------------------------------------------------------------------------
+
+    def _tool_fragment(self, fragment: dict[str, Any]) -> None:
+        """Accumulate one fragment. Calls are emitted at the end of the run of tool-call
+        fragments (finish, or other content), because some servers interleave calls."""
+        index = fragment.get("index")
+        if not isinstance(index, int):
+            index = self._index_for(fragment.get("id"))
+        call = self._tools.get(index)
+        if call is None:
+            call = self._tools[index] = _ToolCall()
+        if fragment.get("id") and call.id is None:
+            call.id = fragment["id"]
+        function = fragment.get("function") or {}
+        if function.get("name") and not call.name:
+            call.name = function["name"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, dict):
+            arguments = jsonc.dumps_str(arguments)
+        if arguments:
+            call.arguments.append(arguments)
+
+    def _index_for(self, call_id: Any) -> int:
+        """Backends that omit ``index``: correlate by id, else continue the latest call."""
+        for index, call in self._tools.items():
+            if call_id and call.id == call_id:
+                return index
+        if call_id or not self._tools:
+            return max(self._tools, default=-1) + 1
+        return max(self._tools)
+
+    def _flush_tools(self) -> list[Event]:
+        if not self._tools:
+            return []
+        events: list[Event] = []
+        self._close_block(events)
+        for index in sorted(self._tools):
+            call = self._tools[index]
+            block_index = self._next_index
+            self._next_index += 1
+            arguments = jsonc.dumps_str(parse_arguments("".join(call.arguments)))
+            self.output_chars += len(arguments)
+            block = {
+                "type": "tool_use",
+                "id": tool_use_id(call.id, self._tool_ids),
+                "name": call.name,
+                "input": {},
+            }
+            events.append(
+                {"type": "content_block_start", "index": block_index, "content_block": block}
+            )
+            events.append(
+                {
+                    "type": "content_block_delta",
+                    "index": block_index,
+                    "delta": {"type": "input_json_delta", "partial_json": arguments},
+                }
+            )
+            events.append({"type": "content_block_stop", "index": block_index})
+        self._tools.clear()
+        return events

@@ -1,0 +1,113 @@
+"""Backend failures -> gateway errors with Anthropic types and statuses (pure).
+
+Backends word their errors in several shapes (OpenAI ``{"error": {...}}``, older vLLM's flat
+``{"object": "error"}``, FastAPI ``{"detail": ...}``, HTML from a proxy); the client always gets
+one Anthropic envelope, with the backend's own message kept so the cause stays visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from app import jsonc
+from app.errors import (
+    AuthenticationFailed,
+    BillingError,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PermissionDenied,
+    RateLimited,
+    RequestTooLarge,
+    UpstreamError,
+    UpstreamTimeout,
+)
+
+CONTEXT_OVERFLOW_MARKERS = (
+    "context_length_exceeded",
+    "maximum context length",
+    "exceed_context_size",
+    "context window",
+    "too many tokens",
+    "prompt is too long",
+)
+RETRY_HEADERS = ("retry-after", "retry-after-ms")
+EXCERPT_CHARS = 300
+
+
+def error_from_status(
+    status: int, body: bytes, headers: Mapping[str, str], backend: str
+) -> GatewayError:
+    """The gateway error for a non-2xx backend answer."""
+    detail = _message(body)
+    kept = {h: headers[h] for h in RETRY_HEADERS if h in headers}
+    prefix = f"backend {backend} returned HTTP {status}"
+    if status in (400, 422):
+        if any(m in detail.lower() for m in CONTEXT_OVERFLOW_MARKERS):
+            return InvalidRequest(f"prompt is too long: {detail}")
+        return InvalidRequest(detail or prefix)
+    if status == 401:
+        return AuthenticationFailed(f"{prefix}: the backend rejected the gateway's credentials")
+    if status == 403:
+        return PermissionDenied(f"{prefix}: {detail or 'forbidden'}")
+    if status == 402:
+        return BillingError(f"{prefix}: {detail or 'payment required'}")
+    if status == 404:
+        return NotFound(f"{prefix}: {detail or 'not found'}")
+    if status == 413:
+        return RequestTooLarge(f"{prefix}: {detail or 'request too large'}")
+    if status == 429:
+        return RateLimited(f"{prefix}: {detail or 'rate limited'}", headers=kept)
+    if status in (408, 504):
+        return UpstreamTimeout(f"{prefix}: {detail or 'timed out'}")
+    if status == 503:
+        return Overloaded(f"{prefix}: {detail or 'overloaded'}", headers=kept)
+    if status >= 500:
+        return UpstreamError(f"{prefix}: {detail or 'server error'}")
+    return InvalidRequest(f"{prefix}: {detail}" if detail else prefix)
+
+
+def error_from_body(obj: Mapping[str, Any]) -> GatewayError:
+    """The gateway error for an error object inside a 200 answer or a stream."""
+    error = obj.get("error")
+    message = _from_object(obj) or "backend reported an error"
+    code = error.get("code") if isinstance(error, dict) else obj.get("code")
+    kind = error.get("type") if isinstance(error, dict) else obj.get("type")
+    text = f"{message} {code} {kind}".lower()
+    if code in (503, 529, "503", "529") or "overload" in text:
+        return Overloaded(message)
+    if code in (429, "429") or "rate limit" in text:
+        return RateLimited(message)
+    if code in (408, 504, "408", "504") or "timeout" in text or "timed out" in text:
+        return UpstreamTimeout(message)
+    return UpstreamError(message)
+
+
+def _message(body: bytes) -> str:
+    try:
+        obj = jsonc.loads(body.strip() or b"null")
+    except jsonc.JSONDecodeError:
+        return _excerpt(body.decode("utf-8", "replace"))
+    if isinstance(obj, dict):
+        return _from_object(obj)
+    return _excerpt(str(obj)) if obj is not None else ""
+
+
+def _from_object(obj: Mapping[str, Any]) -> str:
+    error = obj.get("error")
+    if isinstance(error, dict) and error.get("message"):
+        return _excerpt(str(error["message"]))
+    if isinstance(error, str) and error:
+        return _excerpt(error)
+    for key in ("message", "detail"):
+        if obj.get(key):
+            value = obj[key]
+            return _excerpt(value if isinstance(value, str) else jsonc.dumps_str(value))
+    return ""
+
+
+def _excerpt(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "…"

@@ -1,0 +1,156 @@
+"""The HTTP client for the OpenAI-compatible backend: one pooled ``requests.Session`` per worker.
+
+It owns transport policy (pool size, connect-only retries, timeouts, ``trust_env``) and turns
+every transport failure into a gateway error that names the backend, so nothing above it sees a
+``requests`` exception. Built per worker process, after gevent has patched the socket module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from app import jsonc
+from app.config import Upstream
+from app.errors import GatewayError, UpstreamError, UpstreamTimeout
+from app.translate.upstream_errors import error_from_status
+
+log = logging.getLogger("gateway")
+
+READ_SIZE = 65536
+ERROR_BODY_LIMIT = 65536
+
+
+class UpstreamClient:
+    """Calls ``{url}/chat/completions``; returns open responses for the caller to read and close."""
+
+    def __init__(self, config: Upstream, pool_size: int) -> None:
+        self.config = config
+        self.name = urlsplit(config.url).netloc or config.url
+        self.url = config.url + "/chat/completions"
+        self.stream_usage = config.dialect.stream_usage
+        self.session = _session(config, pool_size)
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if config.api_key:
+            self.headers["Authorization"] = f"Bearer {config.api_key}"
+        self.stream_headers = dict(self.headers, Accept="text/event-stream")
+        # No compression on streams: a decompressor would hold back bytes.
+        self.stream_headers["Accept-Encoding"] = "identity"
+        self.timeout = (config.connect_timeout, config.read_timeout)
+
+    def complete(self, payload: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """A non-streamed completion, parsed; raises GatewayError on any failure."""
+        response = self._post(payload, request_id, stream=False)
+        try:
+            body = response.content
+        except requests.RequestException as exc:
+            raise self._transport_error(exc) from None
+        finally:
+            response.close()
+        try:
+            return jsonc.loads(body.strip())
+        except jsonc.JSONDecodeError:
+            excerpt = body[:200].decode("utf-8", "replace")
+            raise UpstreamError(f"backend {self.name} returned invalid JSON: {excerpt}") from None
+
+    def open_stream(self, payload: dict[str, Any], request_id: str) -> requests.Response:
+        """Start a streamed completion and return once the backend has answered 2xx.
+
+        Waiting for the status before the first byte goes to the client keeps a backend error
+        a real HTTP error that SDKs can retry. Backends that refuse ``stream_options`` get the
+        request again without it, and are not asked again by this worker.
+        """
+        payload["stream"] = True
+        if self.stream_usage:
+            payload["stream_options"] = {"include_usage": True}
+        try:
+            return self._post(payload, request_id, stream=True)
+        except _StreamOptionsRejected:
+            log.warning("backend %s rejects stream_options; retrying without it", self.name)
+            self.stream_usage = False
+            payload.pop("stream_options", None)
+            return self._post(payload, request_id, stream=True)
+
+    def iter_bytes(self, response: requests.Response) -> Iterator[bytes]:
+        """Body bytes as the backend sends them (one network read each), chunked or not."""
+        read1 = response.raw.read1
+        try:
+            while True:
+                data = read1(READ_SIZE)
+                if not data:
+                    return
+                yield data
+        except requests.RequestException as exc:
+            raise self._transport_error(exc) from None
+        except Exception as exc:  # urllib3 and socket errors surface unwrapped here
+            raise self._transport_error(exc) from None
+
+    def _post(self, payload: dict[str, Any], request_id: str, *, stream: bool) -> requests.Response:
+        headers = self.stream_headers if stream else self.headers
+        try:
+            response = self.session.post(
+                self.url,
+                data=jsonc.dumps(payload),
+                headers={**headers, "X-Request-ID": request_id},
+                stream=stream,
+                timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            raise self._transport_error(exc) from None
+        if response.status_code < 300:
+            return response
+        raise self._status_error(response, payload)
+
+    def _status_error(self, response: requests.Response, payload: dict[str, Any]) -> Exception:
+        try:
+            body = response.raw.read(ERROR_BODY_LIMIT, decode_content=True) or b""
+        except Exception:  # a broken error body still leaves the status to report
+            body = b""
+        finally:
+            response.close()
+        if (
+            response.status_code in (400, 422)
+            and "stream_options" in payload
+            and b"stream_options" in body
+        ):
+            return _StreamOptionsRejected()
+        return error_from_status(response.status_code, body, response.headers, self.name)
+
+    def _transport_error(self, exc: Exception) -> GatewayError:
+        text = str(exc)
+        if isinstance(exc, requests.ConnectTimeout):
+            return UpstreamTimeout(f"timed out connecting to backend {self.name}")
+        if isinstance(exc, requests.ReadTimeout) or "timed out" in text.lower():
+            return UpstreamTimeout(f"backend {self.name} did not answer in time")
+        if isinstance(exc, requests.ConnectionError) and "refused" in text.lower():
+            return UpstreamError(
+                f"cannot connect to backend {self.name}: connection refused", status=502
+            )
+        message = f"connection to backend {self.name} failed: {_short(text)}"
+        return UpstreamError(message, status=502)
+
+
+class _StreamOptionsRejected(Exception):
+    """The backend refused ``stream_options``: retry once without it."""
+
+
+def _session(config: Upstream, pool_size: int) -> requests.Session:
+    session = requests.Session()
+    # Proxy and netrc lookups from the environment cost time on every request; opt in only.
+    session.trust_env = config.trust_env
+    # Connect errors are safe to retry for POST (nothing was sent); nothing else is.
+    retry = Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0, backoff_factor=0.05)
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 10), max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"

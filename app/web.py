@@ -1,0 +1,114 @@
+"""Flask wiring: the app factory, request ids, the access log hook and the error envelope.
+
+Error handlers are registered on the app, not the blueprint, because routing errors (404, 405)
+never reach blueprint handlers, and every error must leave as an Anthropic envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from app import jsonc
+from app.api import create_blueprint
+from app.config import Settings, load_settings
+from app.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    UpstreamError,
+)
+from app.observability import configure_logging, log_access, request_id_from
+from app.upstream import UpstreamClient
+
+log = logging.getLogger("gateway")
+
+
+def build_app(settings: Settings | None = None) -> Flask:
+    settings = settings or load_settings()
+    configure_logging(settings.log_level)
+    app = Flask("gateway")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # Keep as many backend connections as the worker can have requests in flight.
+    concurrency = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "1000"))
+    client = UpstreamClient(settings.upstream, settings.upstream.pool_size or concurrency)
+    app.extensions["gateway.client"] = client
+    app.register_blueprint(create_blueprint(settings, client))
+    app.before_request(_start_request)
+    app.after_request(_finish_request)
+    app.register_error_handler(GatewayError, _gateway_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+    return app
+
+
+def _start_request() -> None:
+    g.started = time.monotonic()
+    g.request_id = request_id_from(request.headers.get("X-Request-ID"))
+    g.access = {
+        "request_id": g.request_id,
+        "method": request.method,
+        "path": request.path,
+        "stream": False,
+    }
+
+
+def _finish_request(response: Response) -> Response:
+    request_id = g.get("request_id")
+    if request_id:
+        response.headers["request-id"] = request_id
+    if not g.get("access_deferred") and "access" in g:
+        g.access["status"] = response.status_code
+        log_access(g.access, g.started)
+    return response
+
+
+def render(error: GatewayError) -> Response:
+    """The Anthropic error envelope as an HTTP response."""
+    request_id = g.get("request_id")
+    if "access" in g:
+        g.access["error"] = error.error_type
+        if error.status >= 500:
+            g.access["error_message"] = error.message
+    response = Response(
+        jsonc.dumps(error.payload(request_id)), status=error.status, mimetype="application/json"
+    )
+    response.headers.update(error.headers)
+    return response
+
+
+def _gateway_error(error: GatewayError) -> Response:
+    return render(error)
+
+
+HTTP_ERRORS: dict[int, type[GatewayError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: RequestTooLarge,
+}
+
+
+def _http_error(error: HTTPException) -> Response:
+    status = error.code or 500
+    kind = HTTP_ERRORS.get(status, InvalidRequest if status < 500 else UpstreamError)
+    message = {
+        404: f"no route for {request.method} {request.path}",
+        405: f"method {request.method} is not allowed on {request.path}",
+        413: "request body is larger than the gateway's limit",
+    }.get(status, error.description or "request failed")
+    response = render(kind(message, status=status))
+    allow = error.get_response().headers.get("Allow")
+    if allow:
+        response.headers["Allow"] = allow
+    return response
+
+
+def _unexpected_error(error: Exception) -> Response:
+    log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+    return render(UpstreamError("internal gateway error"))

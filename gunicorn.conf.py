@@ -1,0 +1,49 @@
+"""gunicorn settings for the gateway, read from the environment with safe defaults.
+
+Nothing from the app, requests or urllib3 is imported at module level: this file runs in the
+gunicorn master, which gevent never patches, and the workers must be the first to import the
+network stack (after monkey-patching). ``app.config`` is the exception: it uses the standard
+library only, and loading it here makes a bad config stop the service at start with one line.
+"""
+
+import os
+import sys
+
+from app.config import ConfigError, load_settings
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        sys.exit(f"gateway: {name} must be an integer (got {value!r})")
+
+
+try:
+    load_settings()
+except ConfigError as exc:
+    sys.exit(f"gateway: bad configuration: {exc}")
+
+# Loopback by default; nginx in front terminates TLS. Never 0.0.0.0 on a shared host.
+bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8082").split(",")
+workers = _env_int("GATEWAY_WORKERS", 2)
+worker_class = "gevent"
+# Open streams and idle keep-alive connections each hold one slot per worker.
+worker_connections = _env_int("GATEWAY_WORKER_CONNECTIONS", 1000)
+os.environ.setdefault("GATEWAY_WORKER_CONNECTIONS", str(worker_connections))
+# A heartbeat watchdog, not a request limit: it fires only if a worker blocks its event loop.
+timeout = 30
+# How long in-flight streams may drain on stop/reload before they are cut.
+graceful_timeout = _env_int("GATEWAY_GRACEFUL_TIMEOUT", 120)
+# Longer than nginx's upstream keepalive_timeout (60 s), so nginx never reuses a closed socket.
+keepalive = _env_int("GATEWAY_KEEPALIVE", 75)
+# The app is imported in each worker, after gevent patched it; see the module docstring.
+preload_app = False
+# Heartbeat files on tmpfs where available: a disk-backed heartbeat can stall the worker.
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+accesslog = None  # the gateway writes its own JSON access line per request
+errorlog = "-"
+loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
+forwarded_allow_ips = "127.0.0.1,::1"
+proc_name = "anthropic-gateway"

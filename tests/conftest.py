@@ -1,0 +1,74 @@
+"""Fixtures: a real fake backend, the gateway served over real HTTP, and SDK clients on it.
+
+The in-process gateway runs on Werkzeug's threaded server (fast to start per test, with its own
+settings); tests that need the production server start real gunicorn with the gevent worker
+(see test_gunicorn.py). Both listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anthropic
+import pytest
+from fakebackend import FakeBackend
+from werkzeug.serving import make_server
+
+from app import create_app
+from app.config import build_settings
+
+
+class GatewayServer:
+    """The Flask app from the factory, on an ephemeral loopback port, in a daemon thread."""
+
+    def __init__(self, raw_settings: dict[str, Any]) -> None:
+        self.settings = build_settings(raw_settings, {})
+        self.app = create_app(self.settings)
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def client(self, **kwargs: Any) -> anthropic.Anthropic:
+        kwargs.setdefault("max_retries", 0)
+        return anthropic.Anthropic(base_url=self.url, api_key="test-key", **kwargs)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.app.extensions["gateway.client"].session.close()
+
+
+@pytest.fixture
+def backend() -> Iterator[FakeBackend]:
+    with FakeBackend() as fb:
+        yield fb
+
+
+@pytest.fixture
+def make_gateway(backend: FakeBackend) -> Iterator[Callable[..., GatewayServer]]:
+    """Start a gateway on ``backend``; keyword arguments are upstream settings or top-level ones."""
+    servers: list[GatewayServer] = []
+
+    def start(upstream: dict[str, Any] | None = None, **top: Any) -> GatewayServer:
+        raw = {"upstream": {"url": backend.url, **(upstream or {})}, **top}
+        server = GatewayServer(raw)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def gateway(make_gateway: Callable[..., GatewayServer]) -> GatewayServer:
+    return make_gateway()
+
+
+@pytest.fixture
+def client(gateway: GatewayServer) -> Iterator[anthropic.Anthropic]:
+    with gateway.client() as sdk:
+        yield sdk

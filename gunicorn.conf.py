@@ -47,3 +47,7 @@ errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
 forwarded_allow_ips = "127.0.0.1,::1"
 proc_name = "anthropic-gateway"
+# gunicorn's control socket defaults to a path in $HOME shared by every instance on the host;
+# enable it only with an explicit per-instance path.
+control_socket = os.environ.get("GATEWAY_CONTROL_SOCKET", "") or None
+control_socket_disable = control_socket is None

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ProtocolError
 from urllib3.util.retry import Retry
 
 from app import jsonc
@@ -86,8 +87,9 @@ class UpstreamClient:
                 if not data:
                     return
                 yield data
-        except requests.RequestException as exc:
-            raise self._transport_error(exc) from None
+        except ProtocolError:
+            message = f"backend {self.name} closed the stream before the answer was complete"
+            raise UpstreamError(message) from None
         except Exception as exc:  # urllib3 and socket errors surface unwrapped here
             raise self._transport_error(exc) from None
 
@@ -105,11 +107,16 @@ class UpstreamClient:
             raise self._transport_error(exc) from None
         if response.status_code < 300:
             return response
-        raise self._status_error(response, payload)
+        raise self._status_error(response, payload, stream)
 
-    def _status_error(self, response: requests.Response, payload: dict[str, Any]) -> Exception:
+    def _status_error(
+        self, response: requests.Response, payload: dict[str, Any], stream: bool
+    ) -> Exception:
         try:
-            body = response.raw.read(ERROR_BODY_LIMIT, decode_content=True) or b""
+            if stream:  # bounded: an error body has no business being large
+                body = response.raw.read(ERROR_BODY_LIMIT, decode_content=True) or b""
+            else:
+                body = response.content
         except Exception:  # a broken error body still leaves the status to report
             body = b""
         finally:

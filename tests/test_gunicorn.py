@@ -1,0 +1,213 @@
+"""The production server: real ``gunicorn -c gunicorn.conf.py wsgi:app`` with the gevent worker."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anthropic
+import pytest
+import requests
+from fakebackend import FakeBackend, JSONReply, StreamReply, chunks, error_body
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = Path(sys.executable).with_name("gunicorn")
+BODY = {
+    "model": "claude-haiku-4-5",
+    "max_tokens": 50,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Gunicorn:
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {
+            **os.environ,
+            "GATEWAY_BIND": f"127.0.0.1:{self.port}",
+            "GATEWAY_WORKERS": "1",
+            "GATEWAY_GRACEFUL_TIMEOUT": "5",
+            **env,
+        }
+        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT,
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise RuntimeError(f"gunicorn did not become ready: {self.log_path.read_text()}")
+
+    def access_lines(self) -> list[dict]:
+        lines = []
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("{") and '"request_id"' in line:
+                lines.append(json.loads(line))
+        return lines
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self.log.close()
+
+
+@pytest.fixture(scope="module")
+def module_backend() -> Iterator[FakeBackend]:
+    with FakeBackend() as fb:
+        yield fb
+
+
+@pytest.fixture(scope="module")
+def server(module_backend: FakeBackend, tmp_path_factory) -> Iterator[Gunicorn]:
+    log_path = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
+    gunicorn = Gunicorn({"GATEWAY_UPSTREAM_URL": module_backend.url}, log_path)
+    yield gunicorn
+    gunicorn.stop()
+
+
+@pytest.fixture
+def sdk(server: Gunicorn) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=server.url, api_key="k", max_retries=0) as client:
+        yield client
+
+
+def read_events(port: int, body: dict) -> Iterator[tuple[float, str]]:
+    """(arrival time, event name) for each SSE event, read line by line off the socket."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/v1/messages", json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        while line := response.readline():
+            if line.startswith(b"event: "):
+                yield time.monotonic(), line[7:].strip().decode()
+    finally:
+        conn.close()
+
+
+def test_events_arrive_as_the_backend_produces_them(server, module_backend):
+    pieces = [f"w{i} " for i in range(8)]
+    module_backend.reply(StreamReply(chunks(pieces), first_delay=0.1, delay=0.3))
+    started = time.monotonic()
+    arrivals = list(read_events(server.port, {**BODY, "stream": True}))
+    names = [name for _, name in arrivals]
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+    first_delta = next(t for t, name in arrivals if name == "content_block_delta")
+    last = arrivals[-1][0]
+    # The backend spreads the answer over ~2.2 s: a buffered relay would deliver it all at once.
+    assert first_delta - started < 1.0
+    assert last - first_delta > 1.5
+
+
+def test_sdk_create_and_stream_through_gunicorn(sdk, module_backend):
+    module_backend.reply(StreamReply(chunks(["Hello", ", world"], dialect="vllm")))
+    with sdk.messages.stream(**BODY) as stream:
+        message = stream.get_final_message()
+    assert message.content[0].text == "Hello, world"
+    assert message.model == "claude-haiku-4-5"
+    assert sdk.messages.create(**BODY).content[0].text == "Hello"
+
+
+def test_access_log_line_carries_the_request_id(server, sdk, module_backend):
+    module_backend.reply(StreamReply(chunks(["x"])))
+    response = sdk.messages.with_raw_response.create(**BODY, stream=True)
+    for _ in response.parse():
+        pass
+    request_id = response.headers["request-id"]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        matching = [e for e in server.access_lines() if e["request_id"] == request_id]
+        if matching:
+            break
+        time.sleep(0.05)
+    assert matching, "no access log line for the request"
+    entry = matching[0]
+    assert entry["status"] == 200 and entry["stream"] is True
+    assert entry["stop_reason"] == "end_turn" and entry["client_disconnected"] is False
+    assert module_backend.requests[-1].headers["x-request-id"] == request_id
+
+
+def test_client_disconnect_closes_the_backend_stream(server, module_backend):
+    before = module_backend.closed_by_client
+    module_backend.reply(StreamReply(chunks([f"t{i}" for i in range(400)]), delay=0.02))
+    events = read_events(server.port, {**BODY, "stream": True})
+    for _, name in events:
+        if name == "content_block_delta":
+            break
+    events.close()  # hang up mid-stream
+    assert module_backend.wait_closed(before + 1, timeout=5)
+
+
+def test_backend_failures_do_not_take_the_worker_down(server, sdk, module_backend):
+    pid_before = _worker_pids(server)
+    module_backend.reply(
+        JSONReply(error_body("boom"), status=500),
+        StreamReply(chunks(["a", "b"]), cut_after=1),
+    )
+    with pytest.raises(anthropic.InternalServerError):
+        sdk.messages.create(**BODY)
+    with pytest.raises(anthropic.APIStatusError):
+        with sdk.messages.stream(**BODY) as stream:
+            stream.get_final_message()
+    assert sdk.messages.create(**BODY).content[0].text == "Hello"
+    assert _worker_pids(server) == pid_before
+
+
+def _worker_pids(server: Gunicorn) -> set[int]:
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    return {int(p) for p in children.read_text().split()}
+
+
+def test_bad_config_stops_gunicorn_with_one_clear_line(tmp_path):
+    config = tmp_path / "gateway.toml"
+    config.write_text('[upstream]\nurl = "http://127.0.0.1:1/v1"\nread_timeout = "soon"\n')
+    result = subprocess.run(
+        [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "GATEWAY_CONFIG": str(config),
+            "GATEWAY_BIND": f"127.0.0.1:{free_port()}",
+        },
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        "gateway: bad configuration: upstream.read_timeout: must be a number (got 'soon')"
+    ]

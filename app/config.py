@@ -7,6 +7,7 @@ gunicorn master loads this module before the workers monkey-patch the network st
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -64,13 +65,18 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file named by ``GATEWAY_CONFIG`` (if any), apply env overrides, validate."""
     env = os.environ if environ is None else environ
     raw = _read_toml(env.get("GATEWAY_CONFIG", ""))
+    _check_tables(raw)
     for var, (section, key) in ENV_OVERRIDES.items():
         if env.get(var, "") != "":
             target = raw.setdefault(section, {}) if section else raw
             target[key] = env[var]
-    if "upstream" in raw and not isinstance(raw["upstream"], dict):
-        raise ConfigError("upstream: must be a table")
     return build_settings(raw, env)
+
+
+def _check_tables(raw: Mapping[str, Any]) -> None:
+    for key in ("upstream", "models"):
+        if key in raw and not isinstance(raw[key], dict):
+            raise ConfigError(f"{key}: must be a table")
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -89,6 +95,7 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     """Validate a parsed config mapping; every error names the offending key."""
     known = {"upstream", "models", "max_body_bytes", "log_level"}
     _reject_unknown("", raw, known)
+    _check_tables(raw)
     upstream = _build_upstream(dict(raw.get("upstream", {})), env)
     models = raw.get("models", {})
     if not isinstance(models, dict) or not all(
@@ -138,7 +145,7 @@ def _build_upstream(raw: dict[str, Any], env: Mapping[str, str]) -> Upstream:
 
 
 def _build_dialect(name: Any, quirks: Any) -> Dialect:
-    if name not in DIALECTS:
+    if not isinstance(name, str) or name not in DIALECTS:
         raise ConfigError(
             f"upstream.dialect: unknown dialect {name!r}; one of {', '.join(DIALECTS)}"
         )
@@ -153,7 +160,11 @@ def _build_dialect(name: Any, quirks: Any) -> Dialect:
                 f"upstream.quirks.{key}: unknown setting; one of {', '.join(sorted(allowed))}"
             )
         current = getattr(base, key)
-        if isinstance(current, bool):
+        if isinstance(current, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"upstream.quirks.{key}: must be a list of strings")
+            changes[key] = tuple(value)
+        elif isinstance(current, bool):
             changes[key] = _boolean(f"upstream.quirks.{key}", value)
         elif isinstance(current, int):
             changes[key] = _number(f"upstream.quirks.{key}", value, int, 0)
@@ -164,7 +175,7 @@ def _build_dialect(name: Any, quirks: Any) -> Dialect:
     try:
         return replace(base, **changes)
     except ValueError as exc:
-        raise ConfigError(f"upstream.quirks: {exc}") from None
+        raise ConfigError(f"upstream.quirks.{exc}") from None
 
 
 def _reject_unknown(prefix: str, raw: Mapping[str, Any], known: set[str]) -> None:
@@ -180,7 +191,7 @@ def _number(key: str, value: Any, kind: type, minimum: float) -> Any:
         number = kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key}: must be a number (got {value!r})") from None
-    if number < minimum:
+    if not math.isfinite(number) or number < minimum:
         raise ConfigError(f"{key}: must be at least {minimum} (got {number})")
     return number
 

@@ -33,7 +33,7 @@ class UpstreamClient:
 
     def __init__(self, config: Upstream, pool_size: int) -> None:
         self.config = config
-        self.name = urlsplit(config.url).netloc or config.url
+        self.name = _display_name(config.url)
         self.url = config.url + "/chat/completions"
         self.stream_usage = config.dialect.stream_usage
         self.session = _session(config, pool_size)
@@ -77,6 +77,34 @@ class UpstreamClient:
             self.stream_usage = False
             payload.pop("stream_options", None)
             return self._post(payload, request_id, stream=True)
+
+    def count_tokens(self, payload: dict[str, Any], request_id: str) -> int | None:
+        """The prompt's exact token count from the backend's tokenizer endpoint, if it has one.
+
+        vLLM's ``/tokenize`` takes chat messages; llama.cpp needs ``/apply-template`` first.
+        Any failure returns None: the caller falls back to an estimate.
+        """
+        tokenizer = self.config.dialect.tokenizer
+        root = self.config.url.removesuffix("/v1")
+        headers = {**self.headers, "X-Request-ID": request_id}
+        request = {k: payload[k] for k in ("model", "messages", "tools") if k in payload}
+        try:
+            if tokenizer == "vllm":
+                return int(self._call(root + "/tokenize", request, headers)["count"])
+            if tokenizer == "llamacpp":
+                prompt = self._call(root + "/apply-template", request, headers)["prompt"]
+                tokens = self._call(root + "/tokenize", {"content": prompt}, headers)["tokens"]
+                return len(tokens)
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            log.warning("backend %s tokenizer failed (%s); estimating", self.name, _short(str(exc)))
+        return None
+
+    def _call(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
+        timeout = (self.config.connect_timeout, min(self.config.read_timeout, 30.0))
+        response = self.session.post(url, data=jsonc.dumps(body), headers=headers, timeout=timeout)
+        with response:
+            response.raise_for_status()
+            return jsonc.loads(response.content)
 
     def iter_bytes(self, response: requests.Response) -> Iterator[bytes]:
         """Body bytes as the backend sends them (one network read each), chunked or not."""
@@ -157,6 +185,14 @@ def _session(config: Upstream, pool_size: int) -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def _display_name(url: str) -> str:
+    """host:port of the backend for messages, without any credentials in the URL."""
+    parts = urlsplit(url)
+    host = parts.hostname or url
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{parts.port}" if parts.port else host
 
 
 def _short(text: str, limit: int = 200) -> str:

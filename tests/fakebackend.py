@@ -24,6 +24,7 @@ import socketserver
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -395,6 +396,8 @@ class FakeBackend:
         self.reject_stream_options = reject_stream_options
         self.requests: list[Recorded] = []
         self.default: Reply | None = AutoReply()
+        # (method, path) -> function of the request returning a Reply: tokenizer endpoints etc.
+        self.routes: dict[tuple[str, str], Callable[[Recorded], Reply]] = {}
         self.closed_by_client = 0
         self._queue: deque[Reply] = deque()
         self._lock = threading.Lock()
@@ -491,7 +494,10 @@ class FakeBackend:
             self._closed.notify_all()
 
     def choose_reply(self, request: Recorded) -> Reply:
-        """Routing and queue: 404 off the chat path, optional stream_options rejection."""
+        """Routing and queue: extra routes, 404 off the chat path, stream_options rejection."""
+        route = self.routes.get((request.method, urlsplit(request.path).path))
+        if route is not None:
+            return route(request)
         if request.method != "POST" or urlsplit(request.path).path != CHAT_PATH:
             return JSONReply(error_body("not found"), status=404)
         if self._rejects(request):

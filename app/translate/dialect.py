@@ -10,6 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+# How a backend switches thinking on and off:
+#   chat_template_kwargs  {"chat_template_kwargs": {"enable_thinking": bool}}: vLLM, SGLang,
+#                         llama.cpp; templates without the switch ignore it
+#   reasoning_effort      {"reasoning_effort": "low"|"medium"|"high"|"none"}: OpenAI and Ollama
+#                         reasoning models (others reject the field, so it is opt-in)
+#   deepseek              {"thinking": {"type": "enabled"|"disabled"}}
+#   none                  nothing is sent; the backend's default applies
+THINKING_SWITCHES = ("none", "chat_template_kwargs", "reasoning_effort", "deepseek")
+# Where earlier turns' thinking goes in assistant messages ("" = dropped).
+REASONING_FIELDS = ("", "reasoning_content", "reasoning")
+TOKENIZERS = ("", "vllm", "llamacpp")
 
 
 @dataclass(frozen=True)
@@ -21,27 +32,71 @@ class Dialect:
     top_k: bool = False
     # Which field carries the output cap.
     max_tokens_field: str = "max_tokens"
+    # Clamp max_tokens to this (0: no cap); Claude Code asks for 32k-64k.
+    max_tokens_cap: int = 0
+    # The model's context window in tokens (0: unknown); max_tokens is clamped so that an
+    # estimate of the prompt plus max_tokens fits, because vLLM rejects requests that do not.
+    context_window: int = 0
     # How many stop sequences the backend takes (OpenAI: 4); 0 means no limit.
     max_stop_sequences: int = 0
     # Send ``user`` (from metadata.user_id).
     user_field: bool = True
     # A trailing assistant message is continued: vLLM needs explicit flags for that.
     vllm_prefill: bool = False
+    # The backend honours tool_choice (Ollama ignores it).
+    tool_choice: bool = True
+    # JSON-Schema keywords removed from tool input schemas (some backends' grammar compilers
+    # reject them); applied at every depth.
+    schema_drop_keys: tuple[str, ...] = ("$schema",)
+    # Tool descriptions are cut to this many characters (0: no limit).
+    max_description_chars: int = 0
+    # Image parts accepted at all, and as http(s) URLs (Ollama takes data URLs only).
+    images: bool = True
+    image_urls: bool = True
+    thinking: str = "none"
+    reasoning_history: str = ""
+    # Exact token counts for count_tokens from the backend's own tokenizer endpoint.
+    tokenizer: str = ""
+    # Drop server tools and PDF documents (reported in a response header) instead of a 400.
+    drop_unsupported: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_tokens_field not in MAX_TOKENS_FIELDS:
-            raise ValueError(f"max_tokens_field must be one of {', '.join(MAX_TOKENS_FIELDS)}")
+        for value, allowed, key in (
+            (self.max_tokens_field, MAX_TOKENS_FIELDS, "max_tokens_field"),
+            (self.thinking, THINKING_SWITCHES, "thinking"),
+            (self.reasoning_history, REASONING_FIELDS, "reasoning_history"),
+            (self.tokenizer, TOKENIZERS, "tokenizer"),
+        ):
+            if value not in allowed:
+                choices = ", ".join(repr(a) for a in allowed)
+                raise ValueError(f"{key}: must be one of {choices} (got {value!r})")
 
 
 DIALECTS: dict[str, Dialect] = {
     # Fields every OpenAI-compatible server understands; the safe default.
     "generic": Dialect(),
     "openai": Dialect(
-        name="openai", max_tokens_field="max_completion_tokens", max_stop_sequences=4
+        name="openai",
+        max_tokens_field="max_completion_tokens",
+        max_stop_sequences=4,
     ),
-    "vllm": Dialect(name="vllm", top_k=True, vllm_prefill=True),
-    "sglang": Dialect(name="sglang", top_k=True),
-    "llamacpp": Dialect(name="llamacpp", top_k=True),
-    "ollama": Dialect(name="ollama"),
-    "deepseek": Dialect(name="deepseek", user_field=False),
+    "vllm": Dialect(
+        name="vllm",
+        top_k=True,
+        vllm_prefill=True,
+        thinking="chat_template_kwargs",
+        tokenizer="vllm",
+    ),
+    "sglang": Dialect(name="sglang", top_k=True, thinking="chat_template_kwargs"),
+    "llamacpp": Dialect(
+        name="llamacpp", top_k=True, thinking="chat_template_kwargs", tokenizer="llamacpp"
+    ),
+    "ollama": Dialect(name="ollama", tool_choice=False, image_urls=False),
+    "deepseek": Dialect(
+        name="deepseek",
+        user_field=False,
+        images=False,
+        thinking="deepseek",
+        reasoning_history="reasoning_content",
+    ),
 }

@@ -9,59 +9,79 @@ from __future__ import annotations
 
 from typing import Any
 
-from app import jsonc
 from app.errors import InvalidRequest, field_error
+from app.translate.content import (
+    SERVER_BLOCKS,
+    Block,
+    Context,
+    assistant_message,
+    text_of,
+    user_messages,
+)
 from app.translate.dialect import Dialect
+from app.translate.tokens import estimate_prompt_tokens
+from app.translate.tools import add_tools
 
-# A content block with the path it came from, so errors name what the client sent.
-Block = tuple[str, dict[str, Any]]
+# Anthropic effort levels -> the reasoning_effort values OpenAI-style servers accept.
+EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+
 Turn = tuple[str, list[Block]]
 
-IMAGE_MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
-# Assistant history blocks that only Anthropic's servers produce or can check; a chat backend
-# cannot use them, and dropping them keeps the visible conversation intact.
-DROPPED_ASSISTANT_BLOCKS = frozenset(
-    {
-        "thinking",
-        "redacted_thinking",
-        "server_tool_use",
-        "web_search_tool_result",
-        "web_fetch_tool_result",
-        "code_execution_tool_result",
-        "bash_code_execution_tool_result",
-        "text_editor_code_execution_tool_result",
-        "tool_search_tool_result",
-        "container_upload",
-    }
-)
+def translate_request(
+    body: Any, *, backend_model: str, dialect: Dialect, dropped: list[str] | None = None
+) -> dict[str, Any]:
+    """Build the Chat Completions payload for a validated Messages request body.
 
-
-def translate_request(body: Any, *, backend_model: str, dialect: Dialect) -> dict[str, Any]:
-    """Build the Chat Completions payload for a validated Messages request body."""
+    With ``dialect.drop_unsupported``, what was dropped instead of refused is appended to
+    ``dropped`` (paths and reasons), for the caller to report.
+    """
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     _check_required(body)
     _reject_untranslatable(body)
     system = _system_texts(body.get("system"), "system")
-    turns = _normalise_turns(body["messages"], system)
+    turns = _normalise_turns(body["messages"], system, bool(dialect.reasoning_history))
+    ctx = Context(dialect, dropped if dropped is not None else [])
     messages: list[dict[str, Any]] = []
     if system:
         messages.append({"role": "system", "content": "\n\n".join(system)})
     for role, blocks in turns:
         if role == "user":
-            messages.extend(_user_messages(blocks))
+            messages.extend(user_messages(blocks, ctx))
         else:
-            messages.append(_assistant_message(blocks))
+            messages.append(assistant_message(blocks, ctx))
     payload: dict[str, Any] = {"model": backend_model, "messages": messages}
     payload[dialect.max_tokens_field] = body["max_tokens"]
     _add_sampling(payload, body, dialect)
-    _add_tools(payload, body)
+    add_tools(payload, body, ctx)
+    _add_thinking(payload, body, dialect)
     _add_output_format(payload, body)
     if turns and turns[-1][0] == "assistant" and dialect.vllm_prefill:
         payload["continue_final_message"] = True
         payload["add_generation_prompt"] = False
     return payload
+
+
+def clamp_max_tokens(payload: dict[str, Any], dialect: Dialect) -> int | None:
+    """Lower the output cap to what the backend can give; return the original if lowered.
+
+    vLLM rejects a request outright when prompt plus max_tokens exceed the context, and Claude
+    Code asks for 32k-64k whatever the model: clamping keeps such sessions working.
+    """
+    key = dialect.max_tokens_field
+    requested = payload[key]
+    limit = requested
+    if dialect.max_tokens_cap:
+        limit = min(limit, dialect.max_tokens_cap)
+    if dialect.context_window:
+        # A 25% margin on the estimate: overshooting the window costs the whole request.
+        prompt = estimate_prompt_tokens(payload) * 5 // 4
+        limit = min(limit, max(dialect.context_window - prompt, 1))
+    if limit >= requested:
+        return None
+    payload[key] = limit
+    return requested
 
 
 def stop_sequences(body: dict[str, Any]) -> list[str]:
@@ -125,17 +145,18 @@ def _system_texts(system: Any, path: str) -> list[str]:
             continue
         if kind != "text":
             raise field_error(f"{path}.{i}", "system blocks must be text blocks")
-        text = _text_of(block, f"{path}.{i}")
+        text = text_of(block, f"{path}.{i}")
         if text.strip():
             texts.append(text)
     return texts
 
 
-def _normalise_turns(messages: list[Any], system: list[str]) -> list[Turn]:
+def _normalise_turns(messages: list[Any], system: list[str], keep_thinking: bool) -> list[Turn]:
     """Validate roles, fold system messages into ``system``, merge same-role neighbours.
 
     Returns ``(role, blocks)`` per merged turn; each block keeps its source path so errors
-    found later still point at what the client sent.
+    found later still point at what the client sent. Blocks the backend cannot use are dropped
+    first, so a turn left empty disappears and its neighbours merge.
     """
     turns: list[Turn] = []
     for i, message in enumerate(messages):
@@ -151,15 +172,22 @@ def _normalise_turns(messages: list[Any], system: list[str]) -> list[Turn]:
             system.extend(_system_texts(message["content"], f"{path}.content"))
             continue
         blocks = _blocks(message["content"], f"{path}.content")
-        if turns and turns[-1][0] == role:
-            turns[-1][1].extend(blocks)
-        else:
-            turns.append((role, blocks))
+        if role == "assistant":
+            blocks = [b for b in blocks if _useful_in_history(b[1]["type"], keep_thinking)]
+        turns.append((role, blocks))
+    turns = _merge([t for t in turns if t[1]])
     _trim_prefill(turns)
-    turns = [t for t in turns if t[1]]
+    if turns and not turns[-1][1]:
+        turns.pop()
     if not turns:
         raise field_error("messages", "at least one message with non-empty content is required")
-    return _merge_after_drops(turns)
+    return turns
+
+
+def _useful_in_history(kind: str, keep_thinking: bool) -> bool:
+    if kind == "thinking":
+        return keep_thinking
+    return kind not in SERVER_BLOCKS
 
 
 def _blocks(content: Any, path: str) -> list[Block]:
@@ -172,17 +200,10 @@ def _blocks(content: Any, path: str) -> list[Block]:
     for j, block in enumerate(content):
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
             raise field_error(f"{path}.{j}", "must be a content block object with a type")
-        if block["type"] == "text" and not _text_of(block, f"{path}.{j}").strip():
+        if block["type"] == "text" and not text_of(block, f"{path}.{j}").strip():
             continue
         blocks.append((f"{path}.{j}", block))
     return blocks
-
-
-def _text_of(block: dict[str, Any], path: str) -> str:
-    text = block.get("text")
-    if not isinstance(text, str):
-        raise field_error(f"{path}.text", "must be a string")
-    return text
 
 
 def _trim_prefill(turns: list[Turn]) -> None:
@@ -199,10 +220,8 @@ def _trim_prefill(turns: list[Turn]) -> None:
         blocks.pop()
 
 
-def _merge_after_drops(
-    turns: list[Turn],
-) -> list[Turn]:
-    """Dropping empty turns can make two same-role turns neighbours; merge them again."""
+def _merge(turns: list[Turn]) -> list[Turn]:
+    """Consecutive same-role turns become one, as the API itself treats them."""
     merged: list[Turn] = []
     for turn in turns:
         if merged and merged[-1][0] == turn[0]:
@@ -210,163 +229,6 @@ def _merge_after_drops(
         else:
             merged.append(turn)
     return merged
-
-
-# --- user turns --------------------------------------------------------------------------------
-
-
-def _user_messages(blocks: list[Block]) -> list[dict[str, Any]]:
-    """Tool results first (one ``tool`` message each), then the rest as one user message."""
-    tool_messages: list[dict[str, Any]] = []
-    relocated: list[dict[str, Any]] = []
-    parts: list[dict[str, Any]] = []
-    for bpath, block in blocks:
-        kind = block["type"]
-        if kind == "tool_result":
-            message, images = _tool_message(block, bpath)
-            tool_messages.append(message)
-            relocated.extend(images)
-        elif kind == "text":
-            parts.append({"type": "text", "text": block["text"]})
-        elif kind == "image":
-            parts.append(_image_part(block, bpath))
-        elif kind == "document":
-            parts.append({"type": "text", "text": _document_text(block, bpath)})
-        elif kind in ("tool_use", "thinking", "redacted_thinking"):
-            raise field_error(
-                f"{bpath}.type", f"'{kind}' blocks are only allowed in assistant turns"
-            )
-        else:
-            raise field_error(f"{bpath}.type", f"unsupported content block type '{kind}'")
-    out = tool_messages
-    if relocated:
-        out.append({"role": "user", "content": relocated})
-    if parts:
-        out.append({"role": "user", "content": _collapse(parts)})
-    return out
-
-
-def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
-    """Text-only content as one string: many chat templates accept nothing else."""
-    if all(p["type"] == "text" for p in parts):
-        return "\n\n".join(p["text"] for p in parts)
-    return parts
-
-
-def _tool_message(block: dict[str, Any], path: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    tool_use_id = block.get("tool_use_id")
-    if not isinstance(tool_use_id, str) or not tool_use_id:
-        raise field_error(f"{path}.tool_use_id", "must be a non-empty string")
-    texts, images = _tool_result_content(block.get("content"), f"{path}.content")
-    text = "\n\n".join(texts)
-    if images:
-        text = (text + "\n\n" if text else "") + f"({len(images)} image(s) attached below)"
-    if block.get("is_error"):
-        text = "Error: " + (text or "the tool reported an error")
-    message = {"role": "tool", "tool_call_id": tool_use_id, "content": text or "(empty)"}
-    return message, images
-
-
-def _tool_result_content(content: Any, path: str) -> tuple[list[str], list[dict[str, Any]]]:
-    if content is None:
-        return [], []
-    if isinstance(content, str):
-        return ([content] if content.strip() else []), []
-    if not isinstance(content, list):
-        raise field_error(path, "must be a string or an array of content blocks")
-    texts: list[str] = []
-    images: list[dict[str, Any]] = []
-    for j, block in enumerate(content):
-        bpath = f"{path}.{j}"
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            text = _text_of(block, bpath)
-            if text.strip():
-                texts.append(text)
-        elif kind == "image":
-            images.append(_image_part(block, bpath))
-        elif kind == "document":
-            texts.append(_document_text(block, bpath))
-        else:
-            raise field_error(f"{bpath}.type", f"unsupported tool_result content type '{kind}'")
-    return texts, images
-
-
-def _image_part(block: dict[str, Any], path: str) -> dict[str, Any]:
-    source = block.get("source")
-    if not isinstance(source, dict):
-        raise field_error(f"{path}.source", "field required")
-    kind = source.get("type")
-    if kind == "base64":
-        media_type = source.get("media_type")
-        if media_type not in IMAGE_MEDIA_TYPES:
-            raise field_error(
-                f"{path}.source.media_type",
-                f"must be one of {', '.join(sorted(IMAGE_MEDIA_TYPES))}",
-            )
-        data = source.get("data")
-        if not isinstance(data, str) or not data:
-            raise field_error(f"{path}.source.data", "must be a non-empty base64 string")
-        url = f"data:{media_type};base64,{data}"
-    elif kind == "url":
-        url = source.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://", "data:")):
-            raise field_error(f"{path}.source.url", "must be an http(s) or data URL")
-    else:
-        raise field_error(f"{path}.source.type", f"unsupported image source type '{kind}'")
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def _document_text(block: dict[str, Any], path: str) -> str:
-    """Plain-text documents are inlined; anything else would need a PDF reader upstream."""
-    source = block.get("source")
-    kind = source.get("type") if isinstance(source, dict) else None
-    if kind == "text" and isinstance(source.get("data"), str):
-        body = source["data"]
-    elif kind == "content" and isinstance(source.get("content"), str | list):
-        texts, images = _tool_result_content(source["content"], f"{path}.source.content")
-        if images:
-            raise field_error(f"{path}.source.content", "images inside documents are not supported")
-        body = "\n\n".join(texts)
-    else:
-        raise field_error(
-            f"{path}.source.type",
-            f"document source '{kind}' is not supported by this gateway (only text and content)",
-        )
-    header = [str(block[k]) for k in ("title", "context") if isinstance(block.get(k), str)]
-    return "\n\n".join([*header, body])
-
-
-# --- assistant turns ---------------------------------------------------------------------------
-
-
-def _assistant_message(blocks: list[Block]) -> dict[str, Any]:
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for path, block in blocks:
-        kind = block["type"]
-        if kind == "text":
-            texts.append(block["text"])
-        elif kind == "tool_use":
-            calls.append(_tool_call(block, path))
-        elif kind not in DROPPED_ASSISTANT_BLOCKS:
-            raise field_error(f"{path}.type", f"unsupported assistant content block type '{kind}'")
-    message: dict[str, Any] = {"role": "assistant", "content": "\n\n".join(texts)}
-    if calls:
-        message["tool_calls"] = calls
-    return message
-
-
-def _tool_call(block: dict[str, Any], path: str) -> dict[str, Any]:
-    call_id, name, tool_input = block.get("id"), block.get("name"), block.get("input", {})
-    if not isinstance(call_id, str) or not call_id:
-        raise field_error(f"{path}.id", "must be a non-empty string")
-    if not isinstance(name, str) or not name:
-        raise field_error(f"{path}.name", "must be a non-empty string")
-    if not isinstance(tool_input, dict):
-        raise field_error(f"{path}.input", "must be an object")
-    arguments = jsonc.dumps_str(tool_input)
-    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 # --- parameters, tools, output format ----------------------------------------------------------
@@ -410,57 +272,46 @@ def _add_user(payload: dict[str, Any], metadata: Any, dialect: Dialect) -> None:
         payload["user"] = user_id
 
 
-def _add_tools(payload: dict[str, Any], body: dict[str, Any]) -> None:
-    tools = body.get("tools")
-    if tools is None:
+def _add_thinking(payload: dict[str, Any], body: dict[str, Any], dialect: Dialect) -> None:
+    """Anthropic ``thinking`` / ``output_config.effort`` -> the backend's thinking switch."""
+    thinking = body.get("thinking")
+    config = body.get("output_config")
+    effort = config.get("effort") if isinstance(config, dict) else None
+    enabled = _thinking_enabled(thinking)
+    if effort is not None and effort not in EFFORTS:
+        raise field_error("output_config.effort", f"must be one of {', '.join(EFFORTS)}")
+    if enabled is None and effort is None:
         return
-    if not isinstance(tools, list):
-        raise field_error("tools", "must be an array of tool definitions")
-    functions = [_function(tool, f"tools.{i}") for i, tool in enumerate(tools)]
-    choice = body.get("tool_choice")
-    if functions:
-        payload["tools"] = functions
-    if choice is None:
-        return
-    if not isinstance(choice, dict):
-        raise field_error("tool_choice", "must be an object")
-    kind = choice.get("type")
-    if kind == "none" or not functions:
-        payload.pop("tools", None)  # some backends ignore tool_choice "none"
-        return
-    if kind == "auto":
-        payload["tool_choice"] = "auto"
-    elif kind == "any":
-        payload["tool_choice"] = "required"
-    elif kind == "tool":
-        name = choice.get("name")
-        if name not in {f["function"]["name"] for f in functions}:
-            raise field_error("tool_choice.name", f"no tool named {name!r} in tools")
-        payload["tool_choice"] = {"type": "function", "function": {"name": name}}
-    else:
-        raise field_error("tool_choice.type", "must be one of 'auto', 'any', 'tool', 'none'")
-    if choice.get("disable_parallel_tool_use"):
-        payload["parallel_tool_calls"] = False
+    if dialect.thinking == "chat_template_kwargs" and enabled is not None:
+        kwargs = payload.setdefault("chat_template_kwargs", {})
+        kwargs["enable_thinking"] = enabled
+    elif dialect.thinking == "deepseek" and enabled is not None:
+        payload["thinking"] = {"type": "enabled" if enabled else "disabled"}
+    elif dialect.thinking == "reasoning_effort":
+        if enabled is False:
+            payload["reasoning_effort"] = "none"
+        else:
+            payload["reasoning_effort"] = EFFORTS.get(effort or "", _budget_effort(thinking))
 
 
-def _function(tool: Any, path: str) -> dict[str, Any]:
-    if not isinstance(tool, dict):
-        raise field_error(path, "must be an object")
-    kind = tool.get("type")
-    if kind not in (None, "custom"):
-        raise field_error(
-            f"{path}.type",
-            f"server tool '{kind}' cannot run on this backend; send custom tools only",
-        )
-    name, schema = tool.get("name"), tool.get("input_schema")
-    if not isinstance(name, str) or not name:
-        raise field_error(f"{path}.name", "must be a non-empty string")
-    if not isinstance(schema, dict):
-        raise field_error(f"{path}.input_schema", "must be a JSON Schema object")
-    function: dict[str, Any] = {"name": name, "parameters": schema}
-    if isinstance(tool.get("description"), str):
-        function["description"] = tool["description"]
-    return {"type": "function", "function": function}
+def _thinking_enabled(thinking: Any) -> bool | None:
+    if thinking is None:
+        return None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind not in ("enabled", "disabled", "adaptive"):
+        raise field_error("thinking.type", "must be one of 'enabled', 'disabled', 'adaptive'")
+    if kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if not _is_int(budget) or budget < 1:
+            raise field_error("thinking.budget_tokens", "must be a positive integer")
+    return kind != "disabled"
+
+
+def _budget_effort(thinking: Any) -> str:
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if not _is_int(budget):
+        return "medium"
+    return "low" if budget <= 4096 else "medium" if budget <= 16384 else "high"
 
 
 def _add_output_format(payload: dict[str, Any], body: dict[str, Any]) -> None:

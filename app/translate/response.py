@@ -32,7 +32,11 @@ def translate_response(
     content = _content_blocks(message)
     has_tools = any(b["type"] == "tool_use" for b in content)
     stop_reason, stop_sequence = map_stop_reason(
-        choice.get("finish_reason"), has_tools, choice.get("stop_reason"), stop_sequences
+        choice.get("finish_reason"),
+        has_tools,
+        choice.get("stop_reason"),
+        stop_sequences,
+        refused=bool(message.get("refusal")),
     )
     if stop_reason is None:
         raise error_from_body(completion)
@@ -58,7 +62,10 @@ def _content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
     if text:
         blocks.append({"type": "text", "text": text})
     seen: set[str] = set()
-    for call in message.get("tool_calls") or ():
+    calls = message.get("tool_calls") or []
+    if not calls and isinstance(message.get("function_call"), dict):  # legacy single call
+        calls = [{"function": message["function_call"]}]
+    for call in calls:
         function = call.get("function") or {}
         call_id = tool_use_id(call.get("id"), seen)
         blocks.append(
@@ -127,12 +134,18 @@ def parse_arguments(arguments: Any) -> dict[str, Any]:
 
 
 def map_stop_reason(
-    finish_reason: Any, has_tool_calls: bool, matched: Any, stop_sequences: list[str]
+    finish_reason: Any,
+    has_tool_calls: bool,
+    matched: Any,
+    stop_sequences: list[str],
+    *,
+    refused: bool = False,
 ) -> tuple[str | None, str | None]:
     """OpenAI ``finish_reason`` -> Anthropic ``(stop_reason, stop_sequence)``.
 
     ``matched`` is vLLM's per-choice ``stop_reason``: the stop string that fired, the only way
-    to learn which one did. Returns ``(None, None)`` for ``error``, which is not a stop.
+    to learn which one did. ``refused``: the backend sent refusal text. Returns
+    ``(None, None)`` for ``error``, which is not a stop.
     """
     if finish_reason == "error":
         return None, None
@@ -140,7 +153,7 @@ def map_stop_reason(
         return "max_tokens", None
     if has_tool_calls or finish_reason in ("tool_calls", "function_call"):
         return "tool_use", None
-    if finish_reason == "content_filter":
+    if finish_reason == "content_filter" or refused:
         return "refusal", None
     if isinstance(matched, str) and matched in stop_sequences:
         return "stop_sequence", matched

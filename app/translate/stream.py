@@ -61,6 +61,7 @@ class StreamTranslator:
         self.output_chars = 0
         self.ended = False
         self.error_type: str | None = None
+        self.refused = False
         self._next_index = 0
         self._open: str | None = None  # "text" | "thinking" while a block is open
         self._tools: dict[int, _ToolCall] = {}
@@ -90,6 +91,8 @@ class StreamTranslator:
 
     def feed_data(self, data: bytes) -> list[Event]:
         """One ``data:`` payload (not ``[DONE]``): parse it and translate."""
+        if self.ended:
+            return []
         try:
             chunk = jsonc.loads(data)
         except jsonc.JSONDecodeError:
@@ -135,7 +138,11 @@ class StreamTranslator:
         events = self._flush_tools()
         self._close_block(events)
         stop_reason, stop_sequence = map_stop_reason(
-            self.finish_reason, bool(self._tool_ids), self.matched_stop, self.stop_sequences
+            self.finish_reason,
+            bool(self._tool_ids),
+            self.matched_stop,
+            self.stop_sequences,
+            refused=self.refused,
         )
         self.stop_reason = stop_reason
         usage = map_usage(self.usage, estimate_output=(self.output_chars + 3) // 4)
@@ -154,6 +161,8 @@ class StreamTranslator:
 
     def fail(self, error: GatewayError) -> list[Event]:
         """An in-band error event; it ends the stream (no message_stop follows)."""
+        if self.ended:
+            return []
         self.ended = True
         self.error_type = error.error_type
         return [error.payload()]
@@ -173,8 +182,11 @@ class StreamTranslator:
             self._append("text", "text_delta", "text", content, events)
         refusal = delta.get("refusal")
         if refusal and isinstance(refusal, str):
+            self.refused = True
             self._append("text", "text_delta", "text", refusal, events)
         calls = delta.get("tool_calls")
+        if not calls and isinstance(delta.get("function_call"), dict):  # legacy single call
+            calls = [{"index": 0, "function": delta["function_call"]}]
         if calls:
             for fragment in calls:
                 if isinstance(fragment, dict):

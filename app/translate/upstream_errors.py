@@ -29,6 +29,7 @@ CONTEXT_OVERFLOW_MARKERS = (
     "context_length_exceeded",
     "maximum context length",
     "exceed_context_size",
+    "exceeds the available context size",
     "context window",
     "too many tokens",
     "prompt is too long",
@@ -41,11 +42,11 @@ def error_from_status(
     status: int, body: bytes, headers: Mapping[str, str], backend: str
 ) -> GatewayError:
     """The gateway error for a non-2xx backend answer."""
-    detail = _message(body)
+    detail, code = _message(body)
     kept = {h: headers[h] for h in RETRY_HEADERS if h in headers}
     prefix = f"backend {backend} returned HTTP {status}"
     if status in (400, 422):
-        if any(m in detail.lower() for m in CONTEXT_OVERFLOW_MARKERS):
+        if any(m in f"{detail} {code}".lower() for m in CONTEXT_OVERFLOW_MARKERS):
             return InvalidRequest(f"prompt is too long: {detail}")
         return InvalidRequest(detail or prefix)
     if status == 401:
@@ -85,14 +86,17 @@ def error_from_body(obj: Mapping[str, Any]) -> GatewayError:
     return UpstreamError(message)
 
 
-def _message(body: bytes) -> str:
+def _message(body: bytes) -> tuple[str, str]:
+    """The backend's error message, and its error code and type (for classification)."""
     try:
         obj = jsonc.loads(body.strip() or b"null")
     except jsonc.JSONDecodeError:
-        return _excerpt(body.decode("utf-8", "replace"))
+        return _excerpt(body.decode("utf-8", "replace")), ""
     if isinstance(obj, dict):
-        return _from_object(obj)
-    return _excerpt(str(obj)) if obj is not None else ""
+        error = obj.get("error")
+        labels = [error.get("code"), error.get("type")] if isinstance(error, dict) else []
+        return _from_object(obj), " ".join(str(x) for x in labels if x)
+    return (_excerpt(str(obj)) if obj is not None else ""), ""
 
 
 def _from_object(obj: Mapping[str, Any]) -> str:

@@ -1,0 +1,779 @@
+"""OpenAI chat-completion chunks -> Anthropic stream events (app/translate/stream.py).
+
+Every stream is checked twice: against the Anthropic event grammar (what the SDK's accumulator
+relies on), and by rebuilding the final message from the events the way the SDK does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.translate.stream import StreamTranslator
+
+Event = dict[str, Any]
+
+DELTAS_FOR_BLOCK = {
+    "text": {"text_delta", "citations_delta"},
+    "thinking": {"thinking_delta", "signature_delta"},
+    "tool_use": {"input_json_delta"},
+}
+
+
+# --- checking and accumulating Anthropic events ------------------------------------------
+
+
+def check_grammar(events: list[Event]) -> None:
+    """The Anthropic stream grammar; a stream may instead end with one ``error`` event."""
+    assert events, "no events"
+    assert events[0]["type"] == "message_start"
+    started = events[0]["message"]
+    assert started["content"] == [] and started["stop_reason"] is None
+    assert isinstance(started["usage"]["input_tokens"], int)
+    next_index = 0
+    open_block: tuple[int, str] | None = None
+    signed = False
+    phase = "blocks"
+    for position, event in enumerate(events[1:], start=1):
+        kind = event["type"]
+        assert phase != "done", f"event after the end: {event}"
+        if kind == "ping":
+            continue
+        if kind == "error":
+            assert position == len(events) - 1, "error must be the last event"
+            assert set(event["error"]) == {"type", "message"}
+            phase = "done"
+            continue
+        if kind == "content_block_start":
+            assert phase == "blocks" and open_block is None, "two blocks open at once"
+            assert event["index"] == next_index, "indexes must be 0, 1, 2… in start order"
+            block = event["content_block"]
+            open_block = (next_index, block["type"])
+            signed = False
+            next_index += 1
+            if block["type"] == "tool_use":
+                assert block["input"] == {} and block["id"] and isinstance(block["name"], str)
+        elif kind == "content_block_delta":
+            assert open_block is not None and event["index"] == open_block[0]
+            delta_type = event["delta"]["type"]
+            assert delta_type in DELTAS_FOR_BLOCK[open_block[1]], (delta_type, open_block)
+            signed = signed or delta_type == "signature_delta"
+        elif kind == "content_block_stop":
+            assert open_block is not None and event["index"] == open_block[0]
+            if open_block[1] == "thinking":
+                assert signed, "thinking block stopped without a signature_delta"
+            open_block = None
+        elif kind == "message_delta":
+            assert open_block is None, "message_delta while a block is open"
+            assert set(event["delta"]) >= {"stop_reason", "stop_sequence"}
+            assert type(event["usage"]["output_tokens"]) is int
+            phase = "delta"
+        elif kind == "message_stop":
+            assert phase == "delta", "message_stop without message_delta"
+            phase = "done"
+        else:
+            raise AssertionError(f"unknown event type {kind}")
+    assert phase == "done", "stream neither stopped nor failed"
+
+
+def accumulate(events: list[Event]) -> dict[str, Any]:
+    """Rebuild the final message like the SDK's accumulator (tool input = joined partial_json)."""
+    message: dict[str, Any] = {}
+    partial: dict[int, str] = {}
+    for event in events:
+        kind = event["type"]
+        if kind == "message_start":
+            message = copy.deepcopy(event["message"])
+        elif kind == "content_block_start":
+            message["content"].append(copy.deepcopy(event["content_block"]))
+        elif kind == "content_block_delta":
+            block = message["content"][event["index"]]
+            delta = event["delta"]
+            if delta["type"] == "text_delta":
+                block["text"] += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] = delta["signature"]
+            elif delta["type"] == "input_json_delta":
+                partial[event["index"]] = partial.get(event["index"], "") + delta["partial_json"]
+        elif kind == "content_block_stop" and event["index"] in partial:
+            message["content"][event["index"]]["input"] = json.loads(partial[event["index"]])
+        elif kind == "message_delta":
+            message["stop_reason"] = event["delta"]["stop_reason"]
+            message["stop_sequence"] = event["delta"]["stop_sequence"]
+            for key, value in event["usage"].items():
+                if value is not None:
+                    message["usage"][key] = value
+    return message
+
+
+# --- building OpenAI chunks --------------------------------------------------------------------
+
+
+def chunk(delta: dict[str, Any] | None = None, finish: Any = None, **extra: Any) -> dict[str, Any]:
+    """One chat.completion.chunk; ``usage=`` goes top level, anything else on the choice."""
+    usage = extra.pop("usage", None)
+    body: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1760000000,
+        "model": "backend",
+        "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish, **extra}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def usage_chunk(usage: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [], "usage": usage}
+
+
+def fragment(
+    index: int | None = 0, call_id: str | None = None, name: str | None = None, args: Any = None
+) -> dict[str, Any]:
+    """A delta carrying one tool-call fragment."""
+    entry: dict[str, Any] = {}
+    if index is not None:
+        entry["index"] = index
+    if call_id is not None:
+        entry["id"] = call_id
+        entry["type"] = "function"
+    function: dict[str, Any] = {}
+    if name is not None:
+        function["name"] = name
+    if args is not None:
+        function["arguments"] = args
+    if function:
+        entry["function"] = function
+    return {"tool_calls": [entry]}
+
+
+USAGE = {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}
+ROLE = chunk({"role": "assistant", "content": ""})
+
+
+def translator(stop_sequences: list[str] | None = None, input_tokens: int = 0) -> StreamTranslator:
+    return StreamTranslator(
+        model="claude-sonnet-4-5",
+        message_id="msg_stream1",
+        stop_sequences=stop_sequences or [],
+        input_tokens=input_tokens,
+    )
+
+
+def run(
+    chunks: list[Any],
+    *,
+    saw_done: bool = True,
+    stop_sequences: list[str] | None = None,
+    input_tokens: int = 0,
+) -> list[Event]:
+    """All events for a backend stream; bytes items go through feed_data, dicts through feed."""
+    tr = translator(stop_sequences, input_tokens)
+    events = tr.start()
+    for item in chunks:
+        events += tr.feed_data(item) if isinstance(item, bytes) else tr.feed(item)
+    events += tr.finish(saw_done=saw_done)
+    check_grammar(events)
+    return events
+
+
+def final(chunks: list[Any], **kwargs: Any) -> dict[str, Any]:
+    return accumulate(run(chunks, **kwargs))
+
+
+def types(events: list[Event]) -> list[str]:
+    return [e["type"] for e in events if e["type"] != "ping"]
+
+
+def last_delta(events: list[Event]) -> Event:
+    return next(e for e in reversed(events) if e["type"] == "message_delta")
+
+
+# --- message_start and chunk layouts -----------------------------------------------------------
+
+
+def test_message_start_is_a_complete_empty_message() -> None:
+    assert translator(input_tokens=42).start() == [
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_stream1",
+                "type": "message",
+                "role": "assistant",
+                "model": "claude-sonnet-4-5",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {
+                    "input_tokens": 42,
+                    "output_tokens": 0,
+                    "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": 0,
+                },
+            },
+        }
+    ]
+
+
+LAYOUTS = {
+    "openai_separate_usage_chunk": [
+        ROLE,
+        chunk({"content": "Hello"}),
+        chunk({"content": " world"}),
+        chunk({}, "stop"),
+        usage_chunk(USAGE),
+    ],
+    "vllm_content_and_finish_together": [
+        ROLE,
+        chunk({"content": "Hello"}),
+        chunk({"content": " world"}, "stop"),
+        usage_chunk(USAGE),
+    ],
+    "llamacpp_usage_on_finish_chunk": [
+        chunk({"role": "assistant", "content": None}),
+        chunk({"content": "Hello"}),
+        chunk({"content": " world"}),
+        chunk({}, "stop", usage=USAGE),
+    ],
+}
+
+
+@pytest.mark.parametrize("chunks", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_chunk_layouts_give_the_same_message(chunks: list[dict]) -> None:
+    events = run(chunks)
+    assert types(events) == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    message = accumulate(events)
+    assert message["content"] == [{"type": "text", "text": "Hello world"}]
+    assert message["stop_reason"] == "end_turn"
+    assert message["stop_sequence"] is None
+    assert message["usage"] == {
+        "input_tokens": 10,
+        "output_tokens": 2,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
+
+
+def test_content_in_the_finish_chunk_is_applied_before_finishing() -> None:
+    message = final([chunk({"role": "assistant", "content": "Whole answer."}, "stop")])
+    assert message["content"] == [{"type": "text", "text": "Whole answer."}]
+    assert message["stop_reason"] == "end_turn"
+
+
+def test_ping_follows_the_first_content_block_start() -> None:
+    events = run([chunk({"content": "a"}), chunk({"content": "b"}, "stop")])
+    assert [e["type"] for e in events[:3]] == ["message_start", "content_block_start", "ping"]
+    assert sum(e["type"] == "ping" for e in events) == 1
+
+
+def test_without_usage_the_output_is_estimated_and_input_comes_from_the_estimate() -> None:
+    events = run([chunk({"content": "x" * 40}), chunk({}, "stop")], input_tokens=57)
+    usage = last_delta(events)["usage"]
+    assert usage["input_tokens"] == 57
+    assert usage["output_tokens"] == 10
+    assert all(type(v) is int for v in usage.values())
+
+
+def test_message_delta_usage_carries_input_and_cache_counts() -> None:
+    usage = {
+        "prompt_tokens": 100,
+        "completion_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 60},
+    }
+    events = run([chunk({"content": "hi"}, "stop"), usage_chunk(usage)], input_tokens=3)
+    assert last_delta(events)["usage"] == {
+        "input_tokens": 40,
+        "output_tokens": 5,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 60,
+    }
+
+
+def test_last_usage_seen_wins() -> None:
+    first = {"prompt_tokens": 10, "completion_tokens": 1}
+    second = {"prompt_tokens": 10, "completion_tokens": 7}
+    events = run([chunk({"content": "a"}, usage=first), chunk({}, "stop", usage=second)])
+    assert last_delta(events)["usage"]["output_tokens"] == 7
+
+
+def test_empty_stream_with_finish_has_no_blocks() -> None:
+    events = run([ROLE, chunk({}, "stop")])
+    assert types(events) == ["message_start", "message_delta", "message_stop"]
+
+
+@pytest.mark.parametrize(
+    ("finish", "choice_extra", "stops", "expected"),
+    [
+        ("stop", {}, [], ("end_turn", None)),
+        ("length", {}, [], ("max_tokens", None)),
+        ("content_filter", {}, [], ("refusal", None)),
+        ("stop", {"stop_reason": "END"}, ["END"], ("stop_sequence", "END")),
+        ("stop", {"stop_reason": "END"}, [], ("end_turn", None)),
+        ("stop", {"stop_reason": 2}, ["END"], ("end_turn", None)),
+    ],
+    ids=[
+        "stop",
+        "length",
+        "content_filter",
+        "vllm_stop_string",
+        "vllm_stop_string_not_requested",
+        "vllm_stop_token",
+    ],
+)
+def test_finish_reason_maps_to_message_delta_stop_reason(
+    finish: str, choice_extra: dict, stops: list[str], expected: tuple
+) -> None:
+    events = run([chunk({"content": "x"}), chunk({}, finish, **choice_extra)], stop_sequences=stops)
+    delta = last_delta(events)["delta"]
+    assert (delta["stop_reason"], delta["stop_sequence"]) == expected
+
+
+def test_streamed_refusal_sets_stop_reason_refusal() -> None:
+    events = run([chunk({"refusal": "I can't help with that."}), chunk({}, "stop")])
+    assert accumulate(events)["content"] == [{"type": "text", "text": "I can't help with that."}]
+    assert last_delta(events)["delta"]["stop_reason"] == "refusal"
+
+
+# --- thinking --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+def test_reasoning_then_text_closes_the_signed_thinking_block_first(field: str) -> None:
+    events = run(
+        [
+            chunk({field: "Let me "}),
+            chunk({field: "think."}),
+            chunk({"content": "Answer."}),
+            chunk({}, "stop"),
+        ]
+    )
+    blocks = [e for e in events if e["type"].startswith("content_block")]
+    assert [(e["type"], e["index"]) for e in blocks] == [
+        ("content_block_start", 0),
+        ("content_block_delta", 0),
+        ("content_block_delta", 0),
+        ("content_block_delta", 0),
+        ("content_block_stop", 0),
+        ("content_block_start", 1),
+        ("content_block_delta", 1),
+        ("content_block_stop", 1),
+    ]
+    assert blocks[3]["delta"]["type"] == "signature_delta"
+    message = accumulate(events)
+    assert message["content"][0]["thinking"] == "Let me think."
+    assert message["content"][0]["signature"].startswith("gw1.")
+    assert message["content"][1] == {"type": "text", "text": "Answer."}
+
+
+def test_thinking_only_stream_is_signed_before_the_end() -> None:
+    message = final([chunk({"reasoning": "hmm"}), chunk({}, "length")])
+    assert [b["type"] for b in message["content"]] == ["thinking"]
+    assert message["content"][0]["signature"].startswith("gw1.")
+    assert message["stop_reason"] == "max_tokens"
+
+
+# --- tool calls ------------------------------------------------------------------------------
+
+
+def test_tool_call_streamed_in_fragments_becomes_one_tool_use_block() -> None:
+    events = run(
+        [
+            ROLE,
+            chunk(fragment(0, "call_1", "get_weather", "")),
+            chunk(fragment(0, args='{"ci')),
+            chunk(fragment(0, args='ty": "Os')),
+            chunk(fragment(0, args='lo"}')),
+            chunk({}, "tool_calls"),
+            usage_chunk(USAGE),
+        ]
+    )
+    message = accumulate(events)
+    assert message["content"] == [
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Oslo"}}
+    ]
+    assert message["stop_reason"] == "tool_use"
+
+
+def test_interleaved_tool_calls_are_serialised_in_index_order() -> None:
+    message = final(
+        [
+            chunk(fragment(0, "call_a", "get_weather", "")),
+            chunk(fragment(1, "call_b", "get_time", "")),
+            chunk(fragment(0, args='{"city":')),
+            chunk(fragment(1, args='{"tz":')),
+            chunk(fragment(1, args=' "UTC"}')),
+            chunk(fragment(0, args=' "Oslo"}')),
+            chunk({}, "tool_calls"),
+        ]
+    )
+    assert message["content"] == [
+        {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {"city": "Oslo"}},
+        {"type": "tool_use", "id": "call_b", "name": "get_time", "input": {"tz": "UTC"}},
+    ]
+
+
+def test_several_calls_in_one_chunk_each_become_a_block() -> None:
+    delta = {
+        "tool_calls": [
+            {"index": 0, "id": "call_a", "function": {"name": "f", "arguments": '{"x": 1}'}},
+            {"index": 1, "id": "call_b", "function": {"name": "g", "arguments": '{"y": 2}'}},
+        ]
+    }
+    message = final([chunk(delta, "tool_calls")])
+    assert [(b["id"], b["name"], b["input"]) for b in message["content"]] == [
+        ("call_a", "f", {"x": 1}),
+        ("call_b", "g", {"y": 2}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected_input"),
+    [
+        ({"index": 0, "function": {"name": "f", "arguments": '{"a": 1}'}}, {"a": 1}),
+        ({"index": 0, "function": {"name": "f", "arguments": {"a": [1, 2]}}}, {"a": [1, 2]}),
+        ({"index": 0, "function": {"name": "f", "arguments": ""}}, {}),
+        ({"index": 0, "function": {"name": "f"}}, {}),
+        ({"function": {"name": "f", "arguments": '{"a": 1}'}}, {"a": 1}),
+    ],
+    ids=["llamacpp_whole_no_id", "arguments_object", "empty_arguments", "no_arguments", "no_index"],
+)
+def test_whole_call_in_one_chunk_without_id_gets_a_toolu_id(
+    entry: dict, expected_input: dict
+) -> None:
+    message = final([chunk({"tool_calls": [entry]}), chunk({}, "tool_calls")])
+    [block] = message["content"]
+    assert block["id"].startswith("toolu_")
+    assert block["name"] == "f"
+    assert block["input"] == expected_input
+
+
+def test_ollama_whole_call_with_id_keeps_the_id() -> None:
+    entry = {
+        "id": "call_k3x",
+        "index": 0,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+    }
+    message = final([chunk({"role": "assistant", "tool_calls": [entry]}), chunk({}, "tool_calls")])
+    assert message["content"][0]["id"] == "call_k3x"
+    assert message["content"][0]["input"] == {"city": "Oslo"}
+
+
+def test_fragments_without_index_continue_the_latest_call_or_follow_their_id() -> None:
+    message = final(
+        [
+            chunk(fragment(None, "call_1", "f", "")),
+            chunk(fragment(None, args='{"a"')),
+            chunk(fragment(None, args=": 1}")),
+            chunk(fragment(None, "call_2", "g", '{"b": 2}')),
+            chunk(fragment(None, "call_1")),
+            chunk({}, "tool_calls"),
+        ]
+    )
+    assert [(b["id"], b["name"], b["input"]) for b in message["content"]] == [
+        ("call_1", "f", {"a": 1}),
+        ("call_2", "g", {"b": 2}),
+    ]
+
+
+def test_repeated_id_and_name_fragments_are_not_concatenated() -> None:
+    message = final(
+        [
+            chunk(fragment(0, "call_1", "get_time", '{"tz"')),
+            chunk(fragment(0, "call_1", "get_time", ': "UTC"}')),
+            chunk({}, "tool_calls"),
+        ]
+    )
+    assert message["content"] == [
+        {"type": "tool_use", "id": "call_1", "name": "get_time", "input": {"tz": "UTC"}}
+    ]
+
+
+def test_duplicate_upstream_ids_are_replaced() -> None:
+    message = final(
+        [
+            chunk(fragment(0, "call_same", "f", "{}")),
+            chunk(fragment(1, "call_same", "g", "{}")),
+            chunk({}, "tool_calls"),
+        ]
+    )
+    ids = [b["id"] for b in message["content"]]
+    assert ids[0] == "call_same"
+    assert ids[1].startswith("toolu_")
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        ('```json\n{"a": 1}\n```', {"a": 1}),
+        ('{"a": 1,}', {"a": 1}),
+        ("{'a': 1}", {"_raw_arguments": "{'a': 1}"}),
+    ],
+    ids=["code_fence", "trailing_comma", "python_dict"],
+)
+def test_invalid_streamed_arguments_are_repaired_or_wrapped(arguments: str, expected: dict) -> None:
+    message = final([chunk(fragment(0, "c", "f", arguments)), chunk({}, "tool_calls")])
+    assert message["content"][0]["input"] == expected
+
+
+def test_text_then_tool_calls_closes_the_text_block_first() -> None:
+    events = run(
+        [
+            chunk({"content": "Let me check."}),
+            chunk(fragment(0, "call_1", "get_weather", "")),
+            chunk(fragment(0, args='{"city": "Oslo"}')),
+            chunk(fragment(1, "call_2", "get_time", "{}")),
+            chunk({}, "tool_calls"),
+        ]
+    )
+    starts = [e for e in events if e["type"] == "content_block_start"]
+    assert [(e["index"], e["content_block"]["type"]) for e in starts] == [
+        (0, "text"),
+        (1, "tool_use"),
+        (2, "tool_use"),
+    ]
+    message = accumulate(events)
+    assert message["content"][0] == {"type": "text", "text": "Let me check."}
+    assert [b["input"] for b in message["content"][1:]] == [{"city": "Oslo"}, {}]
+    assert message["stop_reason"] == "tool_use"
+
+
+def test_thinking_then_tool_call_uses_the_next_index() -> None:
+    message = final(
+        [
+            chunk({"reasoning_content": "Need the weather."}),
+            chunk(fragment(0, "call_1", "get_weather", '{"city":"Oslo"}')),
+            chunk({}, "tool_calls"),
+        ]
+    )
+    assert [b["type"] for b in message["content"]] == ["thinking", "tool_use"]
+
+
+def test_text_after_tool_calls_flushes_the_calls_first() -> None:
+    message = final(
+        [
+            chunk(fragment(0, "call_1", "f", "{}")),
+            chunk({"content": "And some text."}),
+            chunk({}, "stop"),
+        ]
+    )
+    assert [b["type"] for b in message["content"]] == ["tool_use", "text"]
+    assert message["stop_reason"] == "tool_use"
+
+
+@pytest.mark.parametrize(
+    ("finish", "expected"),
+    [
+        ("tool_calls", "tool_use"),
+        ("stop", "tool_use"),
+        (None, "tool_use"),
+        ("length", "max_tokens"),
+    ],
+    ids=["tool_calls", "stop", "no_finish_but_done", "length"],
+)
+def test_streamed_tool_calls_set_stop_reason(finish: Any, expected: str) -> None:
+    chunks = [chunk(fragment(0, "call_1", "f", "{}"))]
+    if finish:
+        chunks.append(chunk({}, finish))
+    assert final(chunks)["stop_reason"] == expected
+
+
+# --- errors and truncation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error_chunk", "error_type", "message"),
+    [
+        (
+            {"error": {"message": "CUDA error", "type": "InternalServerError", "code": 500}},
+            "api_error",
+            "CUDA error",
+        ),
+        (
+            {"object": "error", "message": "The server is overloaded", "code": 503},
+            "overloaded_error",
+            "The server is overloaded",
+        ),
+        (
+            {
+                "error": {"code": 429, "message": "Rate limit exceeded"},
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
+            },
+            "rate_limit_error",
+            "Rate limit exceeded",
+        ),
+        (
+            chunk({}, "error"),
+            "api_error",
+            "backend reported an error",
+        ),
+    ],
+    ids=["error_object", "flat_vllm_error", "openrouter_error_chunk", "finish_reason_error"],
+)
+def test_in_stream_error_ends_with_an_error_event_and_no_message_stop(
+    error_chunk: dict, error_type: str, message: str
+) -> None:
+    tr = translator()
+    events = tr.start() + tr.feed(chunk({"content": "partial"})) + tr.feed(error_chunk)
+    events += tr.finish(saw_done=True)
+    check_grammar(events)
+    assert events[-1] == {"type": "error", "error": {"type": error_type, "message": message}}
+    assert "message_stop" not in types(events)
+    assert tr.error_type == error_type
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"{not json", b'{"choices": [', b"[1, 2]", b'"text"', b"null"],
+    ids=["garbage", "truncated", "array", "string", "null"],
+)
+def test_malformed_stream_data_ends_with_an_error_event(data: bytes) -> None:
+    tr = translator()
+    events = tr.start() + tr.feed_data(data)
+    check_grammar(events)
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["type"] == "api_error"
+
+
+def test_feed_data_parses_json_bytes() -> None:
+    tr = translator()
+    events = tr.start() + tr.feed_data(json.dumps(chunk({"content": "hé"})).encode())
+    events += tr.finish(saw_done=True)
+    assert accumulate(events)["content"] == [{"type": "text", "text": "hé"}]
+
+
+def test_stream_cut_before_any_finish_reason_is_an_error_not_end_turn() -> None:
+    events = run([chunk({"content": "Half an ans"})], saw_done=False)
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["type"] == "api_error"
+    assert "message_delta" not in types(events)
+
+
+def test_stream_cut_with_buffered_tool_call_is_an_error() -> None:
+    events = run([chunk(fragment(0, "call_1", "f", '{"a":'))], saw_done=False)
+    assert types(events) == ["message_start", "error"]
+
+
+def test_eof_after_a_finish_reason_ends_normally_without_done() -> None:
+    events = run([chunk({"content": "Done."}, "stop")], saw_done=False)
+    assert types(events)[-2:] == ["message_delta", "message_stop"]
+    assert last_delta(events)["delta"]["stop_reason"] == "end_turn"
+
+
+def test_done_without_finish_reason_ends_with_end_turn() -> None:
+    events = run([chunk({"content": "Hi"})], saw_done=True)
+    assert last_delta(events)["delta"]["stop_reason"] == "end_turn"
+
+
+def test_nothing_is_emitted_after_the_end() -> None:
+    tr = translator()
+    tr.start()
+    tr.feed(chunk({"content": "x"}, "stop"))
+    assert tr.finish(saw_done=True)[-1]["type"] == "message_stop"
+    assert tr.feed(chunk({"content": "late"})) == []
+    assert tr.feed_data(b'{"choices": []}') == []
+    assert tr.finish(saw_done=True) == []
+
+
+@pytest.mark.parametrize("end", ["message_stop", "error"])
+def test_malformed_data_after_the_end_emits_nothing(end: str) -> None:
+    tr = translator()
+    events = tr.start()
+    if end == "error":
+        events += tr.feed({"error": {"message": "boom"}})
+    else:
+        events += tr.feed(chunk({"content": "x"}, "stop")) + tr.finish(saw_done=True)
+    assert events[-1]["type"] == end
+    assert tr.feed_data(b"{oops") == []
+
+
+def test_nothing_is_emitted_after_an_error() -> None:
+    tr = translator()
+    tr.start()
+    assert tr.feed({"error": {"message": "boom"}})[-1]["type"] == "error"
+    assert tr.feed(chunk({"content": "late"})) == []
+    assert tr.finish(saw_done=False) == []
+
+
+def test_stop_reason_and_final_usage_are_exposed_after_finish() -> None:
+    tr = translator()
+    tr.start()
+    tr.feed(chunk({"content": "hi"}, "length", usage=USAGE))
+    tr.finish(saw_done=True)
+    assert tr.stop_reason == "max_tokens"
+    assert tr.final_usage["output_tokens"] == 2
+
+
+# --- properties ------------------------------------------------------------------------------
+
+
+def split_at(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts})
+    bounds = [0, *points, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pieces=st.lists(st.text(min_size=0, max_size=12), min_size=1, max_size=12),
+    reasoning=st.lists(st.text(min_size=1, max_size=8), max_size=4),
+)
+def test_any_split_of_text_accumulates_to_the_same_text(
+    pieces: list[str], reasoning: list[str]
+) -> None:
+    chunks = [chunk({"reasoning_content": r}) for r in reasoning]
+    chunks += [chunk({"content": p}) for p in pieces]
+    message = final([*chunks, chunk({}, "stop")])
+    expected: list[dict[str, Any]] = []
+    if "".join(reasoning):
+        expected.append({"type": "thinking", "thinking": "".join(reasoning)})
+    if "".join(pieces):
+        expected.append({"type": "text", "text": "".join(pieces)})
+    for block in message["content"]:
+        block.pop("signature", None)
+    assert message["content"] == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tool_input=st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=5),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=15),
+    ensure_ascii=st.booleans(),
+    lead_text=st.text(max_size=10),
+)
+def test_any_split_of_tool_arguments_accumulates_to_the_parsed_input(
+    tool_input: dict, cuts: list[int], ensure_ascii: bool, lead_text: str
+) -> None:
+    arguments = json.dumps(tool_input, ensure_ascii=ensure_ascii)
+    chunks = [chunk({"content": lead_text})] if lead_text else []
+    chunks.append(chunk(fragment(0, "call_p", "probe", "")))
+    chunks += [chunk(fragment(0, args=piece)) for piece in split_at(arguments, cuts)]
+    message = final([*chunks, chunk({}, "tool_calls")])
+    tool_block = message["content"][-1]
+    assert tool_block == {"type": "tool_use", "id": "call_p", "name": "probe", "input": tool_input}
+    assert message["stop_reason"] == "tool_use"

@@ -15,7 +15,7 @@ from pathlib import Path
 import anthropic
 import pytest
 import requests
-from fakebackend import FakeBackend, JSONReply, StreamReply, chunks, error_body
+from fakebackend import FakeBackend, JSONReply, StreamReply, chunk, chunks, error_body
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).with_name("gunicorn")
@@ -211,3 +211,63 @@ def test_bad_config_stops_gunicorn_with_one_clear_line(tmp_path):
     assert lines == [
         "gateway: bad configuration: upstream.read_timeout: must be a number (got 'soon')"
     ]
+
+
+def test_agent_loop_streamed_through_gunicorn(sdk, module_backend):
+    """A two-tool-call agent loop, every turn streamed, the way SDK-based agents run."""
+    tools = [
+        {
+            "name": "read_file",
+            "description": "Read a file.",
+            "input_schema": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}},
+                "required": ["path"],
+            },
+        }
+    ]
+    files = {"a.txt": "alpha", "b.txt": "beta"}
+
+    def call(call_id: str, path: str) -> list[dict]:
+        fragment = {
+            "index": 0,
+            "id": call_id,
+            "type": "function",
+            "function": {"name": "read_file"},
+        }
+        return [
+            chunk({"role": "assistant", "content": "Reading."}),
+            chunk(
+                {"tool_calls": [{**fragment, "function": {"name": "read_file", "arguments": ""}}]}
+            ),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"path": '}}]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": f'"{path}"}}'}}]}),
+            chunk({}, "tool_calls"),
+        ]
+
+    module_backend.reply(
+        StreamReply(call("call_1", "a.txt"), delay=0.01),
+        StreamReply(call("call_2", "b.txt"), delay=0.01),
+        StreamReply(chunks(["alpha", " and ", "beta"]), delay=0.01),
+    )
+    messages: list[dict] = [{"role": "user", "content": "Read a.txt then b.txt."}]
+    for _turn in range(5):
+        with sdk.messages.stream(
+            model="claude-sonnet-4-6", max_tokens=200, messages=messages, tools=tools
+        ) as stream:
+            message = stream.get_final_message()
+        messages.append({"role": "assistant", "content": message.content})
+        if message.stop_reason != "tool_use":
+            break
+        results = [
+            {"type": "tool_result", "tool_use_id": block.id, "content": files[block.input["path"]]}
+            for block in message.content
+            if block.type == "tool_use"
+        ]
+        messages.append({"role": "user", "content": results})
+    assert message.stop_reason == "end_turn"
+    assert message.content[0].text == "alpha and beta"
+    last = module_backend.requests[-1].json["messages"]
+    assert [m["role"] for m in last] == ["user", "assistant", "tool", "assistant", "tool"]
+    assert last[2] == {"role": "tool", "tool_call_id": "call_1", "content": "alpha"}
+    assert last[4] == {"role": "tool", "tool_call_id": "call_2", "content": "beta"}

@@ -1046,3 +1046,55 @@ def test_output_config_json_schema_becomes_response_format() -> None:
 )
 def test_invalid_output_format_is_rejected(fmt: Any, expected: str) -> None:
     assert rejection(body(output_config={"format": fmt})) == expected
+
+
+# --- tool_use / tool_result pairing ------------------------------------------------------------
+
+
+def test_tool_results_are_put_in_the_order_of_the_calls() -> None:
+    messages = convo(
+        user("?"),
+        assistant([tool_use("a"), tool_use("b")]),
+        user([tool_result("b", "second"), tool_result("a", "first")]),
+    )
+    assert [(m["role"], m.get("tool_call_id")) for m in messages] == [
+        ("user", None),
+        ("assistant", None),
+        ("tool", "a"),
+        ("tool", "b"),
+    ]
+    assert [m["content"] for m in messages[2:]] == ["first", "second"]
+
+
+def test_a_call_without_result_gets_a_placeholder_result() -> None:
+    messages = convo(
+        user("?"),
+        assistant([tool_use("a"), tool_use("b")]),
+        user([tool_result("a", "done"), text("go on")]),
+    )
+    assert messages[2:] == [
+        {"role": "tool", "tool_call_id": "a", "content": "done"},
+        {"role": "tool", "tool_call_id": "b", "content": "(no result)"},
+        {"role": "user", "content": "go on"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [user([tool_result("ghost")])],
+        [user("?"), assistant("no tools"), user([tool_result("ghost")])],
+        [user("?"), assistant([tool_use("a")]), user([tool_result("a"), tool_result("a")])],
+        [
+            user("?"),
+            assistant([tool_use("a")]),
+            user([tool_result("a")]),
+            assistant("thanks"),
+            user([tool_result("a")]),
+        ],
+    ],
+    ids=["no_assistant", "assistant_without_calls", "duplicate", "answering_an_older_turn"],
+)
+def test_tool_result_without_matching_tool_use_is_refused(messages: list[dict]) -> None:
+    message = rejection(body(messages=messages))
+    assert "tool_use_id" in message and "does not answer" in message

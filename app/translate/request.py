@@ -51,7 +51,7 @@ def translate_request(
             messages.extend(user_messages(blocks, ctx))
         else:
             messages.append(assistant_message(blocks, ctx))
-    payload: dict[str, Any] = {"model": backend_model, "messages": messages}
+    payload: dict[str, Any] = {"model": backend_model, "messages": _pair_tool_results(messages)}
     payload[dialect.max_tokens_field] = body["max_tokens"]
     _add_sampling(payload, body, dialect)
     add_tools(payload, body, ctx)
@@ -232,6 +232,39 @@ def _merge(turns: list[Turn]) -> list[Turn]:
 
 
 # --- parameters, tools, output format ----------------------------------------------------------
+
+
+def _pair_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each assistant ``tool_calls`` message followed by exactly one ``tool`` message per call,
+    in call order, as backends require; a call with no result gets a placeholder result.
+
+    Backends answer a broken pairing with cryptic 400s, so it is settled (or refused) here.
+    """
+    paired: list[dict[str, Any]] = []
+    calls: list[str] = []
+    results: dict[str, dict[str, Any]] = {}
+    for message in [*messages, {"role": "end"}]:
+        if message["role"] == "tool":
+            call_id = message["tool_call_id"]
+            if call_id not in calls or call_id in results:
+                raise field_error(
+                    "messages",
+                    f"tool_result for tool_use_id {call_id!r} does not answer a tool_use "
+                    "of the assistant turn just before it",
+                )
+            results[call_id] = message
+            continue
+        for call_id in calls:
+            paired.append(results.get(call_id) or _missing_result(call_id))
+        calls = [c["id"] for c in message.get("tool_calls", ())]
+        results = {}
+        if message["role"] != "end":
+            paired.append(message)
+    return paired
+
+
+def _missing_result(call_id: str) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": call_id, "content": "(no result)"}
 
 
 def _add_sampling(payload: dict[str, Any], body: dict[str, Any], dialect: Dialect) -> None:

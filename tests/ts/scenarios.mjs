@@ -1,0 +1,56 @@
+// Runs one scenario against the gateway with the official TypeScript SDK and prints the
+// outcome as one JSON line. Usage: node scenarios.mjs <baseURL> <scenario>
+import Anthropic from "@anthropic-ai/sdk";
+
+const [baseURL, scenario] = process.argv.slice(2);
+const client = new Anthropic({ baseURL, apiKey: "test-key", maxRetries: 0 });
+const user = (text) => ({ role: "user", content: text });
+const weather = {
+  name: "get_weather",
+  description: "Current weather for a city.",
+  input_schema: { type: "object", properties: { city: { type: "string" } }, required: ["city"] },
+};
+
+const scenarios = {
+  async create() {
+    return client.messages.create({ model: "claude-haiku-4-5", max_tokens: 64, messages: [user("hi")] });
+  },
+  async stream() {
+    const stream = client.messages.stream({
+      model: "claude-haiku-4-5",
+      max_tokens: 64,
+      messages: [user("hi")],
+    });
+    const events = [];
+    stream.on("streamEvent", (event) => events.push(event.type));
+    const message = await stream.finalMessage();
+    return { message, events };
+  },
+  async tool_loop() {
+    const messages = [user("Weather in Oslo?")];
+    const first = await client.messages
+      .stream({ model: "claude-haiku-4-5", max_tokens: 100, messages, tools: [weather] })
+      .finalMessage();
+    const call = first.content.find((block) => block.type === "tool_use");
+    messages.push({ role: "assistant", content: first.content });
+    messages.push({
+      role: "user",
+      content: [{ type: "tool_result", tool_use_id: call.id, content: `3°C in ${call.input.city}` }],
+    });
+    const second = await client.messages
+      .stream({ model: "claude-haiku-4-5", max_tokens: 100, messages, tools: [weather] })
+      .finalMessage();
+    return { first, second };
+  },
+  async error() {
+    try {
+      await client.messages.create({ model: "claude-haiku-4-5", max_tokens: 64, messages: [user("hi")] });
+      return { error: null };
+    } catch (err) {
+      return { error: err.constructor.name, status: err.status, type: err.error?.error?.type };
+    }
+  },
+};
+
+const result = await scenarios[scenario]();
+process.stdout.write(JSON.stringify(result) + "\n");

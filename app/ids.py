@@ -27,3 +27,16 @@ def request_id() -> str:
 
 def tool_use_id() -> str:
     return "toolu_01" + _random(22)
+
+
+SIGNATURE_PREFIX = "gw1."
+
+
+def thinking_signature() -> str:
+    """The ``signature`` of thinking blocks the gateway produces; clients send it back."""
+    return SIGNATURE_PREFIX + _random(32)
+
+
+def is_gateway_signature(signature: object) -> bool:
+    """True for thinking the gateway's backends produced (not Anthropic's own, say)."""
+    return isinstance(signature, str) and signature.startswith(SIGNATURE_PREFIX)

@@ -5,83 +5,21 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
 import pytest
-import requests
 from fakebackend import FakeBackend, JSONReply, StreamReply, chunk, chunks, error_body
+from servers import GUNICORN, ROOT, Gunicorn, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-GUNICORN = Path(sys.executable).with_name("gunicorn")
 BODY = {
     "model": "claude-haiku-4-5",
     "max_tokens": 50,
     "messages": [{"role": "user", "content": "hi"}],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Gunicorn:
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        full_env = {
-            **os.environ,
-            "GATEWAY_BIND": f"127.0.0.1:{self.port}",
-            "GATEWAY_WORKERS": "1",
-            "GATEWAY_GRACEFUL_TIMEOUT": "5",
-            **env,
-        }
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError(f"gunicorn did not become ready: {self.log_path.read_text()}")
-
-    def access_lines(self) -> list[dict]:
-        lines = []
-        for line in self.log_path.read_text().splitlines():
-            if line.startswith("{") and '"request_id"' in line:
-                lines.append(json.loads(line))
-        return lines
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from typing import Any
 
 from app import jsonc
 from app.errors import field_error
+from app.ids import is_gateway_signature
 from app.translate.dialect import Dialect
 
 # A content block with the path it came from, so errors name what the client sent.
@@ -221,7 +222,11 @@ def assistant_message(blocks: list[Block], ctx: Context) -> Message:
         elif kind == "tool_use":
             calls.append(_tool_call(block, path))
         elif kind == "thinking":
-            if isinstance(block.get("thinking"), str):
+            # Only reasoning this gateway's backends produced goes back; another model's
+            # (Anthropic's own, from an earlier part of the session) means nothing here.
+            if is_gateway_signature(block.get("signature")) and isinstance(
+                block.get("thinking"), str
+            ):
                 thinking.append(block["thinking"])
         elif kind not in SERVER_BLOCKS:
             raise field_error(f"{path}.type", f"unsupported assistant content block type '{kind}'")

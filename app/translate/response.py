@@ -13,8 +13,6 @@ from app import ids, jsonc
 from app.errors import UpstreamError
 from app.translate.upstream_errors import error_from_body
 
-THINKING_SIGNATURE_PREFIX = "gw1."
-
 
 def translate_response(
     completion: Any, *, model: str, message_id: str, stop_sequences: list[str]
@@ -57,7 +55,9 @@ def _content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = []
     reasoning = reasoning_text(message)
     if reasoning:
-        blocks.append({"type": "thinking", "thinking": reasoning, "signature": signature()})
+        blocks.append(
+            {"type": "thinking", "thinking": reasoning, "signature": ids.thinking_signature()}
+        )
     text = _text(message.get("content")) + _text(message.get("refusal"))
     if text:
         blocks.append({"type": "text", "text": text})
@@ -91,11 +91,6 @@ def reasoning_text(delta: dict[str, Any]) -> str:
     """Reasoning under either name (vLLM/Ollama ``reasoning``, DeepSeek/llama.cpp ``_content``)."""
     text = delta.get("reasoning_content") or delta.get("reasoning")
     return text if isinstance(text, str) else ""
-
-
-def signature() -> str:
-    """A gateway-issued thinking signature; clients send it back and the gateway ignores it."""
-    return THINKING_SIGNATURE_PREFIX + ids.tool_use_id()[6:]
 
 
 def tool_use_id(upstream_id: Any, seen: set[str]) -> str:

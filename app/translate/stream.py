@@ -14,14 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from app import jsonc
+from app import ids, jsonc
 from app.errors import GatewayError, UpstreamError
 from app.translate.response import (
     map_stop_reason,
     map_usage,
     parse_arguments,
     reasoning_text,
-    signature,
     tool_use_id,
 )
 from app.translate.upstream_errors import error_from_body
@@ -232,7 +231,7 @@ class StreamTranslator:
                 {
                     "type": "content_block_delta",
                     "index": index,
-                    "delta": {"type": "signature_delta", "signature": signature()},
+                    "delta": {"type": "signature_delta", "signature": ids.thinking_signature()},
                 }
             )
         events.append({"type": "content_block_stop", "index": index})

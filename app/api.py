@@ -47,7 +47,11 @@ def create_blueprint(settings: Settings, client: UpstreamClient) -> Blueprint:
             return _stream(client, payload, model, stops, headers)
         completion = client.complete(payload, g.request_id)
         message = translate_response(
-            completion, model=model, message_id=ids.message_id(), stop_sequences=stops
+            completion,
+            model=model,
+            message_id=ids.message_id(),
+            stop_sequences=stops,
+            think_tags=dialect.think_tags,
         )
         g.access.update(stop_reason=message["stop_reason"], **_tokens(message["usage"]))
         return Response(jsonc.dumps(message), mimetype="application/json", headers=headers)
@@ -116,7 +120,12 @@ def _stream(
 ) -> Response:
     request_id = g.request_id
     upstream = client.open_stream(payload, request_id)  # raises before any byte is sent
-    translator = StreamTranslator(model=model, message_id=ids.message_id(), stop_sequences=stops)
+    translator = StreamTranslator(
+        model=model,
+        message_id=ids.message_id(),
+        stop_sequences=stops,
+        think_tags=client.config.dialect.think_tags,
+    )
     entry, started = g.access, g.started
 
     def on_end(outcome: StreamOutcome) -> None:

@@ -7,7 +7,7 @@ import base64
 import anthropic
 import pytest
 import requests
-from fakebackend import JSONReply, StreamReply, chunk, completion
+from fakebackend import JSONReply, StreamReply, chunk, chunks, completion
 
 WEATHER_TOOL = {
     "name": "get_weather",
@@ -172,6 +172,18 @@ def test_server_tool_is_refused_clearly(client, backend):
     assert backend.requests == []
 
 
+def test_mcp_servers_are_refused_clearly(client, backend):
+    with pytest.raises(anthropic.BadRequestError, match="mcp_servers"):
+        client.messages.create(
+            model="m",
+            max_tokens=10,
+            messages=[{"role": "user", "content": "?"}],
+            extra_body={
+                "mcp_servers": [{"type": "url", "url": "https://mcp.example", "name": "x"}]
+            },
+        )
+
+
 def test_server_tool_and_pdf_dropped_when_configured(make_gateway, backend):
     gateway = make_gateway({"quirks": {"drop_unsupported": True}})
     pdf = {
@@ -184,9 +196,12 @@ def test_server_tool_and_pdf_dropped_when_configured(make_gateway, backend):
             max_tokens=10,
             messages=[{"role": "user", "content": [pdf, {"type": "text", "text": "summarise"}]}],
             tools=[{"type": "web_search_20250305", "name": "web_search"}, WEATHER_TOOL],
+            extra_body={
+                "mcp_servers": [{"type": "url", "url": "https://mcp.example", "name": "x"}]
+            },
         )
     dropped = response.headers["x-gateway-dropped"]
-    assert "tools.0" in dropped and "messages.0.content.0" in dropped
+    assert "tools.0" in dropped and "messages.0.content.0" in dropped and "mcp_servers" in dropped
     sent = backend.requests[-1].json
     assert [t["function"]["name"] for t in sent["tools"]] == ["get_weather"]
     assert sent["messages"] == [{"role": "user", "content": "summarise"}]
@@ -389,3 +404,20 @@ def test_models_list_and_get(make_gateway):
             client.models.retrieve("gpt-unknown")
     raw = requests.get(gateway.url + "/v1/models?limit=1", timeout=10).json()
     assert raw["has_more"] is True and raw["first_id"] == raw["last_id"] == "claude-haiku-4-5"
+
+
+def test_inline_think_tags_become_a_thinking_block_when_configured(make_gateway, backend):
+    pieces = ["<thi", "nk>Let me ", "add.</th", "ink>\n\n", "4"]
+    backend.reply(StreamReply(chunks(pieces)), JSONReply(completion("<think>add</think>4")))
+    with make_gateway({"quirks": {"think_tags": True}}).client() as client:
+        with client.messages.stream(
+            model="m", max_tokens=100, messages=[{"role": "user", "content": "2+2?"}]
+        ) as stream:
+            streamed = stream.get_final_message()
+        whole = client.messages.create(
+            model="m", max_tokens=100, messages=[{"role": "user", "content": "2+2?"}]
+        )
+    for message, thinking in ((streamed, "Let me add."), (whole, "add")):
+        assert [b.type for b in message.content] == ["thinking", "text"]
+        assert message.content[0].thinking == thinking
+        assert message.content[1].text == "4"

@@ -55,6 +55,8 @@ class Dialect:
     image_urls: bool = True
     thinking: str = "none"
     reasoning_history: str = ""
+    # Split a leading <think>...</think> out of the answer text into a thinking block.
+    think_tags: bool = False
     # Exact token counts for count_tokens from the backend's own tokenizer endpoint.
     tokenizer: str = ""
     # Drop server tools and PDF documents (reported in a response header) instead of a 400.

@@ -39,10 +39,10 @@ def translate_request(
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     _check_required(body)
-    _reject_untranslatable(body)
+    ctx = Context(dialect, dropped if dropped is not None else [])
+    _reject_untranslatable(body, ctx)
     system = _system_texts(body.get("system"), "system")
     turns = _normalise_turns(body["messages"], system, bool(dialect.reasoning_history))
-    ctx = Context(dialect, dropped if dropped is not None else [])
     messages: list[dict[str, Any]] = []
     if system:
         messages.append({"role": "system", "content": "\n\n".join(system)})
@@ -112,10 +112,14 @@ def _check_required(body: dict[str, Any]) -> None:
         raise field_error("stream", "must be a boolean")
 
 
-def _reject_untranslatable(body: dict[str, Any]) -> None:
+def _reject_untranslatable(body: dict[str, Any], ctx: Context) -> None:
     """Refuse fields whose silent loss would mislead the client about what ran."""
-    if body.get("mcp_servers"):
-        raise field_error("mcp_servers", "MCP connectors are not supported by this gateway")
+    if not body.get("mcp_servers"):
+        return
+    if ctx.dialect.drop_unsupported:
+        ctx.dropped.append("mcp_servers")
+        return
+    raise field_error("mcp_servers", "MCP connectors are not supported by this gateway")
 
 
 def _is_int(value: Any) -> bool:

@@ -11,11 +11,17 @@ from typing import Any
 
 from app import ids, jsonc
 from app.errors import UpstreamError
+from app.translate.think_tags import split_complete
 from app.translate.upstream_errors import error_from_body
 
 
 def translate_response(
-    completion: Any, *, model: str, message_id: str, stop_sequences: list[str]
+    completion: Any,
+    *,
+    model: str,
+    message_id: str,
+    stop_sequences: list[str],
+    think_tags: bool = False,
 ) -> dict[str, Any]:
     """The Anthropic message for a complete (non-streamed) backend answer."""
     if not isinstance(completion, dict):
@@ -27,7 +33,7 @@ def translate_response(
         raise UpstreamError("backend returned no choices")
     choice = choices[0]
     message = choice.get("message") or {}
-    content = _content_blocks(message)
+    content = _content_blocks(message, think_tags)
     has_tools = any(b["type"] == "tool_use" for b in content)
     stop_reason, stop_sequence = map_stop_reason(
         choice.get("finish_reason"),
@@ -50,15 +56,17 @@ def translate_response(
     }
 
 
-def _content_blocks(message: dict[str, Any]) -> list[dict[str, Any]]:
+def _content_blocks(message: dict[str, Any], think_tags: bool) -> list[dict[str, Any]]:
     """Thinking, then text, then tool calls: the order Anthropic models produce."""
     blocks: list[dict[str, Any]] = []
     reasoning = reasoning_text(message)
+    text = _text(message.get("content")) + _text(message.get("refusal"))
+    if think_tags and not reasoning:
+        reasoning, text = split_complete(text)
     if reasoning:
         blocks.append(
             {"type": "thinking", "thinking": reasoning, "signature": ids.thinking_signature()}
         )
-    text = _text(message.get("content")) + _text(message.get("refusal"))
     if text:
         blocks.append({"type": "text", "text": text})
     seen: set[str] = set()

@@ -23,6 +23,7 @@ from app.translate.response import (
     reasoning_text,
     tool_use_id,
 )
+from app.translate.think_tags import ThinkTagSplitter
 from app.translate.upstream_errors import error_from_body
 
 Event = dict[str, Any]
@@ -48,8 +49,10 @@ class StreamTranslator:
         message_id: str,
         stop_sequences: list[str],
         input_tokens: int = 0,
+        think_tags: bool = False,
     ) -> None:
         self.model = model
+        self._think_tags = ThinkTagSplitter() if think_tags else None
         self.message_id = message_id
         self.stop_sequences = stop_sequences
         self.input_tokens = input_tokens
@@ -134,7 +137,10 @@ class StreamTranslator:
             return []
         if not saw_done and self.finish_reason is None:
             return self.fail(UpstreamError("backend stream ended before the answer was complete"))
-        events = self._flush_tools()
+        events: list[Event] = []
+        if self._think_tags is not None:
+            self._append_segments(self._think_tags.flush(), events)
+        events.extend(self._flush_tools())
         self._close_block(events)
         stop_reason, stop_sequence = map_stop_reason(
             self.finish_reason,
@@ -178,7 +184,10 @@ class StreamTranslator:
             self._append("thinking", "thinking_delta", "thinking", reasoning, events)
         content = delta.get("content")
         if content and isinstance(content, str):
-            self._append("text", "text_delta", "text", content, events)
+            if self._think_tags is None:
+                self._append("text", "text_delta", "text", content, events)
+            else:
+                self._append_segments(self._think_tags.feed(content), events)
         refusal = delta.get("refusal")
         if refusal and isinstance(refusal, str):
             self.refused = True
@@ -206,6 +215,13 @@ class StreamTranslator:
                 "delta": {"type": delta_type, field: text},
             }
         )
+
+    def _append_segments(self, segments: list[tuple[str, str]], events: list[Event]) -> None:
+        for kind, text in segments:
+            if kind == "thinking":
+                self._append("thinking", "thinking_delta", "thinking", text, events)
+            else:
+                self._append("text", "text_delta", "text", text, events)
 
     def _open_block(self, kind: str, events: list[Event]) -> None:
         block: dict[str, Any] = (

@@ -1,13 +1,16 @@
-"""The HTTP surface: ``POST /v1/messages`` (JSON or SSE), ``count_tokens``, ``/v1/models``
-and ``GET /healthz``.
+"""The HTTP surface: ``POST /v1/messages`` (JSON or SSE), ``count_tokens``, ``/v1/models``,
+the admin ``/status`` and ``GET /healthz``.
 
-Views stay thin: parse, translate (pure layer), call the backend (upstream client), translate
+Views stay thin: parse, route, dispatch (translation happens per backend attempt), translate
 back. Failures are raised as ``GatewayError`` and rendered by the app-level handlers in
 ``app.web``, so every error, wherever it starts, leaves in the same Anthropic envelope.
 """
 
 from __future__ import annotations
 
+import hmac
+import os
+import time
 from typing import Any
 
 from flask import Blueprint, Response, g, request
@@ -15,89 +18,87 @@ from flask import Blueprint, Response, g, request
 from app import ids, jsonc
 from app.catalog import find_model, models_page
 from app.config import Settings
-from app.errors import InvalidRequest
+from app.dispatch import Attempt, Dispatcher
+from app.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFound
 from app.observability import log_access
 from app.relay import StreamOutcome, relay
-from app.translate.dialect import Dialect
-from app.translate.request import clamp_max_tokens, stop_sequences, translate_request
+from app.routing import backend_model, resolve
+from app.translate.passthrough import PassthroughStream
+from app.translate.request import check_request, stop_sequences, translate_request
 from app.translate.response import translate_response
 from app.translate.stream import StreamTranslator
 from app.translate.tokens import estimate_prompt_tokens
-from app.upstream import UpstreamClient
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+JSON = "application/json"
 
 
-def create_blueprint(settings: Settings, client: UpstreamClient) -> Blueprint:
+def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
     bp = Blueprint("messages", __name__)
-
-    dialect = client.config.dialect
 
     @bp.post("/v1/messages")
     def create_message() -> Response:
         body = _json_body()
-        payload, headers = _translate(body, settings, dialect)
-        clamped_from = clamp_max_tokens(payload, dialect)
-        if clamped_from is not None:
-            limit = payload[dialect.max_tokens_field]
-            headers["x-gateway-max-tokens"] = f"{limit}; clamped-from={clamped_from}"
-        model, stops = body["model"], stop_sequences(body)
+        check_request(body)
+        route = resolve(settings, body["model"])
+        g.access.update(model=body["model"], route=route.name)
+        attempt = dispatcher.send(route, body, g.request_id, request.headers)
+        g.access.update(
+            backend=attempt.target.backend, backend_model=attempt.model, attempts=attempt.attempts
+        )
         if body.get("stream"):
             g.access["stream"] = True
-            return _stream(client, payload, model, stops, headers)
-        completion = client.complete(payload, g.request_id)
-        message = translate_response(
-            completion,
-            model=model,
-            message_id=ids.message_id(),
-            stop_sequences=stops,
-            think_tags=dialect.think_tags,
-        )
-        g.access.update(stop_reason=message["stop_reason"], **_tokens(message["usage"]))
-        return Response(jsonc.dumps(message), mimetype="application/json", headers=headers)
+            return _stream(dispatcher, attempt, body)
+        try:
+            message = _message(attempt, body)
+        except GatewayError:
+            dispatcher.finish(attempt, ok=False)
+            raise
+        dispatcher.finish(attempt, ok=True)
+        g.access.update(stop_reason=message.get("stop_reason"), **_tokens(message.get("usage")))
+        return Response(jsonc.dumps(message), mimetype=JSON, headers=attempt.headers)
 
     @bp.post("/v1/messages/count_tokens")
     def count_tokens() -> Response:
         body = _json_body()
         if isinstance(body, dict):
             body = {**body, "max_tokens": 1, "stream": False}  # not part of this request
-        payload, headers = _translate(body, settings, dialect)
+        check_request(body)
+        route = resolve(settings, body["model"])
+        target = (dispatcher.balancer.plan(route) or list(route.targets))[0]
+        client = dispatcher.clients[target.backend]
+        model = backend_model(target, body["model"])
+        g.access.update(model=body["model"], route=route.name, backend=target.backend)
+        if client.config.protocol == "anthropic":
+            payload = {**body, "model": model}
+            payload.pop("max_tokens"), payload.pop("stream")
+        else:
+            payload = translate_request(body, backend_model=model, dialect=client.config.dialect)
         count = client.count_tokens(payload, g.request_id)
-        headers["x-gateway-token-count"] = "estimate" if count is None else "exact"
+        how = "estimate" if count is None else "exact"
         if count is None:
             count = estimate_prompt_tokens(payload)
-        return Response(
-            jsonc.dumps({"input_tokens": count}), mimetype="application/json", headers=headers
-        )
+        headers = {"x-gateway-token-count": how}
+        return Response(jsonc.dumps({"input_tokens": count}), mimetype=JSON, headers=headers)
 
     @bp.get("/v1/models")
     def list_models() -> Response:
-        return Response(
-            jsonc.dumps(models_page(settings, request.args)), mimetype="application/json"
-        )
+        return Response(jsonc.dumps(models_page(settings, request.args)), mimetype=JSON)
 
     @bp.get("/v1/models/<path:model_id>")
     def get_model(model_id: str) -> Response:
-        return Response(jsonc.dumps(find_model(model_id, settings)), mimetype="application/json")
+        return Response(jsonc.dumps(find_model(model_id, settings)), mimetype=JSON)
+
+    @bp.get("/status")
+    def status() -> Response:
+        _require_admin(settings)
+        return Response(jsonc.dumps(_status(settings, dispatcher)), mimetype=JSON)
 
     @bp.get("/healthz")
     def healthz() -> Response:
-        return Response(b'{"status":"ok"}', mimetype="application/json")
+        return Response(b'{"status":"ok"}', mimetype=JSON)
 
     return bp
-
-
-def _translate(
-    body: Any, settings: Settings, dialect: Dialect
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """The backend payload and the response headers that report what translation changed."""
-    requested = body.get("model") if isinstance(body, dict) else None
-    backend_model = settings.backend_model(requested) if isinstance(requested, str) else ""
-    dropped: list[str] = []
-    payload = translate_request(body, backend_model=backend_model, dialect=dialect, dropped=dropped)
-    g.access.update(model=requested, backend_model=backend_model)
-    headers = {"x-gateway-dropped": "; ".join(dropped)} if dropped else {}
-    return payload, headers
 
 
 def _json_body() -> Any:
@@ -111,24 +112,39 @@ def _json_body() -> Any:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
 
 
-def _stream(
-    client: UpstreamClient,
-    payload: dict[str, Any],
-    model: str,
-    stops: list[str],
-    headers: dict[str, str],
-) -> Response:
-    request_id = g.request_id
-    upstream = client.open_stream(payload, request_id)  # raises before any byte is sent
-    translator = StreamTranslator(
-        model=model,
+def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
+    if attempt.client.config.protocol == "anthropic":
+        message = attempt.result
+        if not isinstance(message, dict) or message.get("type") != "message":
+            raise GatewayError(f"backend {attempt.client.name} returned no message")
+        return {**message, "model": body["model"]}
+    return translate_response(
+        attempt.result,
+        model=body["model"],
         message_id=ids.message_id(),
-        stop_sequences=stops,
-        think_tags=client.config.dialect.think_tags,
+        stop_sequences=stop_sequences(body),
+        think_tags=attempt.client.config.dialect.think_tags,
     )
+
+
+def _stream(dispatcher: Dispatcher, attempt: Attempt, body: dict[str, Any]) -> Response:
+    config = attempt.client.config
+    translator: StreamTranslator | PassthroughStream
+    if config.protocol == "anthropic":
+        translator = PassthroughStream(model=body["model"])
+    else:
+        translator = StreamTranslator(
+            model=body["model"],
+            message_id=ids.message_id(),
+            stop_sequences=stop_sequences(body),
+            think_tags=config.dialect.think_tags,
+        )
     entry, started = g.access, g.started
+    deadline = started + config.total_timeout if config.total_timeout else None
 
     def on_end(outcome: StreamOutcome) -> None:
+        failed = translator.error_type is not None
+        dispatcher.finish(attempt, ok=None if not outcome.completed else not failed)
         entry.update(
             status=200,
             stop_reason=translator.stop_reason,
@@ -143,14 +159,54 @@ def _stream(
 
     g.access_deferred = True
     return Response(
-        relay(client, upstream, translator, on_end),
+        relay(attempt.client, attempt.result, translator, on_end, deadline=deadline),
         mimetype="text/event-stream",
-        headers={**SSE_HEADERS, **headers},
+        headers={**SSE_HEADERS, **attempt.headers},
     )
 
 
-def _tokens(usage: dict[str, int]) -> dict[str, int]:
+def _tokens(usage: Any) -> dict[str, int]:
+    if not isinstance(usage, dict):
+        return {}
     return {
-        "input_tokens": usage["input_tokens"] + usage["cache_read_input_tokens"],
-        "output_tokens": usage["output_tokens"],
+        "input_tokens": (usage.get("input_tokens") or 0)
+        + (usage.get("cache_read_input_tokens") or 0),
+        "output_tokens": usage.get("output_tokens") or 0,
     }
+
+
+def _require_admin(settings: Settings) -> None:
+    """Admin routes exist only with an admin token configured, and answer only to it."""
+    if not settings.admin_token:
+        raise NotFound(f"no route for {request.method} {request.path}")
+    offered = request.headers.get("x-api-key") or ""
+    authorization = request.headers.get("authorization") or ""
+    if authorization.lower().startswith("bearer "):
+        offered = authorization[7:]
+    if not hmac.compare_digest(offered.encode(), settings.admin_token.encode()):
+        raise AuthenticationFailed("admin token required")
+
+
+def _status(settings: Settings, dispatcher: Dispatcher) -> dict[str, Any]:
+    health = dispatcher.balancer.snapshot()
+    backends = {
+        name: {
+            "url": client.name,
+            "protocol": client.config.protocol,
+            "dialect": client.config.dialect.name,
+            **health[name],
+        }
+        for name, client in dispatcher.clients.items()
+    }
+    routes = [
+        {
+            "name": route.name,
+            "match": list(route.match),
+            "strategy": route.strategy,
+            "targets": [
+                {"backend": t.backend, "model": t.model, "weight": t.weight} for t in route.targets
+            ],
+        }
+        for route in (*settings.routes, *(r for r in (settings.default_route,) if r))
+    ]
+    return {"worker_pid": os.getpid(), "time": time.time(), "backends": backends, "routes": routes}

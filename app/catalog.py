@@ -1,9 +1,10 @@
 """The model list served at ``GET /v1/models``: the names clients may send, from the config.
 
-Clients (and Claude Code's model picker) see the Anthropic-side names: every ``[models]`` alias
-and the backend model itself, each as an Anthropic model object. Pagination follows the API:
-``limit``, ``after_id``, ``before_id``, and ``has_more`` always present, because the SDK's
-auto-pager keeps asking while it is missing.
+Clients (and Claude Code's model picker) see the Anthropic-side names: every alias and exact
+route name, and the default route's backend model, each as an Anthropic model object (glob
+patterns cannot be listed). Pagination follows the API: ``limit``, ``after_id``,
+``before_id``, and ``has_more`` always present, because the SDK's auto-pager keeps asking
+while it is missing.
 """
 
 from __future__ import annotations
@@ -13,20 +14,25 @@ from typing import Any
 
 from app.config import Settings
 from app.errors import InvalidRequest, NotFound
+from app.routing import is_glob, resolve
 
 CREATED_AT = "2025-01-01T00:00:00Z"  # backends do not say; a fixed RFC 3339 date is allowed
 
 
 def model_ids(settings: Settings) -> list[str]:
-    names = list(settings.models)
-    if settings.upstream.model and settings.upstream.model not in names:
-        names.append(settings.upstream.model)
-    return names
+    names = [p for route in settings.routes for p in route.match if not is_glob(p)]
+    default = settings.default_route
+    if default is not None:
+        names += [t.model for t in default.targets if t.model]
+    return list(dict.fromkeys(names))
 
 
 def model_object(model_id: str, settings: Settings) -> dict[str, Any]:
-    backend = settings.backend_model(model_id)
-    display = model_id if backend == model_id else f"{model_id} ({backend})"
+    route = resolve(settings, model_id)
+    backend_models = {t.model or model_id for t in route.targets}
+    display = model_id
+    if backend_models != {model_id}:
+        display = f"{model_id} ({', '.join(sorted(backend_models))})"
     return {"type": "model", "id": model_id, "display_name": display, "created_at": CREATED_AT}
 
 

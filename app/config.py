@@ -26,26 +26,78 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Upstream:
+    """One backend. ``[upstream]`` is the backend named "default"; ``[[backends]]`` add more."""
+
+    name: str = "default"
     url: str = DEFAULT_UPSTREAM_URL
     api_key: str = field(default="", repr=False)
+    # [upstream] only: the backend model used when the client's name matches no alias.
     model: str = ""
+    # "openai": Chat Completions, translated; "anthropic": Messages API, passed through.
+    protocol: str = "openai"
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     connect_timeout: float = 5.0
+    # Longest wait for the backend's first byte; also the longest gap between stream chunks
+    # unless idle_timeout is set.
     read_timeout: float = 600.0
+    idle_timeout: float = 0.0
+    # Cap on a whole response, stream included (0: none).
+    total_timeout: float = 0.0
+    # Requests in flight to this backend per worker (0: no cap); beyond it, other targets.
+    max_concurrency: int = 0
     pool_size: int = 0
     trust_env: bool = False
     dialect: Dialect = field(default_factory=Dialect)
 
 
 @dataclass(frozen=True)
+class Target:
+    """Where a route sends a request: a backend, and the model name to ask it for."""
+
+    backend: str
+    model: str = ""  # "": the name the client asked for
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str
+    match: tuple[str, ...]
+    targets: tuple[Target, ...]
+    strategy: str = "failover"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Retry, failover and circuit-breaker policy, shared by every route."""
+
+    retries: int = 2
+    backoff: float = 0.2
+    max_backoff: float = 2.0
+    max_retry_after: float = 10.0
+    breaker_failures: int = 5
+    breaker_cooldown: float = 30.0
+
+
+STRATEGIES = ("failover", "weighted", "least_busy")
+PROTOCOLS = ("openai", "anthropic")
+
+
+@dataclass(frozen=True)
 class Settings:
-    upstream: Upstream = field(default_factory=Upstream)
+    backends: Mapping[str, Upstream] = field(default_factory=lambda: {"default": Upstream()})
+    routes: tuple[Route, ...] = ()
+    default_route: Route | None = Route("default", (), (Target("default"),))
+    routing: Routing = field(default_factory=Routing)
     models: Mapping[str, str] = field(default_factory=dict)
     max_body_bytes: int = 32 * 1024 * 1024
     log_level: str = "info"
+    admin_token: str = field(default="", repr=False)
 
-    def backend_model(self, requested: str) -> str:
-        """The backend's name for the model the client asked for."""
-        return self.models.get(requested) or self.upstream.model or requested
+    @property
+    def upstream(self) -> Upstream:
+        """The default backend (or the first one declared)."""
+        return self.backends.get("default") or next(iter(self.backends.values()))
 
 
 # Environment variable -> (section, key). Sections are the TOML tables; "" is the top level.
@@ -58,25 +110,39 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "GATEWAY_READ_TIMEOUT": ("upstream", "read_timeout"),
     "GATEWAY_MAX_BODY_BYTES": ("", "max_body_bytes"),
     "GATEWAY_LOG_LEVEL": ("", "log_level"),
+    "GATEWAY_ADMIN_TOKEN": ("admin", "token"),
+    "GATEWAY_RETRIES": ("routing", "retries"),
 }
+TABLES = ("upstream", "models", "routing", "admin")
+LISTS = ("backends", "routes")
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read the TOML file named by ``GATEWAY_CONFIG`` (if any), apply env overrides, validate."""
     env = os.environ if environ is None else environ
+    return build_settings(read_raw(env), env)
+
+
+def read_raw(env: Mapping[str, str]) -> dict[str, Any]:
+    """The config as plain data: the TOML file with the environment overrides applied."""
     raw = _read_toml(env.get("GATEWAY_CONFIG", ""))
     _check_tables(raw)
     for var, (section, key) in ENV_OVERRIDES.items():
         if env.get(var, "") != "":
             target = raw.setdefault(section, {}) if section else raw
             target[key] = env[var]
-    return build_settings(raw, env)
+    return raw
 
 
 def _check_tables(raw: Mapping[str, Any]) -> None:
-    for key in ("upstream", "models"):
+    for key in TABLES:
         if key in raw and not isinstance(raw[key], dict):
             raise ConfigError(f"{key}: must be a table")
+    for key in LISTS:
+        if key in raw and not (
+            isinstance(raw[key], list) and all(isinstance(x, dict) for x in raw[key])
+        ):
+            raise ConfigError(f"{key}: must be an array of tables ([[{key}]])")
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -93,89 +159,213 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     """Validate a parsed config mapping; every error names the offending key."""
-    known = {"upstream", "models", "max_body_bytes", "log_level"}
-    _reject_unknown("", raw, known)
+    _reject_unknown("", raw, set(TABLES) | set(LISTS) | {"max_body_bytes", "log_level"})
     _check_tables(raw)
-    upstream = _build_upstream(dict(raw.get("upstream", {})), env)
+    backends = _build_backends(raw, env)
     models = raw.get("models", {})
-    if not isinstance(models, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and v for k, v in models.items()
-    ):
+    if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in models.items()):
         raise ConfigError("models: must be a table of client model name = backend model name")
+    if models and "default" not in backends:
+        raise ConfigError("models: aliases map to the default backend; add an [upstream] table")
+    routes = _build_routes(raw.get("routes", []), models, backends)
     settings = Settings(
-        upstream=upstream,
+        backends=backends,
+        routes=routes,
+        default_route=_default_route(raw.get("routing", {}), routes, backends),
+        routing=_build_routing(raw.get("routing", {})),
         models=dict(models),
         max_body_bytes=_number("max_body_bytes", raw.get("max_body_bytes", 32 << 20), int, 1024),
         log_level=str(raw.get("log_level", "info")).lower(),
+        admin_token=_admin_token(raw.get("admin", {}), env),
     )
     if settings.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
     return settings
 
 
-def _build_upstream(raw: dict[str, Any], env: Mapping[str, str]) -> Upstream:
+def _admin_token(raw: Mapping[str, Any], env: Mapping[str, str]) -> str:
+    _reject_unknown("admin.", raw, {"token", "token_env"})
+    return _secret("admin", raw, env, "token")
+
+
+def _build_backends(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Upstream]:
+    backends: dict[str, Upstream] = {}
+    declared = raw.get("backends", [])
+    if "upstream" in raw or not declared:
+        backends["default"] = _build_upstream(dict(raw.get("upstream", {})), env, "upstream")
+    for i, entry in enumerate(declared):
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"backends.{i}.name: required, a non-empty string")
+        if name in backends:
+            raise ConfigError(f"backends.{i}.name: {name!r} is declared twice")
+        if "model" in entry:
+            raise ConfigError(f"backends.{i}.model: set models on routes, not on backends")
+        backends[name] = replace(_build_upstream(dict(entry), env, f"backends.{i}"), name=name)
+    return backends
+
+
+def _build_upstream(raw: dict[str, Any], env: Mapping[str, str], where: str) -> Upstream:
     defaults = Upstream()
     _reject_unknown(
-        "upstream.",
-        raw,
-        {f.name for f in fields(Upstream)} | {"api_key_env", "quirks"},
+        f"{where}.", raw, {f.name for f in fields(Upstream)} | {"api_key_env", "quirks"}
     )
     url = str(raw.get("url", defaults.url)).rstrip("/")
     if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"upstream.url: must start with http:// or https:// (got {url!r})")
-    api_key = str(raw.get("api_key", ""))
-    if not api_key and raw.get("api_key_env"):
-        api_key = env.get(str(raw["api_key_env"]), "")
-        if not api_key:
-            raise ConfigError(
-                f"upstream.api_key_env: environment variable {raw['api_key_env']} is empty"
-            )
+        raise ConfigError(f"{where}.url: must start with http:// or https:// (got {url!r})")
+    protocol = raw.get("protocol", "openai")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"{where}.protocol: must be one of {', '.join(PROTOCOLS)}")
+    headers = raw.get("headers", {})
+    if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+        raise ConfigError(f"{where}.headers: must be a table of header name = string value")
+
+    def seconds(key: str, default: float, minimum: float = 0.01) -> float:
+        return _number(f"{where}.{key}", raw.get(key, default), float, minimum)
+
     return Upstream(
         url=url,
-        api_key=api_key,
+        api_key=_secret(where, raw, env, "api_key"),
         model=str(raw.get("model", "")),
-        connect_timeout=_number(
-            "upstream.connect_timeout", raw.get("connect_timeout", 5.0), float, 0.01
-        ),
-        read_timeout=_number("upstream.read_timeout", raw.get("read_timeout", 600.0), float, 0.01),
-        pool_size=_number("upstream.pool_size", raw.get("pool_size", 0), int, 0),
-        trust_env=_boolean("upstream.trust_env", raw.get("trust_env", False)),
-        dialect=_build_dialect(raw.get("dialect", "generic"), raw.get("quirks", {})),
+        protocol=protocol,
+        headers=dict(headers),
+        connect_timeout=seconds("connect_timeout", 5.0),
+        read_timeout=seconds("read_timeout", 600.0),
+        idle_timeout=seconds("idle_timeout", 0.0, 0.0),
+        total_timeout=seconds("total_timeout", 0.0, 0.0),
+        max_concurrency=_number(f"{where}.max_concurrency", raw.get("max_concurrency", 0), int, 0),
+        pool_size=_number(f"{where}.pool_size", raw.get("pool_size", 0), int, 0),
+        trust_env=_boolean(f"{where}.trust_env", raw.get("trust_env", False)),
+        dialect=_build_dialect(raw.get("dialect", "generic"), raw.get("quirks", {}), where),
     )
 
 
-def _build_dialect(name: Any, quirks: Any) -> Dialect:
+def _secret(where: str, raw: Mapping[str, Any], env: Mapping[str, str], key: str) -> str:
+    """``key`` inline, or ``key_env``: the name of an environment variable holding it."""
+    value = str(raw.get(key, ""))
+    variable = raw.get(f"{key}_env")
+    if not value and variable:
+        value = env.get(str(variable), "")
+        if not value:
+            raise ConfigError(f"{where}.{key}_env: environment variable {variable} is empty")
+    return value
+
+
+def _build_routes(
+    entries: list[dict[str, Any]], models: Mapping[str, str], backends: Mapping[str, Upstream]
+) -> tuple[Route, ...]:
+    routes = [
+        Route(alias, (alias,), (Target("default", backend_model),))
+        for alias, backend_model in models.items()
+    ]
+    for i, entry in enumerate(entries):
+        routes.append(_build_route(entry, f"routes.{i}", backends))
+    return tuple(routes)
+
+
+def _build_route(entry: dict[str, Any], where: str, backends: Mapping[str, Upstream]) -> Route:
+    _reject_unknown(
+        f"{where}.", entry, {"name", "match", "strategy", "targets", "backend", "model"}
+    )
+    match = entry.get("match")
+    patterns = [match] if isinstance(match, str) else match
+    if (
+        not isinstance(patterns, list)
+        or not patterns
+        or not all(isinstance(p, str) and p for p in patterns)
+    ):
+        raise ConfigError(f"{where}.match: a model name or glob, or a list of them")
+    strategy = entry.get("strategy", "failover")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{where}.strategy: must be one of {', '.join(STRATEGIES)}")
+    raw_targets = entry.get("targets")
+    if raw_targets is None:
+        raw_targets = [{k: entry[k] for k in ("backend", "model") if k in entry}]
+    elif "backend" in entry or "model" in entry:
+        raise ConfigError(f"{where}: give either targets or backend/model, not both")
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise ConfigError(f"{where}.targets: a non-empty array of {{backend, model, weight}}")
+    targets = tuple(
+        _build_target(t, f"{where}.targets.{j}", backends) for j, t in enumerate(raw_targets)
+    )
+    return Route(str(entry.get("name") or where), tuple(patterns), targets, strategy)
+
+
+def _build_target(raw: Any, where: str, backends: Mapping[str, Upstream]) -> Target:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a table {{backend, model, weight}}")
+    _reject_unknown(f"{where}.", raw, {"backend", "model", "weight"})
+    backend = raw.get("backend")
+    if backend not in backends:
+        known = ", ".join(backends)
+        raise ConfigError(f"{where}.backend: no backend named {backend!r} (backends: {known})")
+    model = raw.get("model", "")
+    if not isinstance(model, str):
+        raise ConfigError(f"{where}.model: must be a string")
+    return Target(backend, model, _number(f"{where}.weight", raw.get("weight", 1.0), float, 0.0))
+
+
+def _default_route(
+    routing: Mapping[str, Any], routes: tuple[Route, ...], backends: Mapping[str, Upstream]
+) -> Route | None:
+    """The route for model names nothing matches: named in [routing], else the default backend."""
+    name = routing.get("default")
+    if name is not None:
+        for route in routes:
+            if route.name == name:
+                return route
+        known = ", ".join(r.name for r in routes) or "none"
+        raise ConfigError(f"routing.default: no route named {name!r} (routes: {known})")
+    if "default" in backends:
+        return Route("default", (), (Target("default", backends["default"].model),))
+    return None
+
+
+def _build_routing(raw: Mapping[str, Any]) -> Routing:
+    known = {f.name for f in fields(Routing)} | {"default"}
+    _reject_unknown("routing.", raw, known)
+    base = Routing()
+    values: dict[str, Any] = {}
+    for f in fields(Routing):
+        kind = int if isinstance(getattr(base, f.name), int) else float
+        values[f.name] = _number(
+            f"routing.{f.name}", raw.get(f.name, getattr(base, f.name)), kind, 0
+        )
+    return Routing(**values)
+
+
+def _build_dialect(name: Any, quirks: Any, where: str) -> Dialect:
     if not isinstance(name, str) or name not in DIALECTS:
         raise ConfigError(
-            f"upstream.dialect: unknown dialect {name!r}; one of {', '.join(DIALECTS)}"
+            f"{where}.dialect: unknown dialect {name!r}; one of {', '.join(DIALECTS)}"
         )
     if not isinstance(quirks, dict):
-        raise ConfigError("upstream.quirks: must be a table")
+        raise ConfigError(f"{where}.quirks: must be a table")
     base = DIALECTS[name]
     allowed = {f.name for f in fields(Dialect)}
     changes: dict[str, Any] = {}
     for key, value in quirks.items():
         if key not in allowed or key == "name":
             raise ConfigError(
-                f"upstream.quirks.{key}: unknown setting; one of {', '.join(sorted(allowed))}"
+                f"{where}.quirks.{key}: unknown setting; one of {', '.join(sorted(allowed))}"
             )
         current = getattr(base, key)
         if isinstance(current, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"upstream.quirks.{key}: must be a list of strings")
+                raise ConfigError(f"{where}.quirks.{key}: must be a list of strings")
             changes[key] = tuple(value)
         elif isinstance(current, bool):
-            changes[key] = _boolean(f"upstream.quirks.{key}", value)
+            changes[key] = _boolean(f"{where}.quirks.{key}", value)
         elif isinstance(current, int):
-            changes[key] = _number(f"upstream.quirks.{key}", value, int, 0)
+            changes[key] = _number(f"{where}.quirks.{key}", value, int, 0)
         elif not isinstance(value, str):
-            raise ConfigError(f"upstream.quirks.{key}: must be a string")
+            raise ConfigError(f"{where}.quirks.{key}: must be a string")
         else:
             changes[key] = value
     try:
         return replace(base, **changes)
     except ValueError as exc:
-        raise ConfigError(f"upstream.quirks.{exc}") from None
+        raise ConfigError(f"{where}.quirks.{exc}") from None
 
 
 def _reject_unknown(prefix: str, raw: Mapping[str, Any], known: set[str]) -> None:

@@ -28,6 +28,9 @@ class GatewayError(Exception):
 
     status = 500
     error_type = "api_error"
+    # A backend failure another attempt may cure (connection errors, 429, 5xx); the
+    # dispatcher retries or fails over only these, and only before any byte was relayed.
+    retryable = False
 
     def __init__(
         self,
@@ -36,11 +39,14 @@ class GatewayError(Exception):
         status: int | None = None,
         headers: dict[str, str] | None = None,
         should_retry: bool | None = None,
+        retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
             self.status = status
+        if retryable is not None:
+            self.retryable = retryable
         self.headers = dict(headers or {})
         if should_retry is not None:
             # The SDKs obey x-should-retry before their own status rules.

@@ -13,12 +13,14 @@ from collections.abc import Callable, Iterator
 
 import requests
 
-from app.errors import GatewayError, UpstreamError
+from app.errors import GatewayError, UpstreamError, UpstreamTimeout
+from app.translate.passthrough import PassthroughStream
 from app.translate.sse import DONE, SSEDecoder, encode_all
 from app.translate.stream import StreamTranslator
 from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
+Translator = StreamTranslator | PassthroughStream
 
 
 class StreamOutcome:
@@ -35,15 +37,18 @@ class StreamOutcome:
 def relay(
     client: UpstreamClient,
     response: requests.Response,
-    translator: StreamTranslator,
+    translator: Translator,
     on_end: Callable[[StreamOutcome], None],
+    *,
+    deadline: float | None = None,
 ) -> Iterator[bytes]:
+    """``deadline`` (monotonic): past it the stream ends with a timeout error event."""
     outcome = StreamOutcome()
     try:
         head = encode_all(translator.start())
         outcome.bytes_out += len(head)
         yield head
-        for piece in _translate(client, response, translator, outcome):
+        for piece in _translate(client, response, translator, outcome, deadline):
             outcome.bytes_out += len(piece)
             yield piece
         outcome.completed = True
@@ -57,8 +62,9 @@ def relay(
 def _translate(
     client: UpstreamClient,
     response: requests.Response,
-    translator: StreamTranslator,
+    translator: Translator,
     outcome: StreamOutcome,
+    deadline: float | None,
 ) -> Iterator[bytes]:
     decoder = SSEDecoder()
     saw_done = False
@@ -76,6 +82,8 @@ def _translate(
                 yield encode_all(events)
             if saw_done or translator.ended:
                 break
+            if deadline is not None and time.monotonic() > deadline:
+                raise UpstreamTimeout(f"backend {client.name} exceeded the total time allowed")
         else:
             events = [e for p in decoder.close() if p != DONE for e in translator.feed_data(p)]
             if events:

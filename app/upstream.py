@@ -1,14 +1,16 @@
-"""The HTTP client for the OpenAI-compatible backend: one pooled ``requests.Session`` per worker.
+"""The HTTP client for one backend: a pooled ``requests.Session`` per backend per worker.
 
 It owns transport policy (pool size, connect-only retries, timeouts, ``trust_env``) and turns
 every transport failure into a gateway error that names the backend, so nothing above it sees a
 ``requests`` exception. Built per worker process, after gevent has patched the socket module.
+Backends speak either OpenAI Chat Completions or, for ``protocol = "anthropic"``, the Messages
+API itself (recent vLLM, SGLang, llama.cpp and Ollama can), in which case bodies pass through.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,39 +28,43 @@ log = logging.getLogger("gateway")
 
 READ_SIZE = 65536
 ERROR_BODY_LIMIT = 65536
+# Client headers an Anthropic-speaking backend should see as the client sent them.
+ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
 
 
 class UpstreamClient:
-    """Calls ``{url}/chat/completions``; returns open responses for the caller to read and close."""
+    """Calls one backend; returns parsed bodies, or open responses for the caller to close."""
 
     def __init__(self, config: Upstream, pool_size: int) -> None:
         self.config = config
         self.name = _display_name(config.url)
-        self.url = config.url + "/chat/completions"
         self.stream_usage = config.dialect.stream_usage
         self.session = _session(config, pool_size)
-        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if config.api_key:
-            self.headers["Authorization"] = f"Bearer {config.api_key}"
-        self.stream_headers = dict(self.headers, Accept="text/event-stream")
+        self.timeout = (config.connect_timeout, _first_byte_timeout(config))
+        self.idle_timeout = config.idle_timeout or config.read_timeout
+        base = {"Content-Type": "application/json", "Accept": "application/json"}
+        if config.protocol == "anthropic":
+            self.url = config.url + "/messages"
+            base["anthropic-version"] = "2023-06-01"
+            if config.api_key:
+                base["x-api-key"] = config.api_key
+        else:
+            self.url = config.url + "/chat/completions"
+            if config.api_key:
+                base["Authorization"] = f"Bearer {config.api_key}"
+        self.headers = {**base, **config.headers}
         # No compression on streams: a decompressor would hold back bytes.
-        self.stream_headers["Accept-Encoding"] = "identity"
-        self.timeout = (config.connect_timeout, config.read_timeout)
+        self.stream_headers = {
+            **self.headers,
+            "Accept": "text/event-stream",
+            "Accept-Encoding": "identity",
+        }
+
+    # --- OpenAI Chat Completions ---------------------------------------------------------------
 
     def complete(self, payload: dict[str, Any], request_id: str) -> dict[str, Any]:
         """A non-streamed completion, parsed; raises GatewayError on any failure."""
-        response = self._post(payload, request_id, stream=False)
-        try:
-            body = response.content
-        except requests.RequestException as exc:
-            raise self._transport_error(exc) from None
-        finally:
-            response.close()
-        try:
-            return jsonc.loads(body.strip())
-        except jsonc.JSONDecodeError:
-            excerpt = body[:200].decode("utf-8", "replace")
-            raise UpstreamError(f"backend {self.name} returned invalid JSON: {excerpt}") from None
+        return self._read_json(self._post(payload, request_id, stream=False))
 
     def open_stream(self, payload: dict[str, Any], request_id: str) -> requests.Response:
         """Start a streamed completion and return once the backend has answered 2xx.
@@ -71,24 +77,41 @@ class UpstreamClient:
         if self.stream_usage:
             payload["stream_options"] = {"include_usage": True}
         try:
-            return self._post(payload, request_id, stream=True)
+            return self._stream_started(self._post(payload, request_id, stream=True))
         except _StreamOptionsRejected:
             log.warning("backend %s rejects stream_options; retrying without it", self.name)
             self.stream_usage = False
             payload.pop("stream_options", None)
-            return self._post(payload, request_id, stream=True)
+            return self._stream_started(self._post(payload, request_id, stream=True))
+
+    # --- Anthropic Messages, passed through ----------------------------------------------------
+
+    def messages(
+        self, body: dict[str, Any], request_id: str, client_headers: Mapping[str, str]
+    ) -> dict[str, Any] | requests.Response:
+        """POST the client's body to an Anthropic-speaking backend: a message, or an open stream."""
+        extra = {h: client_headers[h] for h in ANTHROPIC_HEADERS if h in client_headers}
+        stream = bool(body.get("stream"))
+        response = self._post(body, request_id, stream=stream, extra=extra)
+        return self._stream_started(response) if stream else self._read_json(response)
+
+    # --- tokenizer -----------------------------------------------------------------------------
 
     def count_tokens(self, payload: dict[str, Any], request_id: str) -> int | None:
         """The prompt's exact token count from the backend's tokenizer endpoint, if it has one.
 
-        vLLM's ``/tokenize`` takes chat messages; llama.cpp needs ``/apply-template`` first.
-        Any failure returns None: the caller falls back to an estimate.
+        vLLM's ``/tokenize`` takes chat messages; llama.cpp needs ``/apply-template`` first;
+        an Anthropic-speaking backend has ``/messages/count_tokens``. Any failure returns None:
+        the caller falls back to an estimate.
         """
         tokenizer = self.config.dialect.tokenizer
         root = self.config.url.removesuffix("/v1")
         headers = {**self.headers, "X-Request-ID": request_id}
         request = {k: payload[k] for k in ("model", "messages", "tools") if k in payload}
         try:
+            if self.config.protocol == "anthropic":
+                counted = self._call(self.url + "/count_tokens", payload, headers)
+                return int(counted["input_tokens"])
             if tokenizer == "vllm":
                 return int(self._call(root + "/tokenize", request, headers)["count"])
             if tokenizer == "llamacpp":
@@ -106,6 +129,8 @@ class UpstreamClient:
             response.raise_for_status()
             return jsonc.loads(response.content)
 
+    # --- reading ---------------------------------------------------------------------------------
+
     def iter_bytes(self, response: requests.Response) -> Iterator[bytes]:
         """Body bytes as the backend sends them (one network read each), chunked or not."""
         read1 = response.raw.read1
@@ -121,13 +146,41 @@ class UpstreamClient:
         except Exception as exc:  # urllib3 and socket errors surface unwrapped here
             raise self._transport_error(exc) from None
 
-    def _post(self, payload: dict[str, Any], request_id: str, *, stream: bool) -> requests.Response:
+    def _stream_started(self, response: requests.Response) -> requests.Response:
+        """From here on the socket timeout is the idle gap allowed between chunks."""
+        if self.idle_timeout != self.timeout[1]:
+            connection = response.raw.connection
+            if connection is not None and connection.sock is not None:
+                connection.sock.settimeout(self.idle_timeout)
+        return response
+
+    def _read_json(self, response: requests.Response) -> dict[str, Any]:
+        try:
+            body = response.content
+        except requests.RequestException as exc:
+            raise self._transport_error(exc) from None
+        finally:
+            response.close()
+        try:
+            return jsonc.loads(body.strip())
+        except jsonc.JSONDecodeError:
+            excerpt = body[:200].decode("utf-8", "replace")
+            raise UpstreamError(f"backend {self.name} returned invalid JSON: {excerpt}") from None
+
+    def _post(
+        self,
+        payload: dict[str, Any],
+        request_id: str,
+        *,
+        stream: bool,
+        extra: Mapping[str, str] | None = None,
+    ) -> requests.Response:
         headers = self.stream_headers if stream else self.headers
         try:
             response = self.session.post(
                 self.url,
                 data=jsonc.dumps(payload),
-                headers={**headers, "X-Request-ID": request_id},
+                headers={**headers, **(extra or {}), "X-Request-ID": request_id},
                 stream=stream,
                 timeout=self.timeout,
             )
@@ -158,29 +211,37 @@ class UpstreamClient:
         return error_from_status(response.status_code, body, response.headers, self.name)
 
     def _transport_error(self, exc: Exception) -> GatewayError:
+        """Connection failures are retryable (nothing was answered); timeouts are not: the
+        backend may still be working on the request."""
         text = str(exc)
         if isinstance(exc, requests.ConnectTimeout):
-            return UpstreamTimeout(f"timed out connecting to backend {self.name}")
+            message = f"timed out connecting to backend {self.name}"
+            return UpstreamTimeout(message, retryable=True)
         if isinstance(exc, requests.ReadTimeout) or "timed out" in text.lower():
             return UpstreamTimeout(f"backend {self.name} did not answer in time")
         if isinstance(exc, requests.ConnectionError) and "refused" in text.lower():
-            return UpstreamError(
-                f"cannot connect to backend {self.name}: connection refused", status=502
-            )
+            message = f"cannot connect to backend {self.name}: connection refused"
+            return UpstreamError(message, status=502, retryable=True)
         message = f"connection to backend {self.name} failed: {_short(text)}"
-        return UpstreamError(message, status=502)
+        return UpstreamError(message, status=502, retryable=True)
 
 
 class _StreamOptionsRejected(Exception):
     """The backend refused ``stream_options``: retry once without it."""
 
 
+def _first_byte_timeout(config: Upstream) -> float:
+    if config.total_timeout:
+        return min(config.read_timeout, config.total_timeout)
+    return config.read_timeout
+
+
 def _session(config: Upstream, pool_size: int) -> requests.Session:
     session = requests.Session()
     # Proxy and netrc lookups from the environment cost time on every request; opt in only.
     session.trust_env = config.trust_env
-    # Connect errors are safe to retry for POST (nothing was sent); nothing else is.
-    retry = Retry(total=2, connect=2, read=0, status=0, other=0, redirect=0, backoff_factor=0.05)
+    # No transport-level retries: the dispatcher retries and fails over with the route's policy.
+    retry = Retry(total=0, connect=0, read=0, status=0, other=0, redirect=0)
     adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(pool_size, 10), max_retries=retry)
     session.mount("http://", adapter)
     session.mount("https://", adapter)

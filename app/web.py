@@ -15,7 +15,9 @@ from werkzeug.exceptions import HTTPException
 
 from app import jsonc
 from app.api import create_blueprint
+from app.balancer import Balancer
 from app.config import Settings, load_settings
+from app.dispatch import Dispatcher
 from app.errors import (
     GatewayError,
     InvalidRequest,
@@ -35,17 +37,27 @@ def build_app(settings: Settings | None = None) -> Flask:
     configure_logging(settings.log_level)
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    # Keep as many backend connections as the worker can have requests in flight.
-    concurrency = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "1000"))
-    client = UpstreamClient(settings.upstream, settings.upstream.pool_size or concurrency)
-    app.extensions["gateway.client"] = client
-    app.register_blueprint(create_blueprint(settings, client))
+    dispatcher = build_dispatcher(settings)
+    app.extensions["gateway.dispatcher"] = dispatcher
+    app.register_blueprint(create_blueprint(settings, dispatcher))
     app.before_request(_start_request)
     app.after_request(_finish_request)
     app.register_error_handler(GatewayError, _gateway_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
+
+
+def build_dispatcher(settings: Settings) -> Dispatcher:
+    """One client (connection pool) per backend, and the worker's health bookkeeping."""
+    # Keep as many backend connections as the worker can have requests in flight.
+    concurrency = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "1000"))
+    clients = {
+        name: UpstreamClient(config, config.pool_size or concurrency)
+        for name, config in settings.backends.items()
+    }
+    limits = {name: config.max_concurrency for name, config in settings.backends.items()}
+    return Dispatcher(settings, clients, Balancer(limits, settings.routing))
 
 
 def _start_request() -> None:

@@ -40,7 +40,8 @@ class GatewayServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-        self.app.extensions["gateway.client"].session.close()
+        for client in self.app.extensions["gateway.dispatcher"].clients.values():
+            client.session.close()
 
 
 @pytest.fixture
@@ -55,7 +56,9 @@ def make_gateway(backend: FakeBackend) -> Iterator[Callable[..., GatewayServer]]
     servers: list[GatewayServer] = []
 
     def start(upstream: dict[str, Any] | None = None, **top: Any) -> GatewayServer:
+        """No retries unless asked for: most tests want a backend's answer to surface as is."""
         raw = {"upstream": {"url": backend.url, **(upstream or {})}, **top}
+        raw.setdefault("routing", {}).setdefault("retries", 0)
         server = GatewayServer(raw)
         servers.append(server)
         return server

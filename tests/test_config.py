@@ -8,10 +8,15 @@ from typing import Any
 
 import pytest
 
-from app.config import ConfigError, Settings, Upstream, build_settings, load_settings
+from app.config import ConfigError, Settings, build_settings, load_settings
+from app.routing import backend_model, resolve
 from app.translate.dialect import DIALECTS
 
 SECRET = "sk-live-0123456789abcdef"
+
+
+def model_for(settings, requested: str) -> str:
+    return backend_model(resolve(settings, requested).targets[0], requested)
 
 
 def write_config(tmp_path: Path, text: str) -> dict[str, str]:
@@ -227,14 +232,15 @@ def test_api_key_never_appears_in_repr(tmp_path: Path) -> None:
 def test_backend_model_precedence(
     models: dict, upstream_model: str, requested: str, expected: str
 ) -> None:
-    settings = Settings(upstream=Upstream(model=upstream_model), models=models)
-    assert settings.backend_model(requested) == expected
+    settings = build_settings({"upstream": {"model": upstream_model}, "models": models}, {})
+    route = resolve(settings, requested)
+    assert backend_model(route.targets[0], requested) == expected
 
 
 def test_backend_model_from_a_loaded_file(tmp_path: Path) -> None:
     settings = load_settings(write_config(tmp_path, FULL_TOML))
-    assert settings.backend_model("claude-sonnet-4-5") == "qwen3-32b-awq"
-    assert settings.backend_model("claude-opus-4-1") == "qwen3-32b"
+    assert model_for(settings, "claude-sonnet-4-5") == "qwen3-32b-awq"
+    assert model_for(settings, "claude-opus-4-1") == "qwen3-32b"
 
 
 # --- errors name the key -----------------------------------------------------------------------

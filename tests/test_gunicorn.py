@@ -31,7 +31,8 @@ def module_backend() -> Iterator[FakeBackend]:
 @pytest.fixture(scope="module")
 def server(module_backend: FakeBackend, tmp_path_factory) -> Iterator[Gunicorn]:
     log_path = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
-    gunicorn = Gunicorn({"GATEWAY_UPSTREAM_URL": module_backend.url}, log_path)
+    env = {"GATEWAY_UPSTREAM_URL": module_backend.url, "GATEWAY_RETRIES": "0"}
+    gunicorn = Gunicorn(env, log_path)
     yield gunicorn
     gunicorn.stop()
 

@@ -38,7 +38,7 @@ def translate_request(
     """
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
-    _check_required(body)
+    check_request(body)
     ctx = Context(dialect, dropped if dropped is not None else [])
     _reject_untranslatable(body, ctx)
     system = _system_texts(body.get("system"), "system")
@@ -92,7 +92,10 @@ def stop_sequences(body: dict[str, Any]) -> list[str]:
 # --- top-level validation -------------------------------------------------------------------
 
 
-def _check_required(body: dict[str, Any]) -> None:
+def check_request(body: Any) -> None:
+    """The fields every route needs, checked before a backend is chosen."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
     model = body.get("model")
     if "model" not in body:
         raise field_error("model", "field required")

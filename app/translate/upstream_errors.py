@@ -41,7 +41,13 @@ EXCERPT_CHARS = 300
 def error_from_status(
     status: int, body: bytes, headers: Mapping[str, str], backend: str
 ) -> GatewayError:
-    """The gateway error for a non-2xx backend answer."""
+    """The gateway error for a non-2xx backend answer; 429 and 5xx are marked retryable."""
+    error = _classify(status, body, headers, backend)
+    error.retryable = status == 429 or status >= 500
+    return error
+
+
+def _classify(status: int, body: bytes, headers: Mapping[str, str], backend: str) -> GatewayError:
     detail, code = _message(body)
     kept = {h: headers[h] for h in RETRY_HEADERS if h in headers}
     prefix = f"backend {backend} returned HTTP {status}"
@@ -63,7 +69,7 @@ def error_from_status(
         return RateLimited(f"{prefix}: {detail or 'rate limited'}", headers=kept)
     if status in (408, 504):
         return UpstreamTimeout(f"{prefix}: {detail or 'timed out'}")
-    if status == 503:
+    if status in (503, 529):
         return Overloaded(f"{prefix}: {detail or 'overloaded'}", headers=kept)
     if status >= 500:
         return UpstreamError(f"{prefix}: {detail or 'server error'}")

@@ -1,0 +1,80 @@
+"""Relaying an Anthropic-speaking backend's stream: the same interface as StreamTranslator,
+but the events are Anthropic's already (pure).
+
+Each event is re-framed from its own ``type`` (so ``event:`` always matches), the model name is
+rewritten to the one the client asked for, and usage and the stop reason are read on the way
+for the access log.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import jsonc
+from app.errors import GatewayError, UpstreamError
+
+Event = dict[str, Any]
+
+
+class PassthroughStream:
+    def __init__(self, *, model: str) -> None:
+        self.model = model
+        self.ended = False
+        self.finish_reason: str | None = None  # set at message_stop
+        self.stop_reason: str | None = None
+        self.error_type: str | None = None
+        self._usage: dict[str, Any] = {}
+
+    def start(self) -> list[Event]:
+        return []  # the backend sends its own message_start
+
+    def feed_data(self, data: bytes) -> list[Event]:
+        if self.ended:
+            return []
+        try:
+            event = jsonc.loads(data)
+        except jsonc.JSONDecodeError:
+            return self.fail(UpstreamError("backend sent malformed stream data"))
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            return self.fail(UpstreamError("backend sent an event without a type"))
+        self._observe(event)
+        return [event]
+
+    def _observe(self, event: Event) -> None:
+        kind = event["type"]
+        if kind == "message_start" and isinstance(event.get("message"), dict):
+            event["message"]["model"] = self.model
+            self._usage.update(event["message"].get("usage") or {})
+        elif kind == "message_delta":
+            self._usage.update(
+                {k: v for k, v in (event.get("usage") or {}).items() if v is not None}
+            )
+            self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+        elif kind == "message_stop":
+            self.finish_reason = "message_stop"
+            self.ended = True
+        elif kind == "error":
+            self.error_type = (event.get("error") or {}).get("type", "api_error")
+            self.ended = True
+
+    def finish(self, *, saw_done: bool) -> list[Event]:
+        if self.ended:
+            return []
+        return self.fail(UpstreamError("backend stream ended before the answer was complete"))
+
+    def fail(self, error: GatewayError) -> list[Event]:
+        if self.ended:
+            return []
+        self.ended = True
+        self.error_type = error.error_type
+        return [error.payload()]
+
+    @property
+    def final_usage(self) -> dict[str, int]:
+        usage = self._usage
+        return {
+            "input_tokens": int(usage.get("input_tokens") or 0),
+            "output_tokens": int(usage.get("output_tokens") or 0),
+            "cache_creation_input_tokens": int(usage.get("cache_creation_input_tokens") or 0),
+            "cache_read_input_tokens": int(usage.get("cache_read_input_tokens") or 0),
+        }

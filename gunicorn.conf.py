@@ -9,7 +9,7 @@ library only, and loading it here makes a bad config stop the service at start w
 import os
 import sys
 
-from app.config import ConfigError, load_settings
+from app.config import LAST_GOOD_ENV, validate_for_master
 
 
 def _env_int(name: str, default: int) -> int:
@@ -20,10 +20,14 @@ def _env_int(name: str, default: int) -> int:
         sys.exit(f"gateway: {name} must be an integer (got {value!r})")
 
 
-try:
-    load_settings()
-except ConfigError as exc:
-    sys.exit(f"gateway: bad configuration: {exc}")
+# Evaluated at start and again on every reload (HUP). At start a bad config stops gunicorn;
+# on a reload the running service keeps its last good config rather than losing its workers.
+_first_start = LAST_GOOD_ENV not in os.environ
+_problem = validate_for_master(os.environ)
+if _problem and _first_start:
+    sys.exit(f"gateway: bad configuration: {_problem}")
+if _problem:
+    print(f"gateway: bad configuration, keeping the last good one: {_problem}", file=sys.stderr)
 
 # Loopback by default; nginx in front terminates TLS. Never 0.0.0.0 on a shared host.
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8082").split(",")

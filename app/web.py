@@ -16,7 +16,7 @@ from werkzeug.exceptions import HTTPException
 from app import jsonc
 from app.api import create_blueprint
 from app.balancer import Balancer
-from app.config import Settings, load_settings
+from app.config import Settings, load_settings_or_last_good
 from app.dispatch import Dispatcher
 from app.errors import (
     GatewayError,
@@ -33,7 +33,7 @@ log = logging.getLogger("gateway")
 
 
 def build_app(settings: Settings | None = None) -> Flask:
-    settings = settings or load_settings()
+    settings = settings or load_settings_or_last_good()
     configure_logging(settings.log_level)
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes

@@ -5,13 +5,16 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import anthropic
 import pytest
+import requests
 from fakebackend import FakeBackend, JSONReply, StreamReply, chunk, chunks, error_body
 from servers import GUNICORN, ROOT, Gunicorn, free_port
 
@@ -210,3 +213,48 @@ def test_agent_loop_streamed_through_gunicorn(sdk, module_backend):
     assert [m["role"] for m in last] == ["user", "assistant", "tool", "assistant", "tool"]
     assert last[2] == {"role": "tool", "tool_call_id": "call_1", "content": "alpha"}
     assert last[4] == {"role": "tool", "tool_call_id": "call_2", "content": "beta"}
+
+
+def test_hup_reloads_config_without_dropping_streams(module_backend, tmp_path):
+    config = tmp_path / "gateway.toml"
+    config.write_text(f'[upstream]\nurl = "{module_backend.url}"\nmodel = "model-a"\n')
+    server = Gunicorn({"GATEWAY_CONFIG": str(config)}, tmp_path / "gunicorn.log")
+    try:
+        module_backend.reply(StreamReply(chunks([f"t{i} " for i in range(10)]), delay=0.2))
+        finished: list[list[str]] = []
+        reader = threading.Thread(
+            target=lambda: finished.append(
+                [n for _, n in read_events(server.port, {**BODY, "stream": True})]
+            )
+        )
+        reader.start()
+        time.sleep(0.5)  # the stream is under way
+        config.write_text(f'[upstream]\nurl = "{module_backend.url}"\nmodel = "model-b"\n')
+        os.kill(server.process.pid, signal.SIGHUP)
+        assert _eventually(lambda: _backend_model(server, module_backend) == "model-b")
+        reader.join(timeout=10)
+        assert finished and finished[0][-1] == "message_stop"  # the old worker drained it
+
+        config.write_text("[upstream\nbroken")
+        os.kill(server.process.pid, signal.SIGHUP)
+        time.sleep(1.5)
+        assert server.process.poll() is None  # the master survives a bad reload
+        assert _backend_model(server, module_backend) == "model-b"  # the last good config
+        assert "keeping the last good one" in server.log_path.read_text()
+    finally:
+        server.stop()
+
+
+def _backend_model(server: Gunicorn, backend: FakeBackend) -> str:
+    reply = requests.post(server.url + "/v1/messages", json=BODY, timeout=10)
+    assert reply.status_code == 200, reply.text
+    return backend.requests[-1].json["model"]
+
+
+def _eventually(check, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False

@@ -1,0 +1,362 @@
+"""Several real fake backends behind one route: retries, failover, breaker, passthrough."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anthropic
+import pytest
+import requests
+from conftest import GatewayServer
+from fakebackend import (
+    FakeBackend,
+    HangReply,
+    JSONReply,
+    RawReply,
+    StreamReply,
+    chunks,
+    completion,
+    error_body,
+)
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def backends() -> Iterator[Callable[[], FakeBackend]]:
+    started: list[FakeBackend] = []
+
+    def new() -> FakeBackend:
+        backend = FakeBackend().start()
+        started.append(backend)
+        return backend
+
+    yield new
+    for backend in started:
+        backend.stop()
+
+
+@pytest.fixture
+def gateway_for() -> Iterator[Callable[..., GatewayServer]]:
+    servers: list[GatewayServer] = []
+
+    def start(
+        backends: dict[str, FakeBackend | str], targets: list[str], **raw: Any
+    ) -> GatewayServer:
+        """A gateway whose one route sends every model to ``targets`` in order."""
+        declared = [
+            {
+                "name": name,
+                "url": b if isinstance(b, str) else b.url,
+                **raw.pop(f"{name}_extra", {}),
+            }
+            for name, b in backends.items()
+        ]
+        route = {
+            "name": "all",
+            "match": "*",
+            "strategy": raw.pop("strategy", "failover"),
+            "targets": [{"backend": t, "model": f"{t}-model"} for t in targets],
+        }
+        routing = {"retries": 2, "backoff": 0.01, "breaker_failures": 100, **raw.pop("routing", {})}
+        server = GatewayServer({"backends": declared, "routes": [route], "routing": routing, **raw})
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def dead_url() -> str:
+    backend = FakeBackend().start()
+    url = backend.url
+    backend.stop()
+    return url
+
+
+def create(gateway: GatewayServer, **kwargs: Any):
+    with gateway.client() as client:
+        return client.messages.with_raw_response.create(
+            model="claude-sonnet-4-6", max_tokens=20, messages=HI, **kwargs
+        )
+
+
+def test_connection_refused_fails_over_to_the_next_backend(backends, gateway_for):
+    healthy = backends()
+    gateway = gateway_for({"dead": dead_url(), "ok": healthy}, ["dead", "ok"])
+    response = create(gateway)
+    assert response.parse().content[0].text == "Hello"
+    assert response.parse().model == "claude-sonnet-4-6"
+    assert healthy.requests[-1].json["model"] == "ok-model"
+
+
+def test_503_fails_over_and_429_keeps_its_retry_after_when_all_fail(backends, gateway_for):
+    first, second = backends(), backends()
+    first.reply(JSONReply(error_body("busy"), status=503))
+    gateway = gateway_for({"a": first, "b": second}, ["a", "b"])
+    assert create(gateway).parse().content[0].text == "Hello"
+    assert len(first.requests) == 1 and len(second.requests) == 1
+
+    for backend in (first, second):
+        backend.default = JSONReply(
+            error_body("slow down"), status=429, headers={"Retry-After": "0"}
+        )
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        create(gateway)
+    assert caught.value.response.headers["retry-after"] == "0"
+
+
+def test_same_backend_retry_waits_for_its_retry_after(backends, gateway_for):
+    only = backends()
+    only.reply(JSONReply(error_body("busy"), status=503, headers={"Retry-After": "0.4"}))
+    gateway = gateway_for({"a": only}, ["a"])
+    started = time.monotonic()
+    assert create(gateway).parse().content[0].text == "Hello"
+    assert time.monotonic() - started >= 0.4
+    assert len(only.requests) == 2
+
+
+def test_client_errors_are_not_retried(backends, gateway_for):
+    first, second = backends(), backends()
+    first.reply(JSONReply(error_body("bad request"), status=400))
+    gateway = gateway_for({"a": first, "b": second}, ["a", "b"])
+    with pytest.raises(anthropic.BadRequestError):
+        create(gateway)
+    assert len(first.requests) == 1 and second.requests == []
+
+
+def test_read_timeout_is_not_retried(backends, gateway_for):
+    slow, spare = backends(), backends()
+    slow.reply(HangReply(3))
+    gateway = gateway_for(
+        {"slow": slow, "spare": spare}, ["slow", "spare"], slow_extra={"read_timeout": 0.3}
+    )
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        create(gateway)
+    assert caught.value.status_code == 504
+    assert spare.requests == []  # the slow backend may still be generating: no duplicate
+
+
+def test_stream_failing_after_start_is_never_retried(backends, gateway_for):
+    first, second = backends(), backends()
+    first.reply(StreamReply(chunks(["partial", " answer", " here"]), cut_after=2))
+    gateway = gateway_for({"a": first, "b": second}, ["a", "b"])
+    with gateway.client() as client, pytest.raises(anthropic.APIStatusError):
+        with client.messages.stream(model="m", max_tokens=20, messages=HI) as stream:
+            stream.get_final_message()
+    assert len(first.requests) == 1 and second.requests == []
+
+
+def test_stream_retried_only_before_the_first_byte(backends, gateway_for):
+    first, second = backends(), backends()
+    first.reply(JSONReply(error_body("overloaded"), status=503))
+    second.reply(StreamReply(chunks(["from", " b"]), delay=0.01))
+    gateway = gateway_for({"a": first, "b": second}, ["a", "b"])
+    with gateway.client() as client:
+        with client.messages.stream(model="m", max_tokens=20, messages=HI) as stream:
+            message = stream.get_final_message()
+    assert message.content[0].text == "from b"
+    assert len(first.requests) == 1 and len(second.requests) == 1
+
+
+def test_breaker_takes_a_failing_backend_out_and_probes_it_back(backends, gateway_for):
+    flaky, steady = backends(), backends()
+    flaky.default = JSONReply(error_body("down"), status=500)
+    routing = {"breaker_failures": 2, "breaker_cooldown": 0.5, "retries": 1}
+    gateway = gateway_for({"flaky": flaky, "steady": steady}, ["flaky", "steady"], routing=routing)
+    for _ in range(2):
+        create(gateway)
+    assert len(flaky.requests) == 2
+    for _ in range(3):
+        create(gateway)  # breaker open: flaky is skipped
+    assert len(flaky.requests) == 2 and len(steady.requests) == 5
+
+    flaky.default = JSONReply(completion("flaky is back"))
+    time.sleep(0.6)
+    assert create(gateway).parse().content[0].text == "flaky is back"  # the probe
+    assert create(gateway).parse().content[0].text == "flaky is back"  # closed again
+
+
+def test_all_breakers_open_is_an_overloaded_error_with_retry_after(backends, gateway_for):
+    dead = dead_url()
+    routing = {"breaker_failures": 1, "breaker_cooldown": 30, "retries": 0}
+    gateway = gateway_for({"a": dead}, ["a"], routing=routing)
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        create(gateway)
+    assert caught.value.status_code == 502
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        create(gateway)
+    assert caught.value.status_code == 529
+    assert caught.value.body["error"]["type"] == "overloaded_error"
+    assert caught.value.response.headers["retry-after"] == "30"
+
+
+def test_concurrency_cap_sends_overflow_to_the_next_backend(backends, gateway_for):
+    small, big = backends(), backends()
+    small.reply(StreamReply(chunks(["slow"]), first_delay=1.0))
+    gateway = gateway_for(
+        {"small": small, "big": big}, ["small", "big"], small_extra={"max_concurrency": 1}
+    )
+    with gateway.client() as client:
+        with client.messages.stream(model="m", max_tokens=20, messages=HI) as held:
+            # the first stream holds small's only slot until it is read
+            second = client.messages.create(model="m", max_tokens=20, messages=HI)
+            assert held.get_final_message().content[0].text == "slow"
+    assert second.content[0].text == "Hello"
+    assert len(small.requests) == 1 and len(big.requests) == 1
+
+
+# --- Anthropic-speaking backends ---------------------------------------------------------------
+
+ANTHROPIC_MESSAGE = {
+    "id": "msg_backend",
+    "type": "message",
+    "role": "assistant",
+    "model": "backend-name",
+    "content": [{"type": "text", "text": "native answer"}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 12, "output_tokens": 3},
+}
+
+
+def anthropic_stream_bytes() -> bytes:
+    events = [
+        (
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {**ANTHROPIC_MESSAGE, "content": [], "stop_reason": None},
+            },
+        ),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        ("ping", {"type": "ping"}),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "native "},
+            },
+        ),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "stream"},
+            },
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        (
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 7},
+            },
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    return b"".join(
+        f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events
+    )
+
+
+def test_anthropic_backend_gets_the_body_through_and_model_is_renamed(backends, gateway_for):
+    native = backends()
+    native.routes[("POST", "/v1/messages")] = lambda req: JSONReply(ANTHROPIC_MESSAGE)
+    gateway = gateway_for(
+        {"native": native}, ["native"], native_extra={"protocol": "anthropic", "api_key": "sk-n"}
+    )
+    response = create(gateway, extra_headers={"anthropic-beta": "context-1m-2025-08-07"})
+    message = response.parse()
+    assert message.content[0].text == "native answer" and message.model == "claude-sonnet-4-6"
+    sent = native.requests[-1]
+    assert sent.path == "/v1/messages"
+    assert sent.json == {"model": "native-model", "max_tokens": 20, "messages": HI}
+    assert sent.headers["x-api-key"] == "sk-n"
+    assert sent.headers["anthropic-beta"] == "context-1m-2025-08-07"
+
+
+def test_anthropic_backend_stream_is_relayed_and_renamed(backends, gateway_for):
+    native = backends()
+    stream = anthropic_stream_bytes()
+    native.routes[("POST", "/v1/messages")] = lambda req: RawReply(
+        stream, headers={"Content-Type": "text/event-stream"}
+    )
+    gateway = gateway_for({"native": native}, ["native"], native_extra={"protocol": "anthropic"})
+    with gateway.client() as client:
+        with client.messages.stream(model="claude-sonnet-4-6", max_tokens=20, messages=HI) as s:
+            message = s.get_final_message()
+    assert message.content[0].text == "native stream"
+    assert message.model == "claude-sonnet-4-6"
+    assert message.usage.output_tokens == 7 and message.usage.input_tokens == 12
+
+
+def test_one_route_mixes_anthropic_and_openai_backends(backends, gateway_for):
+    native, chat = backends(), backends()
+    native.routes[("POST", "/v1/messages")] = lambda req: JSONReply(
+        {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}, status=529
+    )
+    gateway = gateway_for(
+        {"native": native, "chat": chat}, ["native", "chat"], native_extra={"protocol": "anthropic"}
+    )
+    assert create(gateway).parse().content[0].text == "Hello"
+    assert chat.requests[-1].path == "/v1/chat/completions"
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def test_status_needs_the_admin_token_and_shows_backend_health(backends, gateway_for):
+    one = backends()
+    gateway = gateway_for({"one": one}, ["one"], admin={"token": "s3cret"})
+    create(gateway)
+    assert requests.get(gateway.url + "/status", timeout=5).status_code == 401
+    wrong = requests.get(gateway.url + "/status", headers={"x-api-key": "nope"}, timeout=5)
+    assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+    status = requests.get(
+        gateway.url + "/status", headers={"Authorization": "Bearer s3cret"}, timeout=5
+    ).json()
+    assert status["backends"]["one"]["breaker"] == "closed"
+    assert (
+        status["backends"]["one"]["successes"] == 1 and status["backends"]["one"]["in_flight"] == 0
+    )
+    assert status["routes"][0]["name"] == "all"
+    assert "s3cret" not in str(status)
+
+
+def test_status_is_absent_without_an_admin_token(backends, gateway_for):
+    gateway = gateway_for({"one": backends()}, ["one"])
+    assert requests.get(gateway.url + "/status", timeout=5).status_code == 404
+
+
+def test_models_lists_routes_and_aliases(backends):
+    one = backends()
+    raw = {
+        "upstream": {"url": one.url, "model": "qwen3"},
+        "models": {"claude-haiku-4-5": "qwen3-8b"},
+        "backends": [{"name": "big", "url": one.url}],
+        "routes": [
+            {"match": ["claude-opus-4-7", "claude-*"], "backend": "big", "model": "qwen3-235b"}
+        ],
+    }
+    gateway = GatewayServer(raw)
+    try:
+        with gateway.client() as client:
+            ids = [m.id for m in client.models.list()]
+    finally:
+        gateway.close()
+    assert ids == ["claude-haiku-4-5", "claude-opus-4-7", "qwen3"]

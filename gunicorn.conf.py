@@ -55,3 +55,10 @@ proc_name = "anthropic-gateway"
 # enable it only with an explicit per-instance path.
 control_socket = os.environ.get("GATEWAY_CONTROL_SOCKET", "") or None
 control_socket_disable = control_socket is None
+
+
+def post_worker_init(worker):
+    """In each worker, after gevent patched it: end streams cleanly when the drain time is up."""
+    from app import lifecycle
+
+    lifecycle.install(worker)

@@ -48,7 +48,7 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
         )
         if body.get("stream"):
             g.access["stream"] = True
-            return _stream(dispatcher, attempt, body)
+            return _stream(dispatcher, attempt, body, settings.ping_interval)
         try:
             message = _message(attempt, body)
         except GatewayError:
@@ -127,7 +127,9 @@ def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _stream(dispatcher: Dispatcher, attempt: Attempt, body: dict[str, Any]) -> Response:
+def _stream(
+    dispatcher: Dispatcher, attempt: Attempt, body: dict[str, Any], ping_interval: float
+) -> Response:
     config = attempt.client.config
     translator: StreamTranslator | PassthroughStream
     if config.protocol == "anthropic":
@@ -159,7 +161,14 @@ def _stream(dispatcher: Dispatcher, attempt: Attempt, body: dict[str, Any]) -> R
 
     g.access_deferred = True
     return Response(
-        relay(attempt.client, attempt.result, translator, on_end, deadline=deadline),
+        relay(
+            attempt.client,
+            attempt.result,
+            translator,
+            on_end,
+            deadline=deadline,
+            ping_interval=ping_interval,
+        ),
         mimetype="text/event-stream",
         headers={**SSE_HEADERS, **attempt.headers},
     )

@@ -94,6 +94,8 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024
     log_level: str = "info"
     admin_token: str = field(default="", repr=False)
+    # Seconds of backend silence after which a stream gets a ping event (0: never).
+    ping_interval: float = 15.0
 
     @property
     def upstream(self) -> Upstream:
@@ -113,6 +115,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "GATEWAY_LOG_LEVEL": ("", "log_level"),
     "GATEWAY_ADMIN_TOKEN": ("admin", "token"),
     "GATEWAY_RETRIES": ("routing", "retries"),
+    "GATEWAY_PING_INTERVAL": ("", "ping_interval"),
 }
 TABLES = ("upstream", "models", "routing", "admin")
 LISTS = ("backends", "routes")
@@ -192,7 +195,8 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     """Validate a parsed config mapping; every error names the offending key."""
-    _reject_unknown("", raw, set(TABLES) | set(LISTS) | {"max_body_bytes", "log_level"})
+    top_level = {"max_body_bytes", "log_level", "ping_interval"}
+    _reject_unknown("", raw, set(TABLES) | set(LISTS) | top_level)
     _check_tables(raw)
     backends = _build_backends(raw, env)
     models = raw.get("models", {})
@@ -210,6 +214,7 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         max_body_bytes=_number("max_body_bytes", raw.get("max_body_bytes", 32 << 20), int, 1024),
         log_level=str(raw.get("log_level", "info")).lower(),
         admin_token=_admin_token(raw.get("admin", {}), env),
+        ping_interval=_number("ping_interval", raw.get("ping_interval", 15.0), float, 0),
     )
     if settings.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")

@@ -3,24 +3,36 @@
 A plain generator (no Flask request context inside), so gunicorn writes each piece as soon as it
 is yielded, and ``close()`` on client disconnect lands in the ``finally`` that closes the
 backend connection and so stops generation there.
+
+The backend is read by a helper thread (a greenlet under gevent) feeding a queue, so that the
+relay wakes up while the backend is silent: to send ``ping`` events (which keep proxies from
+timing the stream out and reveal a client that went away), to enforce the total deadline, and
+to end the stream cleanly when the worker is shutting down.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import requests
 
-from app.errors import GatewayError, UpstreamError, UpstreamTimeout
+from app import lifecycle
+from app.errors import GatewayError, Overloaded, UpstreamError, UpstreamTimeout
 from app.translate.passthrough import PassthroughStream
-from app.translate.sse import DONE, SSEDecoder, encode_all
-from app.translate.stream import StreamTranslator
+from app.translate.sse import DONE, SSEDecoder, encode, encode_all
+from app.translate.stream import PING, StreamTranslator
 from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
 Translator = StreamTranslator | PassthroughStream
+PING_BYTES = encode(PING)
+_EOF = object()
+# After [DONE], how long to wait for the body's end so the connection can be pooled again.
+DRAIN_WAIT = 1.0
 
 
 class StreamOutcome:
@@ -41,27 +53,101 @@ def relay(
     on_end: Callable[[StreamOutcome], None],
     *,
     deadline: float | None = None,
+    ping_interval: float = 15.0,
 ) -> Iterator[bytes]:
     """``deadline`` (monotonic): past it the stream ends with a timeout error event."""
     outcome = StreamOutcome()
+    reader = _Reader(client, response)
     try:
         head = encode_all(translator.start())
         outcome.bytes_out += len(head)
         yield head
-        for piece in _translate(client, response, translator, outcome, deadline):
+        items = reader.items(ping_interval, deadline)
+        for piece in _translate(items, client, translator, outcome, deadline):
             outcome.bytes_out += len(piece)
             yield piece
         outcome.completed = True
         if translator.stop_reason is not None:
-            _drain(client, response)
+            reader.wait_for_end(DRAIN_WAIT)
     finally:
-        response.close()
+        reader.close()
         on_end(outcome)
 
 
+class _Reader:
+    """The backend body, read in its own thread into a queue of byte blocks."""
+
+    def __init__(self, client: UpstreamClient, response: requests.Response) -> None:
+        self.client = client
+        self.response = response
+        self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        lifecycle.register(self.queue)
+
+    def _run(self) -> None:
+        try:
+            for data in self.client.iter_bytes(self.response):
+                self.queue.put(data)
+            self.queue.put(_EOF)
+        except GatewayError as exc:
+            self.queue.put(exc)
+        except BaseException:  # closed under our feet: the relay is over anyway
+            self.queue.put(UpstreamError(f"reading from backend {self.client.name} failed"))
+        finally:
+            self.done.set()
+
+    def items(self, ping_interval: float, deadline: float | None) -> Iterator[bytes | None]:
+        """Byte blocks as they arrive; None after each ``ping_interval`` of silence."""
+        wait = ping_interval or None
+        while True:
+            if deadline is not None:
+                left = max(deadline - time.monotonic(), 0.001)
+                wait = min(wait, left) if wait else left
+            try:
+                item = self.queue.get(timeout=wait)
+            except queue.Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise UpstreamTimeout(
+                        f"backend {self.client.name} exceeded the total time allowed"
+                    ) from None
+                yield None
+                continue
+            if item is _EOF:
+                return
+            if item is lifecycle.DRAIN:
+                raise Overloaded("the gateway is restarting; please retry the request")
+            if isinstance(item, GatewayError):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def wait_for_end(self, seconds: float) -> None:
+        """After [DONE], let the reader see the body's end so the connection is reused."""
+        self.done.wait(seconds)
+
+    def close(self) -> None:
+        """Stop the reader and drop the connection (so the backend stops generating).
+
+        The file object must not be closed under a read in progress, so the socket is shut
+        down first, which ends the reader's blocked read, and the reader is awaited.
+        """
+        lifecycle.unregister(self.queue)
+        if not self.done.is_set():
+            try:
+                self.response.raw.shutdown()
+            except (OSError, ValueError, RuntimeError, AttributeError):
+                pass
+            self.done.wait(2.0)
+        try:
+            self.response.close()
+        except RuntimeError:  # the reader is somehow still inside a read
+            log.warning("backend %s: connection closed while still being read", self.client.name)
+
+
 def _translate(
+    items: Iterator[bytes | None],
     client: UpstreamClient,
-    response: requests.Response,
     translator: Translator,
     outcome: StreamOutcome,
     deadline: float | None,
@@ -69,7 +155,10 @@ def _translate(
     decoder = SSEDecoder()
     saw_done = False
     try:
-        for data in client.iter_bytes(response):
+        for data in items:
+            if data is None:
+                yield PING_BYTES
+                continue
             events = []
             for payload in decoder.feed(data):
                 if payload == DONE:
@@ -91,7 +180,7 @@ def _translate(
         final = translator.finish(saw_done=saw_done)
     except GatewayError as exc:
         # A broken connection after the finish reason loses only the usage chunk.
-        if translator.finish_reason:
+        if translator.finish_reason and not isinstance(exc, Overloaded):
             final = translator.finish(saw_done=True)
         else:
             final = translator.fail(exc)
@@ -100,12 +189,3 @@ def _translate(
         final = translator.fail(UpstreamError("internal error while relaying the stream"))
     if final:
         yield encode_all(final)
-
-
-def _drain(client: UpstreamClient, response: requests.Response) -> None:
-    """Read to the end of the body after ``[DONE]`` so the connection returns to the pool."""
-    try:
-        for _ in client.iter_bytes(response):
-            pass
-    except GatewayError:
-        pass

@@ -218,7 +218,8 @@ def test_agent_loop_streamed_through_gunicorn(sdk, module_backend):
 def test_hup_reloads_config_without_dropping_streams(module_backend, tmp_path):
     config = tmp_path / "gateway.toml"
     config.write_text(f'[upstream]\nurl = "{module_backend.url}"\nmodel = "model-a"\n')
-    server = Gunicorn({"GATEWAY_CONFIG": str(config)}, tmp_path / "gunicorn.log")
+    env = {"GATEWAY_CONFIG": str(config), "GATEWAY_GRACEFUL_TIMEOUT": "10"}
+    server = Gunicorn(env, tmp_path / "gunicorn.log")
     try:
         module_backend.reply(StreamReply(chunks([f"t{i} " for i in range(10)]), delay=0.2))
         finished: list[list[str]] = []
@@ -258,3 +259,26 @@ def _eventually(check, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_shutdown_ends_a_long_stream_with_an_error_event_not_a_cut(module_backend, tmp_path):
+    env = {"GATEWAY_UPSTREAM_URL": module_backend.url, "GATEWAY_GRACEFUL_TIMEOUT": "4"}
+    server = Gunicorn(env, tmp_path / "gunicorn.log")
+    before = module_backend.closed_by_client
+    module_backend.reply(StreamReply(chunks([f"t{i} " for i in range(60)]), delay=0.2))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        body = json.dumps({**BODY, "stream": True})
+        conn.request("POST", "/v1/messages", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.readline() == b"event: message_start\n"
+        server.process.send_signal(signal.SIGTERM)
+        rest = response.read()  # raises IncompleteRead if the stream were cut
+    finally:
+        conn.close()
+        server.stop()
+    last = rest.strip().split(b"\n\n")[-1]
+    assert last.startswith(b"event: error\n")
+    assert json.loads(last.split(b"data: ", 1)[1])["error"]["type"] == "overloaded_error"
+    assert b"event: message_stop" not in rest
+    assert module_backend.wait_closed(before + 1, timeout=5)

@@ -426,3 +426,47 @@ def test_missing_content_type_is_accepted(gateway, backend):
         headers={},
     )
     assert reply.status_code == 200
+
+
+# --- stream timing: pings, idle and total timeouts ------------------------------------------------
+
+
+def raw_stream(gateway, **body) -> str:
+    payload = {"model": "m", "max_tokens": 5, "messages": USER_HI, "stream": True, **body}
+    with requests.post(
+        gateway.url + "/v1/messages", json=payload, stream=True, timeout=30
+    ) as reply:
+        assert reply.status_code == 200
+        return reply.content.decode()
+
+
+def event_names(body: str) -> list[str]:
+    return [line[7:] for line in body.splitlines() if line.startswith("event: ")]
+
+
+def test_silent_backend_gets_pings_and_the_stream_completes(make_gateway, backend):
+    gateway = make_gateway(ping_interval=0.2)
+    backend.reply(StreamReply(chunks(["late", " answer"]), first_delay=0.9))
+    names = event_names(raw_stream(gateway))
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+    first_block = names.index("content_block_start")
+    assert names[1:first_block].count("ping") >= 2  # pings while the backend was silent
+
+
+def test_idle_gap_beyond_idle_timeout_ends_with_timeout_error(make_gateway, backend):
+    gateway = make_gateway({"idle_timeout": 0.4}, ping_interval=0.1)
+    backend.reply(StreamReply(chunks(["a", "b"]), delay=1.5))  # 1.5 s between chunks
+    body = raw_stream(gateway)
+    names = event_names(body)
+    assert names[-1] == "error" and "message_stop" not in names
+    assert "ping" in names
+    assert '"type":"timeout_error"' in body.split("event: error")[-1]
+
+
+def test_total_timeout_ends_a_long_stream_with_timeout_error(make_gateway, backend):
+    gateway = make_gateway({"total_timeout": 0.6})
+    backend.reply(StreamReply(chunks([f"w{i}" for i in range(40)]), delay=0.05))
+    body = raw_stream(gateway)
+    names = event_names(body)
+    assert names[-1] == "error" and "content_block_delta" in names
+    assert "exceeded the total time" in body

@@ -6,8 +6,10 @@ network stack (after monkey-patching). ``app.config`` is the exception: it uses 
 library only, and loading it here makes a bad config stop the service at start with one line.
 """
 
+import glob
 import os
 import sys
+import tempfile
 
 from app.config import LAST_GOOD_ENV, validate_for_master
 
@@ -28,6 +30,15 @@ if _problem and _first_start:
     sys.exit(f"gateway: bad configuration: {_problem}")
 if _problem:
     print(f"gateway: bad configuration, keeping the last good one: {_problem}", file=sys.stderr)
+
+# Prometheus multiprocess mode: every worker writes its samples under this directory, and a
+# scrape of any worker merges them. Emptied at start (not on reload: live workers use it).
+if _first_start:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    for _stale in glob.glob(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"], "*.db")):
+        os.remove(_stale)
 
 # Loopback by default; nginx in front terminates TLS. Never 0.0.0.0 on a shared host.
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8082").split(",")
@@ -62,3 +73,12 @@ def post_worker_init(worker):
     from app import lifecycle
 
     lifecycle.install(worker)
+
+
+def child_exit(server, worker):
+    """A worker is gone: drop its live gauges from the metrics (what prometheus_client's
+    ``mark_process_dead`` does; done by hand to keep its ssl import out of the master)."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        for path in glob.glob(os.path.join(directory, f"gauge_live*_{worker.pid}.db")):
+            os.remove(path)

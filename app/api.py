@@ -15,11 +15,12 @@ from typing import Any
 
 from flask import Blueprint, Response, g, request
 
-from app import ids, jsonc
+from app import ids, jsonc, metrics
 from app.catalog import find_model, models_page
 from app.config import Settings
 from app.dispatch import Attempt, Dispatcher
 from app.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFound
+from app.health import reachable
 from app.observability import log_access
 from app.relay import StreamOutcome, relay
 from app.routing import backend_model, resolve
@@ -96,7 +97,21 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
 
     @bp.get("/healthz")
     def healthz() -> Response:
+        """The process is alive and serving."""
         return Response(b'{"status":"ok"}', mimetype=JSON)
+
+    @bp.get("/readyz")
+    def readyz() -> Response:
+        """The config is loaded and at least one backend accepts connections."""
+        backends = {name: reachable(c.config.url) for name, c in dispatcher.clients.items()}
+        ready = any(backends.values())
+        body = {"status": "ready" if ready else "unavailable", "backends": backends}
+        return Response(jsonc.dumps(body), status=200 if ready else 503, mimetype=JSON)
+
+    @bp.get("/metrics")
+    def metrics_endpoint() -> Response:
+        data, content_type = metrics.render()
+        return Response(data, content_type=content_type)
 
     return bp
 
@@ -143,8 +158,11 @@ def _stream(
         )
     entry, started = g.access, g.started
     deadline = started + config.total_timeout if config.total_timeout else None
+    in_flight = metrics.STREAMS.labels(attempt.target.backend)
+    in_flight.inc()
 
     def on_end(outcome: StreamOutcome) -> None:
+        in_flight.dec()
         failed = translator.error_type is not None
         dispatcher.finish(attempt, ok=None if not outcome.completed else not failed)
         entry.update(

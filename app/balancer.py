@@ -34,7 +34,9 @@ class Balancer:
         policy: Routing,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
+        on_breaker: Callable[[str, bool], None] | None = None,
     ) -> None:
+        self.on_breaker = on_breaker  # told when a breaker opens (True) or closes (False)
         self.limits = limits  # backend -> max concurrency (0: none)
         self.policy = policy
         self.clock = clock
@@ -98,15 +100,20 @@ class Balancer:
         health.in_flight -= 1
         health.probing = False
         if ok is True:
+            was_open = health.opened_at is not None
             health.failures = 0
             health.opened_at = None
             health.successes += 1
+            if was_open and self.on_breaker:
+                self.on_breaker(backend, False)
         elif ok is False:
             health.errors += 1
             health.failures += 1
             half_open = health.opened_at is not None
             if half_open or health.failures >= self.policy.breaker_failures:
                 health.opened_at = self.clock()
+                if self.on_breaker:
+                    self.on_breaker(backend, True)
 
     def retry_delay(self, attempt: int) -> float:
         """Exponential backoff with full jitter."""

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from app import metrics
 from app.balancer import Balancer
 from app.config import Route, Settings, Target
 from app.errors import GatewayError, Overloaded
@@ -76,6 +77,7 @@ class Dispatcher:
                 attempt = self._attempt(target, body, request_id, client_headers)
             except GatewayError as exc:
                 self.balancer.release(target.backend, ok=False if exc.retryable else None)
+                metrics.backend_failed(target.backend, exc.error_type)
                 if not exc.retryable:
                     raise
                 last = exc

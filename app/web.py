@@ -13,7 +13,7 @@ import time
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from app import jsonc
+from app import jsonc, metrics
 from app.api import create_blueprint
 from app.balancer import Balancer
 from app.config import Settings, load_settings_or_last_good
@@ -26,7 +26,7 @@ from app.errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from app.observability import configure_logging, log_access, request_id_from
+from app.observability import client_key_id, configure_logging, log_access, request_id_from
 from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -57,7 +57,8 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
         for name, config in settings.backends.items()
     }
     limits = {name: config.max_concurrency for name, config in settings.backends.items()}
-    return Dispatcher(settings, clients, Balancer(limits, settings.routing))
+    balancer = Balancer(limits, settings.routing, on_breaker=metrics.breaker_changed)
+    return Dispatcher(settings, clients, balancer)
 
 
 def _start_request() -> None:
@@ -68,6 +69,9 @@ def _start_request() -> None:
         "method": request.method,
         "path": request.path,
         "stream": False,
+        "worker": os.getpid(),
+        "client": client_key_id(request.headers),
+        "forwarded_for": request.headers.get("X-Forwarded-For"),
     }
 
 

@@ -1,0 +1,107 @@
+"""Prometheus metrics, correct under several gunicorn workers (multiprocess mode).
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (gunicorn.conf.py sets it before the workers start),
+each worker writes its samples to files there and a scrape merges them, so ``/metrics`` on any
+worker reports the whole service. Without it (a single process, e.g. tests) the default
+registry is used. Everything is recorded once per request from the access-log entry, never per
+streamed chunk.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
+
+REQUESTS = Counter(
+    "gateway_requests_total",
+    "Requests answered, by route, backend, HTTP status and whether streamed.",
+    ["route", "backend", "status", "stream"],
+)
+DURATION = Histogram(
+    "gateway_request_duration_seconds",
+    "Time from request to the last byte of the answer.",
+    ["route", "stream"],
+    buckets=LATENCY_BUCKETS,
+)
+TTFT = Histogram(
+    "gateway_time_to_first_token_seconds",
+    "Time from request to the first streamed content event.",
+    ["route"],
+    buckets=TTFT_BUCKETS,
+)
+TOKENS = Counter(
+    "gateway_tokens_total",
+    "Tokens reported by backends, by direction (input or output).",
+    ["route", "backend", "direction"],
+)
+STREAMS = Gauge(
+    "gateway_streams_in_flight",
+    "Streams being relayed right now.",
+    ["backend"],
+    multiprocess_mode="livesum",
+)
+BACKEND_ERRORS = Counter(
+    "gateway_backend_errors_total",
+    "Failed backend attempts and streams, by Anthropic error type.",
+    ["backend", "type"],
+)
+DISCONNECTS = Counter(
+    "gateway_client_disconnects_total", "Streams the client left before the end.", ["route"]
+)
+BREAKER_OPEN = Gauge(
+    "gateway_backend_breaker_open",
+    "1 while a worker holds the backend's circuit breaker open.",
+    ["backend"],
+    multiprocess_mode="livemax",
+)
+
+
+def record(entry: dict[str, Any], duration: float) -> None:
+    """One finished request, from its access-log entry."""
+    route = entry.get("route") or ""
+    backend = entry.get("backend") or ""
+    stream = "true" if entry.get("stream") else "false"
+    REQUESTS.labels(route, backend, str(entry.get("status", 0)), stream).inc()
+    DURATION.labels(route, stream).observe(duration)
+    if entry.get("ttft_ms") is not None:
+        TTFT.labels(route).observe(entry["ttft_ms"] / 1000)
+    if entry.get("input_tokens"):
+        TOKENS.labels(route, backend, "input").inc(entry["input_tokens"])
+    if entry.get("output_tokens"):
+        TOKENS.labels(route, backend, "output").inc(entry["output_tokens"])
+    if entry.get("client_disconnected"):
+        DISCONNECTS.labels(route).inc()
+    if backend and entry.get("error") and entry.get("status") == 200:
+        BACKEND_ERRORS.labels(backend, entry["error"]).inc()  # failed mid-stream
+
+
+def backend_failed(backend: str, error_type: str) -> None:
+    BACKEND_ERRORS.labels(backend, error_type).inc()
+
+
+def breaker_changed(backend: str, is_open: bool) -> None:
+    BREAKER_OPEN.labels(backend).set(1 if is_open else 0)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text; in multiprocess mode merged from every worker's files."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST

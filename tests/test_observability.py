@@ -1,0 +1,124 @@
+"""Access log fields, /metrics, /healthz and /readyz, in process and under multi-worker gunicorn."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+import requests
+from fakebackend import FakeBackend, StreamReply, chunks
+from servers import Gunicorn
+
+BODY = {
+    "model": "claude-haiku-4-5",
+    "max_tokens": 20,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_access_log_has_the_fields_an_operator_needs(gateway, backend, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    backend.reply(StreamReply(chunks(["a", "b"])))
+    with requests.post(
+        gateway.url + "/v1/messages",
+        json={**BODY, "stream": True},
+        headers={"x-api-key": "sk-client-secret", "X-Forwarded-For": "198.51.100.7"},
+        timeout=10,
+    ) as reply:
+        assert reply.status_code == 200
+    entry = next(r.msg for r in caplog.records if r.name == "gateway.access")
+    for key in (
+        "request_id",
+        "client",
+        "route",
+        "backend",
+        "model",
+        "backend_model",
+        "status",
+        "stop_reason",
+        "input_tokens",
+        "output_tokens",
+        "ttft_ms",
+        "duration_ms",
+        "bytes_out",
+        "client_disconnected",
+        "forwarded_for",
+    ):
+        assert key in entry, key
+    assert entry["client"].startswith("key_") and "sk-client-secret" not in json.dumps(entry)
+    assert entry["forwarded_for"] == "198.51.100.7"
+    assert entry["request_id"] == reply.headers["request-id"]
+
+
+def test_metrics_count_requests_tokens_and_errors(gateway, backend):
+    before = requests.get(gateway.url + "/metrics", timeout=10).text
+    requests.post(gateway.url + "/v1/messages", json=BODY, timeout=10)
+    backend.reply(StreamReply(chunks(["x"])))
+    requests.post(gateway.url + "/v1/messages", json={**BODY, "stream": True}, timeout=10)
+    after = requests.get(gateway.url + "/metrics", timeout=10)
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+
+    def grew(name: str, **labels: str) -> float:
+        return metric_sum(text, name, **labels) - metric_sum(before, name, **labels)
+
+    assert grew("gateway_requests_total", route="default", status="200", stream="false") == 1
+    assert grew("gateway_requests_total", route="default", status="200", stream="true") == 1
+    assert grew("gateway_tokens_total", direction="output") == 10
+    assert grew("gateway_request_duration_seconds_count", route="default") == 2
+    assert grew("gateway_time_to_first_token_seconds_count", route="default") == 1
+    assert "gateway_streams_in_flight" in text
+
+
+def test_healthz_and_readyz(make_gateway, backend):
+    gateway = make_gateway()
+    assert requests.get(gateway.url + "/healthz", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(gateway.url + "/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["backends"] == {"default": True}
+
+
+def test_readyz_is_503_when_no_backend_is_reachable(make_gateway):
+    dead = FakeBackend().start()
+    url = dead.url
+    dead.stop()
+    gateway = make_gateway({"url": url})
+    ready = requests.get(gateway.url + "/readyz", timeout=10)
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "unavailable", "backends": {"default": False}}
+
+
+@pytest.mark.parametrize("workers", [3])
+def test_metrics_add_up_across_gunicorn_workers(tmp_path, workers):
+    with FakeBackend() as backend:
+        env = {"GATEWAY_UPSTREAM_URL": backend.url, "GATEWAY_WORKERS": str(workers)}
+        server = Gunicorn(env, tmp_path / "gunicorn.log")
+        try:
+            for _ in range(30):
+                # a new connection each time, so the requests spread over the workers
+                reply = requests.post(server.url + "/v1/messages", json=BODY, timeout=10)
+                assert reply.status_code == 200
+            backend.reply(StreamReply(chunks(["s"])))
+            reply = requests.post(
+                server.url + "/v1/messages", json={**BODY, "stream": True}, timeout=10
+            )
+            assert reply.status_code == 200
+            text = requests.get(server.url + "/metrics", timeout=10).text
+        finally:
+            server.stop()
+    served_by = {e["worker"] for e in server.access_lines() if e.get("path") == "/v1/messages"}
+    assert len(served_by) > 1, "requests did not spread over workers; the check would be vacuous"
+    assert metric_sum(text, "gateway_requests_total", route="default") == 31
+    assert metric_sum(text, "gateway_tokens_total", direction="output") == 155
+    assert re.search(r'gateway_streams_in_flight\{backend="default"\} 0\.0', text)

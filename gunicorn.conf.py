@@ -1,6 +1,6 @@
 """gunicorn settings for the gateway, read from the environment with safe defaults.
 
-Nothing from the app, requests or urllib3 is imported at module level: this file runs in the
+Nothing from the app or urllib3 is imported at module level: this file runs in the
 gunicorn master, which gevent never patches, and the workers must be the first to import the
 network stack (after monkey-patching). ``app.config`` is the exception: it uses the standard
 library only, and loading it here makes a bad config stop the service at start with one line.

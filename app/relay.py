@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-import requests
+from urllib3 import HTTPResponse
 
 from app import lifecycle
 from app.errors import GatewayError, Overloaded, UpstreamError, UpstreamTimeout
@@ -48,7 +48,7 @@ class StreamOutcome:
 
 def relay(
     client: UpstreamClient,
-    response: requests.Response,
+    response: HTTPResponse,
     translator: Translator,
     on_end: Callable[[StreamOutcome], None],
     *,
@@ -57,27 +57,34 @@ def relay(
 ) -> Iterator[bytes]:
     """``deadline`` (monotonic): past it the stream ends with a timeout error event."""
     outcome = StreamOutcome()
-    reader = _Reader(client, response)
+    # Without pings or a deadline nothing needs waking: read directly, no helper thread.
+    reader = _Reader(client, response) if ping_interval or deadline else None
     try:
         head = encode_all(translator.start())
         outcome.bytes_out += len(head)
         yield head
-        items = reader.items(ping_interval, deadline)
+        items = reader.items(ping_interval, deadline) if reader else client.iter_bytes(response)
         for piece in _translate(items, client, translator, outcome, deadline):
             outcome.bytes_out += len(piece)
             yield piece
         outcome.completed = True
         if translator.stop_reason is not None:
-            reader.wait_for_end(DRAIN_WAIT)
+            if reader:
+                reader.wait_for_end(DRAIN_WAIT)
+            else:
+                _drain(client, response)
     finally:
-        reader.close()
+        if reader:
+            reader.close()
+        else:
+            response.close()
         on_end(outcome)
 
 
 class _Reader:
     """The backend body, read in its own thread into a queue of byte blocks."""
 
-    def __init__(self, client: UpstreamClient, response: requests.Response) -> None:
+    def __init__(self, client: UpstreamClient, response: HTTPResponse) -> None:
         self.client = client
         self.response = response
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -135,7 +142,7 @@ class _Reader:
         lifecycle.unregister(self.queue)
         if not self.done.is_set():
             try:
-                self.response.raw.shutdown()
+                self.response.shutdown()
             except (OSError, ValueError, RuntimeError, AttributeError):
                 pass
             self.done.wait(2.0)
@@ -189,3 +196,12 @@ def _translate(
         final = translator.fail(UpstreamError("internal error while relaying the stream"))
     if final:
         yield encode_all(final)
+
+
+def _drain(client: UpstreamClient, response: HTTPResponse) -> None:
+    """Read to the end of the body after ``[DONE]`` so the connection returns to the pool."""
+    try:
+        for _ in client.iter_bytes(response):
+            pass
+    except GatewayError:
+        pass

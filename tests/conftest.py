@@ -41,7 +41,7 @@ class GatewayServer:
         self.server.shutdown()
         self.server.server_close()
         for client in self.app.extensions["gateway.dispatcher"].clients.values():
-            client.session.close()
+            client.close()
 
 
 @pytest.fixture

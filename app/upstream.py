@@ -51,6 +51,10 @@ class UpstreamClient:
         self.name = _display_name(config.url)
         self.stream_usage = config.dialect.stream_usage
         self.manager = _pool_manager(config, pool_size)
+        # The backend's connection pool, looked up once: PoolManager.urlopen would parse the
+        # URL and find the pool again on every request.
+        self.pool = self.manager.connection_from_url(config.url)
+        self.proxied = isinstance(self.manager, urllib3.ProxyManager)
         self.timeout = urllib3.Timeout(
             connect=config.connect_timeout, read=_first_byte_timeout(config)
         )
@@ -58,11 +62,13 @@ class UpstreamClient:
         base = {"Content-Type": "application/json", "Accept": "application/json"}
         if config.protocol == "anthropic":
             self.url = config.url + "/messages"
+            self.path = urlsplit(self.url).path
             base["anthropic-version"] = "2023-06-01"
             if config.api_key:
                 base["x-api-key"] = config.api_key
         else:
             self.url = config.url + "/chat/completions"
+            self.path = urlsplit(self.url).path
             if config.api_key:
                 base["Authorization"] = f"Bearer {config.api_key}"
         self.headers = {**base, **config.headers}
@@ -191,10 +197,12 @@ class UpstreamClient:
         extra: Mapping[str, str] | None = None,
     ) -> HTTPResponse:
         headers = self.stream_headers if stream else self.headers
+        # Through a proxy, only the manager knows to send the absolute URL.
+        opener, target = (self.manager, self.url) if self.proxied else (self.pool, self.path)
         try:
-            response = self.manager.urlopen(
+            response = opener.urlopen(
                 "POST",
-                self.url,
+                target,
                 body=jsonc.dumps(payload),
                 headers={**headers, **(extra or {}), "X-Request-ID": request_id},
                 timeout=self.timeout,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+
 import anthropic
 import pytest
 import requests
@@ -470,3 +473,23 @@ def test_total_timeout_ends_a_long_stream_with_timeout_error(make_gateway, backe
     names = event_names(body)
     assert names[-1] == "error" and "content_block_delta" in names
     assert "exceeded the total time" in body
+
+
+def test_trust_env_sends_backend_calls_through_the_environment_proxy(backend, monkeypatch):
+    """With trust_env the environment's http_proxy is used, as curl would (the fake backend
+    plays the proxy: it records the absolute URL a proxy is sent)."""
+    from conftest import GatewayServer
+
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{backend.port}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    gateway = GatewayServer({"upstream": {"url": "http://backend.invalid:9/v1", "trust_env": True}})
+    conn = http.client.HTTPConnection("127.0.0.1", int(gateway.url.rsplit(":", 1)[1]), timeout=10)
+    try:  # http.client: the test's own request must not go through the proxy
+        body = json.dumps({"model": "m", "max_tokens": 5, "messages": USER_HI})
+        conn.request("POST", "/v1/messages", body, {"Content-Type": "application/json"})
+        assert json.loads(conn.getresponse().read())["content"][0]["text"] == "Hello"
+    finally:
+        conn.close()
+        gateway.close()
+    assert backend.requests[-1].path == "http://backend.invalid:9/v1/chat/completions"

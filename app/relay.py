@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -81,6 +82,22 @@ def relay(
         on_end(outcome)
 
 
+def _spawn(target: Callable[[], None]) -> None:
+    """Run ``target`` concurrently: a greenlet under gevent (without Thread.start's wait for
+    the new thread to run, a full trip round the event loop), else a daemon thread."""
+    if _gevent_threads():
+        import gevent
+
+        gevent.spawn(target)
+    else:
+        threading.Thread(target=target, daemon=True).start()
+
+
+def _gevent_threads() -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return bool(monkey and monkey.is_module_patched("threading"))
+
+
 class _Reader:
     """The backend body, read in its own thread into a queue of byte blocks."""
 
@@ -89,8 +106,7 @@ class _Reader:
         self.response = response
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        _spawn(self._run)
         lifecycle.register(self.queue)
 
     def _run(self) -> None:

@@ -81,6 +81,7 @@ def _finish_request(response: Response) -> Response:
         response.headers["request-id"] = request_id
     if not g.get("access_deferred") and "access" in g:
         g.access["status"] = response.status_code
+        g.access["bytes_out"] = response.content_length
         log_access(g.access, g.started)
     return response
 

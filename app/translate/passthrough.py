@@ -11,18 +11,17 @@ from __future__ import annotations
 from typing import Any
 
 from app import jsonc
-from app.errors import GatewayError, UpstreamError
+from app.errors import UpstreamError
+from app.translate.stream import TRUNCATED, Ending
 
 Event = dict[str, Any]
 
 
-class PassthroughStream:
+class PassthroughStream(Ending):
     def __init__(self, *, model: str) -> None:
         self.model = model
-        self.ended = False
         self.finish_reason: str | None = None  # set at message_stop
         self.stop_reason: str | None = None
-        self.error_type: str | None = None
         self._usage: dict[str, Any] = {}
 
     def start(self) -> list[Event]:
@@ -60,14 +59,7 @@ class PassthroughStream:
     def finish(self, *, saw_done: bool) -> list[Event]:
         if self.ended:
             return []
-        return self.fail(UpstreamError("backend stream ended before the answer was complete"))
-
-    def fail(self, error: GatewayError) -> list[Event]:
-        if self.ended:
-            return []
-        self.ended = True
-        self.error_type = error.error_type
-        return [error.payload()]
+        return self.fail(UpstreamError(TRUNCATED))
 
     @property
     def final_usage(self) -> dict[str, int]:

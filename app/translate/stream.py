@@ -39,7 +39,25 @@ class _ToolCall:
         self.arguments: list[str] = []
 
 
-class StreamTranslator:
+TRUNCATED = "backend stream ended before the answer was complete"
+
+
+class Ending:
+    """How a relayed stream ends in error: one ``error`` event, then nothing more."""
+
+    ended = False
+    error_type: str | None = None
+
+    def fail(self, error: GatewayError) -> list[Event]:
+        """An in-band error event; it ends the stream (no message_stop follows)."""
+        if self.ended:
+            return []
+        self.ended = True
+        self.error_type = error.error_type
+        return [error.payload()]
+
+
+class StreamTranslator(Ending):
     """One translator per response; not reusable."""
 
     def __init__(
@@ -61,8 +79,6 @@ class StreamTranslator:
         self.usage: dict[str, Any] | None = None
         self.stop_reason: str | None = None
         self.output_chars = 0
-        self.ended = False
-        self.error_type: str | None = None
         self.refused = False
         self._next_index = 0
         self._open: str | None = None  # "text" | "thinking" while a block is open
@@ -136,7 +152,7 @@ class StreamTranslator:
         if self.ended:
             return []
         if not saw_done and self.finish_reason is None:
-            return self.fail(UpstreamError("backend stream ended before the answer was complete"))
+            return self.fail(UpstreamError(TRUNCATED))
         events: list[Event] = []
         if self._think_tags is not None:
             self._append_segments(self._think_tags.flush(), events)
@@ -163,14 +179,6 @@ class StreamTranslator:
         events.append({"type": "message_stop"})
         self.ended = True
         return events
-
-    def fail(self, error: GatewayError) -> list[Event]:
-        """An in-band error event; it ends the stream (no message_stop follows)."""
-        if self.ended:
-            return []
-        self.ended = True
-        self.error_type = error.error_type
-        return [error.payload()]
 
     @property
     def final_usage(self) -> dict[str, int]:

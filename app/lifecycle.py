@@ -2,50 +2,28 @@
 ``error`` event instead of a cut connection.
 
 gunicorn gives a stopping (or reloaded) worker ``graceful_timeout`` seconds, after which the
-master kills it outright. A few seconds before that, every stream still open is woken and told
-to end cleanly. gunicorn.conf.py installs the SIGTERM hook in each worker.
+master kills it outright. A few seconds before that, ``draining`` turns true; every stream still
+open sees it within a second (the relay never sleeps longer) and ends cleanly. gunicorn.conf.py
+installs the SIGTERM hook in each worker.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-import threading
 from typing import Any
 
 log = logging.getLogger("gateway")
 
-DRAIN = object()  # put into a stream's queue: end now, the worker is going away
 MARGIN = 3.0  # seconds before the master's kill to end the remaining streams
-
-_streams: set[Any] = set()
-_lock = threading.Lock()
-_draining = False
-
-
-def register(queue: Any) -> None:
-    with _lock:
-        _streams.add(queue)
-        late = _draining
-    if late:
-        queue.put(DRAIN)
-
-
-def unregister(queue: Any) -> None:
-    with _lock:
-        _streams.discard(queue)
+draining = False
 
 
 def drain_now() -> None:
-    """Tell every open stream to end (and any that opens from now on)."""
-    global _draining
-    with _lock:
-        _draining = True
-        queues = list(_streams)
-    if queues:
-        log.warning("worker drain time is over: ending %d open stream(s)", len(queues))
-    for queue in queues:
-        queue.put(DRAIN)
+    """Tell every open stream (and any opened from now on) to end."""
+    global draining
+    draining = True
+    log.warning("worker drain time is over: ending open streams")
 
 
 def install(worker: Any) -> None:

@@ -4,18 +4,15 @@ A plain generator (no Flask request context inside), so gunicorn writes each pie
 is yielded, and ``close()`` on client disconnect lands in the ``finally`` that closes the
 backend connection and so stops generation there.
 
-The backend is read by a helper thread (a greenlet under gevent) feeding a queue, so that the
-relay wakes up while the backend is silent: to send ``ping`` events (which keep proxies from
-timing the stream out and reveal a client that went away), to enforce the total deadline, and
-to end the stream cleanly when the worker is shutting down.
+The backend body is read with a short socket timeout (app.upstream.BodyReader), so the relay
+wakes up while the backend is silent: to send ``ping`` events (which keep proxies from timing
+the stream out and reveal a client that went away), to enforce the idle and total timeouts,
+and to end the stream cleanly when the worker is shutting down.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,12 +23,13 @@ from app.errors import GatewayError, Overloaded, UpstreamError, UpstreamTimeout
 from app.translate.passthrough import PassthroughStream
 from app.translate.sse import DONE, SSEDecoder, encode, encode_all
 from app.translate.stream import PING, StreamTranslator
-from app.upstream import UpstreamClient
+from app.upstream import BodyReader, UpstreamClient
 
 log = logging.getLogger("gateway")
 Translator = StreamTranslator | PassthroughStream
 PING_BYTES = encode(PING)
-_EOF = object()
+# The longest the relay sleeps in a silent stream: how late it can notice a shutdown.
+MAX_WAKE = 1.0
 # After [DONE], how long to wait for the body's end so the connection can be pooled again.
 DRAIN_WAIT = 1.0
 
@@ -58,122 +56,52 @@ def relay(
 ) -> Iterator[bytes]:
     """``deadline`` (monotonic): past it the stream ends with a timeout error event."""
     outcome = StreamOutcome()
-    # Without pings or a deadline nothing needs waking: read directly, no helper thread.
-    reader = _Reader(client, response) if ping_interval or deadline else None
+    idle = client.idle_timeout
+    wake = min(t for t in (ping_interval, idle, MAX_WAKE) if t)
+    body = BodyReader(client, response, wake)
     try:
         head = encode_all(translator.start())
         outcome.bytes_out += len(head)
         yield head
-        items = reader.items(ping_interval, deadline) if reader else client.iter_bytes(response)
-        for piece in _translate(items, client, translator, outcome, deadline):
+        items = _items(body, client.name, ping_interval, idle, deadline)
+        for piece in _translate(items, translator, outcome):
             outcome.bytes_out += len(piece)
             yield piece
         outcome.completed = True
-        if translator.stop_reason is not None:
-            if reader:
-                reader.wait_for_end(DRAIN_WAIT)
-            else:
-                _drain(client, response)
+        if translator.stop_reason is not None and not body.complete:
+            body.drain(DRAIN_WAIT)
     finally:
-        if reader:
-            reader.close()
-        else:
-            response.close()
+        body.close()
         on_end(outcome)
 
 
-def _spawn(target: Callable[[], None]) -> None:
-    """Run ``target`` concurrently: a greenlet under gevent (without Thread.start's wait for
-    the new thread to run, a full trip round the event loop), else a daemon thread."""
-    if _gevent_threads():
-        import gevent
-
-        gevent.spawn(target)
-    else:
-        threading.Thread(target=target, daemon=True).start()
-
-
-def _gevent_threads() -> bool:
-    monkey = sys.modules.get("gevent.monkey")
-    return bool(monkey and monkey.is_module_patched("threading"))
-
-
-class _Reader:
-    """The backend body, read in its own thread into a queue of byte blocks."""
-
-    def __init__(self, client: UpstreamClient, response: HTTPResponse) -> None:
-        self.client = client
-        self.response = response
-        self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self.done = threading.Event()
-        _spawn(self._run)
-        lifecycle.register(self.queue)
-
-    def _run(self) -> None:
-        try:
-            for data in self.client.iter_bytes(self.response):
-                self.queue.put(data)
-            self.queue.put(_EOF)
-        except GatewayError as exc:
-            self.queue.put(exc)
-        except BaseException:  # closed under our feet: the relay is over anyway
-            self.queue.put(UpstreamError(f"reading from backend {self.client.name} failed"))
-        finally:
-            self.done.set()
-
-    def items(self, ping_interval: float, deadline: float | None) -> Iterator[bytes | None]:
-        """Byte blocks as they arrive; None after each ``ping_interval`` of silence."""
-        wait = ping_interval or None
-        while True:
-            if deadline is not None:
-                left = max(deadline - time.monotonic(), 0.001)
-                wait = min(wait, left) if wait else left
-            try:
-                item = self.queue.get(timeout=wait)
-            except queue.Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise UpstreamTimeout(
-                        f"backend {self.client.name} exceeded the total time allowed"
-                    ) from None
+def _items(
+    body: BodyReader, name: str, ping_interval: float, idle: float, deadline: float | None
+) -> Iterator[bytes | None]:
+    """Body bytes as they arrive; None when a ping is due; errors for timeouts and shutdown."""
+    last_data = last_ping = time.monotonic()
+    while True:
+        if lifecycle.draining:
+            raise Overloaded("the gateway is restarting; please retry the request")
+        data = body.read()
+        now = time.monotonic()
+        if deadline is not None and now > deadline:
+            raise UpstreamTimeout(f"backend {name} exceeded the total time allowed")
+        if data is None:
+            if now - last_data >= idle:
+                raise UpstreamTimeout(f"backend {name} sent nothing for {idle:g} s")
+            if ping_interval and now - last_ping >= ping_interval:
+                last_ping = now
                 yield None
-                continue
-            if item is _EOF:
-                return
-            if item is lifecycle.DRAIN:
-                raise Overloaded("the gateway is restarting; please retry the request")
-            if isinstance(item, GatewayError):
-                raise item
-            yield item  # type: ignore[misc]
-
-    def wait_for_end(self, seconds: float) -> None:
-        """After [DONE], let the reader see the body's end so the connection is reused."""
-        self.done.wait(seconds)
-
-    def close(self) -> None:
-        """Stop the reader and drop the connection (so the backend stops generating).
-
-        The file object must not be closed under a read in progress, so the socket is shut
-        down first, which ends the reader's blocked read, and the reader is awaited.
-        """
-        lifecycle.unregister(self.queue)
-        if not self.done.is_set():
-            try:
-                self.response.shutdown()
-            except (OSError, ValueError, RuntimeError, AttributeError):
-                pass
-            self.done.wait(2.0)
-        try:
-            self.response.close()
-        except RuntimeError:  # the reader is somehow still inside a read
-            log.warning("backend %s: connection closed while still being read", self.client.name)
+            continue
+        if not data:
+            return
+        last_data = last_ping = now
+        yield data
 
 
 def _translate(
-    items: Iterator[bytes | None],
-    client: UpstreamClient,
-    translator: Translator,
-    outcome: StreamOutcome,
-    deadline: float | None,
+    items: Iterator[bytes | None], translator: Translator, outcome: StreamOutcome
 ) -> Iterator[bytes]:
     decoder = SSEDecoder()
     saw_done = False
@@ -194,8 +122,6 @@ def _translate(
                 yield encode_all(events)
             if saw_done or translator.ended:
                 break
-            if deadline is not None and time.monotonic() > deadline:
-                raise UpstreamTimeout(f"backend {client.name} exceeded the total time allowed")
         else:
             events = [e for p in decoder.close() if p != DONE for e in translator.feed_data(p)]
             if events:
@@ -212,12 +138,3 @@ def _translate(
         final = translator.fail(UpstreamError("internal error while relaying the stream"))
     if final:
         yield encode_all(final)
-
-
-def _drain(client: UpstreamClient, response: HTTPResponse) -> None:
-    """Read to the end of the body after ``[DONE]`` so the connection returns to the pool."""
-    try:
-        for _ in client.iter_bytes(response):
-            pass
-    except GatewayError:
-        pass

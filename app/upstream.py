@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,13 +26,13 @@ from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
     NewConnectionError,
-    ProtocolError,
     ReadTimeoutError,
 )
 
 from app import jsonc
 from app.config import Upstream
 from app.errors import GatewayError, UpstreamError, UpstreamTimeout
+from app.http_body import ChunkedDecoder, FramingError
 from app.translate.upstream_errors import error_from_status
 
 log = logging.getLogger("gateway")
@@ -96,12 +96,12 @@ class UpstreamClient:
         if self.stream_usage:
             payload["stream_options"] = {"include_usage": True}
         try:
-            return self._stream_started(self._post(payload, request_id, stream=True))
+            return self._post(payload, request_id, stream=True)
         except _StreamOptionsRejected:
             log.warning("backend %s rejects stream_options; retrying without it", self.name)
             self.stream_usage = False
             payload.pop("stream_options", None)
-            return self._stream_started(self._post(payload, request_id, stream=True))
+            return self._post(payload, request_id, stream=True)
 
     # --- Anthropic Messages, passed through ----------------------------------------------------
 
@@ -112,7 +112,7 @@ class UpstreamClient:
         extra = {h: client_headers[h] for h in ANTHROPIC_HEADERS if h in client_headers}
         stream = bool(body.get("stream"))
         response = self._post(body, request_id, stream=stream, extra=extra)
-        return self._stream_started(response) if stream else self._read_json(response)
+        return response if stream else self._read_json(response)
 
     # --- tokenizer -----------------------------------------------------------------------------
 
@@ -156,29 +156,6 @@ class UpstreamClient:
         self.manager.clear()
 
     # --- reading ---------------------------------------------------------------------------------
-
-    def iter_bytes(self, response: HTTPResponse) -> Iterator[bytes]:
-        """Body bytes as the backend sends them (one network read each), chunked or not."""
-        read1 = response.read1
-        try:
-            while True:
-                data = read1(READ_SIZE)
-                if not data:
-                    return
-                yield data
-        except ProtocolError:
-            message = f"backend {self.name} closed the stream before the answer was complete"
-            raise UpstreamError(message) from None
-        except Exception as exc:  # urllib3 and socket errors surface unwrapped here
-            raise self._transport_error(exc) from None
-
-    def _stream_started(self, response: HTTPResponse) -> HTTPResponse:
-        """From here on the socket timeout is the idle gap allowed between chunks."""
-        if self.idle_timeout != self.timeout.read_timeout:
-            connection = response.connection
-            if connection is not None and connection.sock is not None:
-                connection.sock.settimeout(self.idle_timeout)
-        return response
 
     def _read_json(self, response: HTTPResponse) -> dict[str, Any]:
         body = response.data  # read in full by urlopen, connection already back in the pool
@@ -292,3 +269,105 @@ def _display_name(url: str) -> str:
 
 def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+class BodyReader:
+    """A streamed response body, read straight off the backend's socket.
+
+    http.client's file object refuses every read after one socket timeout, so a stream read
+    through it cannot wake up for pings, deadlines or shutdown without a helper thread; read
+    here, a timeout is just a moment of silence. Whatever http.client had already buffered
+    with the headers is taken over first. A body read to its end gives the connection back to
+    the pool; any other end closes it, which tells the backend to stop generating.
+    """
+
+    def __init__(self, client: UpstreamClient, response: HTTPResponse, wake: float) -> None:
+        self.client = client
+        self.response = response
+        self.sock = _body_socket(response)
+        self.chunked = ChunkedDecoder() if response.chunked else None
+        self.remaining = response.length_remaining  # Content-Length, or None
+        self.complete = False
+        self.sock.settimeout(wake)
+        self.pending = self._take_buffered()
+
+    def _take_buffered(self) -> bytes:
+        """Body bytes http.client read along with the headers (without blocking for more)."""
+        buffered = self.response._fp.fp  # type: ignore[union-attr]  # http.client's reader
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0.0)
+        try:
+            data = buffered.peek(READ_SIZE)
+        except OSError:  # nothing there yet (plain EAGAIN is None, TLS raises WantRead)
+            data = b""
+        finally:
+            self.sock.settimeout(timeout)
+        return buffered.read(len(data)) if data else b""
+
+    def read(self) -> bytes | None:
+        """The next body bytes; b"" at the end of the body; None after ``wake`` of silence."""
+        while not self.complete:
+            data, self.pending = (self.pending, b"") if self.pending else (self._recv(), b"")
+            if data is None:
+                return None
+            if not data:
+                return self._at_eof()
+            body = self._decode(data)
+            if body:
+                return body
+        return b""
+
+    def _recv(self) -> bytes | None:
+        try:
+            return self.sock.recv(READ_SIZE)
+        except TimeoutError:
+            return None
+        except OSError as exc:
+            raise UpstreamError(f"connection to backend {self.client.name} broke: {exc}") from None
+
+    def _decode(self, data: bytes) -> bytes:
+        if self.chunked is not None:
+            try:
+                body = self.chunked.feed(data)
+            except FramingError as exc:
+                raise UpstreamError(f"backend {self.client.name} sent a bad body: {exc}") from None
+            self.complete = self.chunked.done
+            return body
+        if self.remaining is not None:
+            data = data[: self.remaining]
+            self.remaining -= len(data)
+            self.complete = self.remaining == 0
+        return data
+
+    def _at_eof(self) -> bytes:
+        if self.chunked is not None or self.remaining:
+            message = f"backend {self.client.name} closed the stream before the answer was complete"
+            raise UpstreamError(message)
+        self.complete = True  # a close-delimited body ends with the connection
+        return b""
+
+    def drain(self, seconds: float) -> None:
+        """After [DONE]: read to the body's end (normally already here) so it can be reused."""
+        self.sock.settimeout(seconds)
+        try:
+            while self.read():
+                pass
+        except GatewayError:
+            pass
+
+    def close(self) -> None:
+        reusable = self.complete and (self.chunked is not None or self.remaining == 0)
+        if reusable:
+            self.response._fp.close()  # type: ignore[union-attr]  # done; the socket stays open
+            self.response.release_conn()
+        else:
+            self.response.close()
+
+
+def _body_socket(response: HTTPResponse) -> Any:
+    """The socket the body arrives on. For a response that closes the connection http.client
+    has already let go of the connection object, and only its file object holds the socket."""
+    connection = response.connection
+    if connection is not None and connection.sock is not None:
+        return connection.sock
+    return response._fp.fp.raw._sock  # type: ignore[union-attr]

@@ -1,0 +1,64 @@
+"""HTTP/1.1 response body framing, decoded incrementally (pure: bytes in, bytes out).
+
+The relay reads streamed backend bodies straight off the socket (see app.upstream.BodyReader),
+so that a read timeout is only a moment of silence, not a broken reader: http.client's file
+object refuses every read after one timeout, and its chunk parser may drop bytes it had
+half-read. This decoder keeps all state itself and survives any split of the input.
+"""
+
+from __future__ import annotations
+
+
+class FramingError(ValueError):
+    """The body does not follow HTTP/1.1 chunked framing."""
+
+
+class ChunkedDecoder:
+    """``Transfer-Encoding: chunked``: feed raw bytes, get the body bytes they complete."""
+
+    __slots__ = ("_buffer", "_left", "_state", "done")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._left = 0  # bytes of the current chunk still to come
+        self._state = "size"  # size -> data -> crlf -> size ... -> trailers -> done
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        buffer = self._buffer + data if self._buffer else data
+        out: list[bytes] = []
+        while buffer and not self.done:
+            if self._state == "data":
+                piece = buffer[: self._left]
+                out.append(piece)
+                self._left -= len(piece)
+                buffer = buffer[len(piece) :]
+                if not self._left:
+                    self._state = "crlf"
+                continue
+            end = buffer.find(b"\n")
+            if end < 0:
+                if len(buffer) > 4096:
+                    raise FramingError("chunk header line too long")
+                break
+            line, buffer = buffer[:end].rstrip(b"\r"), buffer[end + 1 :]
+            self._line(line)
+        self._buffer = buffer
+        return b"".join(out)
+
+    def _line(self, line: bytes) -> None:
+        if self._state == "crlf":
+            if line:
+                raise FramingError("chunk data longer than its declared size")
+            self._state = "size"
+        elif self._state == "size":
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                size = -1
+            if size < 0:
+                raise FramingError(f"bad chunk size line {line[:40]!r}")
+            self._left = size
+            self._state = "data" if size else "trailers"
+        elif not line:  # trailers end with an empty line
+            self.done = True

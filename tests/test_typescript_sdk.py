@@ -93,3 +93,58 @@ def test_typescript_error_classes(gateway, backend, status, error_class, error_t
     backend.reply(JSONReply(error_body("no"), status=status))
     result = run_scenario(gateway, "error")
     assert result == {"error": error_class, "status": status, "type": error_type}
+
+
+def test_typescript_parallel_tool_calls_with_thinking_streamed(gateway, backend):
+    calls = [
+        {
+            "index": 0,
+            "id": "call_w",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": ""},
+        },
+        {
+            "index": 1,
+            "id": "call_t",
+            "type": "function",
+            "function": {"name": "get_time", "arguments": ""},
+        },
+    ]
+    backend.reply(
+        StreamReply(
+            [
+                chunk({"role": "assistant", "reasoning_content": "Two lookups."}),
+                chunk({"tool_calls": [calls[0]]}),
+                chunk({"tool_calls": [calls[1]]}),
+                chunk(
+                    {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": "Oslo"}'}}]}
+                ),
+                chunk(
+                    {
+                        "tool_calls": [
+                            {"index": 1, "function": {"arguments": '{"tz": "Europe/Oslo"}'}}
+                        ]
+                    }
+                ),
+                chunk({}, "tool_calls"),
+            ]
+        )
+    )
+    result = run_scenario(gateway, "parallel_thinking")
+    content = result["message"]["content"]
+    assert [b["type"] for b in content] == ["thinking", "tool_use", "tool_use"]
+    assert content[0]["thinking"] == "Two lookups." and content[0]["signature"].startswith("gw1.")
+    assert content[1]["input"] == {"city": "Oslo"} and content[2]["input"] == {"tz": "Europe/Oslo"}
+    assert result["message"]["stop_reason"] == "tool_use"
+    assert result["deltas"].count("signature_delta") == 1
+    sent = backend.requests[-1].json  # the generic dialect has no thinking switch to send
+    assert "chat_template_kwargs" not in sent and "reasoning_effort" not in sent
+
+
+def test_typescript_image_message(gateway, backend):
+    result = run_scenario(gateway, "image")
+    assert result["content"][0]["text"] == "Hello"
+    part = backend.requests[-1].json["messages"][0]["content"][0]
+    assert part["type"] == "image_url" and part["image_url"]["url"].startswith(
+        "data:image/png;base64,"
+    )

@@ -42,6 +42,41 @@ const scenarios = {
       .finalMessage();
     return { first, second };
   },
+  async parallel_thinking() {
+    const time = {
+      name: "get_time",
+      description: "Current time in a time zone.",
+      input_schema: { type: "object", properties: { tz: { type: "string" } }, required: ["tz"] },
+    };
+    const stream = client.messages.stream({
+      model: "claude-haiku-4-5",
+      max_tokens: 2048,
+      thinking: { type: "enabled", budget_tokens: 1024 },
+      messages: [user("Weather and time in Oslo?")],
+      tools: [weather, time],
+    });
+    const deltas = [];
+    stream.on("streamEvent", (event) => {
+      if (event.type === "content_block_delta") deltas.push(event.delta.type);
+    });
+    return { message: await stream.finalMessage(), deltas };
+  },
+  async image() {
+    const png = Buffer.from("89504e470d0a1a0a", "hex").toString("base64");
+    return client.messages.create({
+      model: "claude-haiku-4-5",
+      max_tokens: 64,
+      messages: [
+        {
+          role: "user",
+          content: [
+            { type: "image", source: { type: "base64", media_type: "image/png", data: png } },
+            { type: "text", text: "What is this?" },
+          ],
+        },
+      ],
+    });
+  },
   async error() {
     try {
       await client.messages.create({ model: "claude-haiku-4-5", max_tokens: 64, messages: [user("hi")] });

@@ -71,8 +71,8 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
         model = backend_model(target, body["model"])
         g.access.update(model=body["model"], route=route.name, backend=target.backend)
         if client.config.protocol == "anthropic":
-            payload = {**body, "model": model}
-            payload.pop("max_tokens"), payload.pop("stream")
+            dropped = ("max_tokens", "stream")  # not part of a count_tokens body
+            payload = {k: v for k, v in body.items() if k not in dropped} | {"model": model}
         else:
             payload = translate_request(body, backend_model=model, dialect=client.config.dialect)
         count = client.count_tokens(payload, g.request_id)

@@ -360,3 +360,16 @@ def test_models_lists_routes_and_aliases(backends):
     finally:
         gateway.close()
     assert ids == ["claude-haiku-4-5", "claude-opus-4-7", "qwen3"]
+
+
+def test_count_tokens_on_an_anthropic_backend_is_passed_through(backends, gateway_for):
+    native = backends()
+    native.routes[("POST", "/v1/messages/count_tokens")] = lambda req: JSONReply(
+        {"input_tokens": 42}
+    )
+    gateway = gateway_for({"native": native}, ["native"], native_extra={"protocol": "anthropic"})
+    with gateway.client() as client:
+        response = client.messages.with_raw_response.count_tokens(model="claude-x", messages=HI)
+    assert response.parse().input_tokens == 42
+    assert response.headers["x-gateway-token-count"] == "exact"
+    assert native.requests[-1].json == {"model": "native-model", "messages": HI}

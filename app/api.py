@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 from flask import Blueprint, Response, g, request
@@ -27,7 +28,8 @@ from app.routing import backend_model, resolve
 from app.translate.passthrough import PassthroughStream
 from app.translate.request import check_request, stop_sequences, translate_request
 from app.translate.response import translate_response
-from app.translate.stream import StreamTranslator
+from app.translate.sse import encode_all
+from app.translate.stream import StreamTranslator, message_events
 from app.translate.tokens import estimate_prompt_tokens
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -49,7 +51,9 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
         )
         if body.get("stream"):
             g.access["stream"] = True
-            return _stream(dispatcher, attempt, body, settings.ping_interval)
+            if _is_event_stream(attempt.result):
+                return _stream(dispatcher, attempt, body, settings.ping_interval)
+            attempt = replace(attempt, result=_read_whole(attempt))  # the backend sent JSON
         try:
             message = _message(attempt, body)
         except GatewayError:
@@ -57,6 +61,11 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
             raise
         dispatcher.finish(attempt, ok=True)
         g.access.update(stop_reason=message.get("stop_reason"), **_tokens(message.get("usage")))
+        if body.get("stream"):
+            events = encode_all(message_events(message))
+            return Response(
+                events, mimetype="text/event-stream", headers={**SSE_HEADERS, **attempt.headers}
+            )
         return Response(jsonc.dumps(message), mimetype=JSON, headers=attempt.headers)
 
     @bp.post("/v1/messages/count_tokens")
@@ -125,6 +134,25 @@ def _json_body() -> Any:
         return jsonc.loads(data)
     except jsonc.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def _is_event_stream(response: Any) -> bool:
+    return "text/event-stream" in response.headers.get("content-type", "")
+
+
+def _read_whole(attempt: Attempt) -> Any:
+    """A streaming request answered with one JSON body (some backends ignore ``stream``)."""
+    response = attempt.result
+    try:
+        data = response.data
+    finally:
+        response.release_conn()
+    try:
+        return jsonc.loads(data.strip())
+    except jsonc.JSONDecodeError:
+        name = attempt.client.name
+        message = f"backend {name} answered a stream request with neither SSE nor JSON"
+        raise GatewayError(message) from None
 
 
 def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:

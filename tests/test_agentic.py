@@ -421,3 +421,22 @@ def test_inline_think_tags_become_a_thinking_block_when_configured(make_gateway,
         assert [b.type for b in message.content] == ["thinking", "text"]
         assert message.content[0].thinking == thinking
         assert message.content[1].text == "4"
+
+
+def test_backend_answering_a_stream_with_json_still_gives_a_proper_stream(client, backend):
+    call = {
+        "id": "call_j",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Bergen"}'},
+    }
+    extra = {"tool_calls": [call], "reasoning_content": "Look it up."}
+    backend.reply(JSONReply(completion("On it.", finish_reason="tool_calls", extra_message=extra)))
+    with client.messages.stream(
+        model="m", max_tokens=100, messages=[{"role": "user", "content": "?"}], tools=[WEATHER_TOOL]
+    ) as stream:
+        events = [event.type for event in stream]
+        message = stream.get_final_message()
+    assert [b.type for b in message.content] == ["thinking", "text", "tool_use"]
+    assert message.content[2].input == {"city": "Bergen"}
+    assert message.stop_reason == "tool_use" and message.usage.output_tokens == 5
+    assert events[0] == "message_start" and events[-1] == "message_stop"

@@ -777,3 +777,29 @@ def test_any_split_of_tool_arguments_accumulates_to_the_parsed_input(
     tool_block = message["content"][-1]
     assert tool_block == {"type": "tool_use", "id": "call_p", "name": "probe", "input": tool_input}
     assert message["stop_reason"] == "tool_use"
+
+
+def test_a_whole_message_replays_as_a_well_formed_stream() -> None:
+    from app.translate.stream import message_events
+
+    message = {
+        "id": "msg_x",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [
+            {"type": "thinking", "thinking": "plan", "signature": "gw1.s"},
+            {"type": "text", "text": "Hi."},
+            {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": [1, 2]}},
+        ],
+        "stop_reason": "tool_use",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 9},
+    }
+    events = message_events(message)
+    check_grammar(events)
+    rebuilt = accumulate(events)
+    assert rebuilt["content"] == message["content"]
+    assert rebuilt["stop_reason"] == "tool_use"
+    assert events[0]["message"]["usage"]["output_tokens"] == 0
+    assert events[-2]["usage"] == {"input_tokens": 3, "output_tokens": 9}

@@ -322,3 +322,57 @@ class StreamTranslator(Ending):
             events.append({"type": "content_block_stop", "index": block_index})
         self._tools.clear()
         return events
+
+
+def message_events(message: dict[str, Any]) -> list[Event]:
+    """A complete message as the events a streamed answer would have sent.
+
+    For backends that answer a streaming request with one JSON body (some servers ignore
+    ``stream`` for tool calls): the client asked for a stream and gets a well-formed one.
+    """
+    usage = message.get("usage") or {}
+    start = {
+        **message,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {**usage, "output_tokens": 0},
+    }
+    events: list[Event] = [{"type": "message_start", "message": start}]
+    for index, block in enumerate(message.get("content") or ()):
+        events.extend(_block_events(index, block))
+    delta = {
+        "stop_reason": message.get("stop_reason"),
+        "stop_sequence": message.get("stop_sequence"),
+    }
+    events.append({"type": "message_delta", "delta": delta, "usage": usage})
+    events.append({"type": "message_stop"})
+    return events
+
+
+def _block_events(index: int, block: dict[str, Any]) -> list[Event]:
+    kind = block.get("type")
+    if kind == "text":
+        empty: dict[str, Any] = {"type": "text", "text": ""}
+        deltas = [{"type": "text_delta", "text": block.get("text", "")}]
+    elif kind == "thinking":
+        empty = {"type": "thinking", "thinking": "", "signature": ""}
+        deltas = [
+            {"type": "thinking_delta", "thinking": block.get("thinking", "")},
+            {"type": "signature_delta", "signature": block.get("signature", "")},
+        ]
+    elif kind == "tool_use":
+        empty = {**block, "input": {}}
+        deltas = [
+            {"type": "input_json_delta", "partial_json": jsonc.dumps_str(block.get("input", {}))}
+        ]
+    else:  # blocks a chat backend never produces (redacted thinking, ...): as they are
+        return [
+            {"type": "content_block_start", "index": index, "content_block": block},
+            {"type": "content_block_stop", "index": index},
+        ]
+    return [
+        {"type": "content_block_start", "index": index, "content_block": empty},
+        *({"type": "content_block_delta", "index": index, "delta": d} for d in deltas),
+        {"type": "content_block_stop", "index": index},
+    ]

@@ -43,7 +43,8 @@ if _first_start:
 # Loopback by default; nginx in front terminates TLS. Never 0.0.0.0 on a shared host.
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8082").split(",")
 workers = _env_int("GATEWAY_WORKERS", 2)
-worker_class = "gevent"
+# gunicorn's gevent worker, with a cheaper sendall for streamed events (app/gworker.py).
+worker_class = "app.gworker.GatewayWorker"
 # Open streams and idle keep-alive connections each hold one slot per worker.
 worker_connections = _env_int("GATEWAY_WORKER_CONNECTIONS", 1000)
 os.environ.setdefault("GATEWAY_WORKER_CONNECTIONS", str(worker_connections))

@@ -1,0 +1,39 @@
+"""gunicorn's gevent worker with one change: a cheaper ``sendall`` on client sockets.
+
+gevent's ``sendall`` asks the kernel for SO_SNDBUF on every call (a ``getsockopt`` system call,
+to size its write chunks) and gunicorn calls it once per streamed event: profiled, that was a
+tenth of the worker's CPU per relayed chunk. Here ``sendall`` is a loop over ``send``, which
+gevent makes cooperative the same way. Everything else is the stock gevent worker; the module
+imports nothing of the app, because gunicorn loads worker classes in the master.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.workers.ggevent import GeventWorker
+
+
+class ClientSocket:
+    """A client socket whose ``sendall`` sends without the per-call ``getsockopt``."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def sendall(self, data: bytes) -> None:
+        send = self._sock.send
+        sent = send(data)
+        if sent < len(data):
+            view = memoryview(data)
+            while sent < len(view):
+                sent += send(view[sent:])
+
+
+class GatewayWorker(GeventWorker):
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        super().handle(listener, ClientSocket(client), addr)

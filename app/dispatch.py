@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from app import metrics
@@ -70,11 +70,13 @@ class Dispatcher:
         last: GatewayError | None = None
         for number in range(attempts):
             target = plan[number % len(plan)]
+            # The client's own mistakes (translation errors) leave before any backend is involved.
+            prepared = self._prepare(target, body)
             if not self.balancer.acquire(target.backend):
                 last = last or Overloaded(f"every backend for model {body['model']!r} is busy")
                 continue
             try:
-                attempt = self._attempt(target, body, request_id, client_headers)
+                attempt = self._call(prepared, body, request_id, client_headers)
             except GatewayError as exc:
                 self.balancer.release(target.backend, ok=False if exc.retryable else None)
                 metrics.backend_failed(target.backend, exc.error_type)
@@ -94,18 +96,12 @@ class Dispatcher:
         """Give back the backend's slot, telling the breaker how it went (None: no verdict)."""
         self.balancer.release(attempt.target.backend, ok=ok)
 
-    def _attempt(
-        self,
-        target: Target,
-        body: dict[str, Any],
-        request_id: str,
-        client_headers: Mapping[str, str],
-    ) -> Attempt:
+    def _prepare(self, target: Target, body: dict[str, Any]) -> Attempt:
+        """The request as this target's backend takes it (``result`` holds the payload)."""
         client = self.clients[target.backend]
         model = backend_model(target, body["model"])
         if client.config.protocol == "anthropic":
-            result = client.messages({**body, "model": model}, request_id, client_headers)
-            return Attempt(target, client, model, result)
+            return Attempt(target, client, model, {**body, "model": model})
         dropped: list[str] = []
         dialect = client.config.dialect
         payload = translate_request(body, backend_model=model, dialect=dialect, dropped=dropped)
@@ -114,11 +110,24 @@ class Dispatcher:
         if clamped_from is not None:
             limit = payload[dialect.max_tokens_field]
             headers["x-gateway-max-tokens"] = f"{limit}; clamped-from={clamped_from}"
-        if body.get("stream"):
+        return Attempt(target, client, model, payload, headers)
+
+    def _call(
+        self,
+        prepared: Attempt,
+        body: dict[str, Any],
+        request_id: str,
+        client_headers: Mapping[str, str],
+    ) -> Attempt:
+        """Send the prepared request; the answer replaces the payload in ``result``."""
+        client, payload = prepared.client, prepared.result
+        if client.config.protocol == "anthropic":
+            result = client.messages(payload, request_id, client_headers)
+        elif body.get("stream"):
             result = client.open_stream(payload, request_id)
         else:
             result = client.complete(payload, request_id)
-        return Attempt(target, client, model, result, headers)
+        return replace(prepared, result=result)
 
     def _pause(self, number: int, error: GatewayError, *, same: bool) -> None:
         """Failing over is immediate; the same backend again gets backoff or its retry-after."""

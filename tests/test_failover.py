@@ -373,3 +373,30 @@ def test_count_tokens_on_an_anthropic_backend_is_passed_through(backends, gatewa
     assert response.parse().input_tokens == 42
     assert response.headers["x-gateway-token-count"] == "exact"
     assert native.requests[-1].json == {"model": "native-model", "messages": HI}
+
+
+def test_a_request_the_gateway_refuses_is_not_held_against_the_backend(backends, gateway_for):
+    one = backends()
+    gateway = gateway_for(
+        {"one": one}, ["one"], admin={"token": "t"}, routing={"breaker_failures": 1}
+    )
+    errors_before = _backend_errors(gateway, "one")
+    with gateway.client() as client, pytest.raises(anthropic.BadRequestError):
+        client.messages.create(
+            model="m",
+            max_tokens=10,
+            messages=HI,
+            tools=[{"type": "web_search_20250305", "name": "web_search"}],
+        )
+    status = requests.get(gateway.url + "/status", headers={"x-api-key": "t"}, timeout=5).json()
+    assert status["backends"]["one"]["errors"] == 0 and status["backends"]["one"]["in_flight"] == 0
+    assert one.requests == []
+    assert _backend_errors(gateway, "one") == errors_before
+    assert create(gateway).parse().content[0].text == "Hello"
+
+
+def _backend_errors(gateway: GatewayServer, backend: str) -> float:
+    text = requests.get(gateway.url + "/metrics", timeout=5).text
+    needle = f'gateway_backend_errors_total{{backend="{backend}"'
+    lines = [line for line in text.splitlines() if line.startswith(needle)]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)

@@ -61,9 +61,16 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
     return Dispatcher(settings, clients, balancer)
 
 
+# Probes and scrapes, polled every few seconds: no access line and no request metrics, which
+# would otherwise be mostly about the monitoring itself.
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 def _start_request() -> None:
     g.started = time.monotonic()
     g.request_id = request_id_from(request.headers.get("X-Request-ID"))
+    if request.path in QUIET_PATHS:
+        return
     g.access = {
         "request_id": g.request_id,
         "method": request.method,

@@ -133,3 +133,15 @@ def _post_status(server: Gunicorn) -> int:
 
 def _workers(server: Gunicorn) -> set[int]:
     return {e["worker"] for e in server.access_lines() if e.get("path") == "/v1/messages"}
+
+
+def test_probes_and_scrapes_leave_no_access_line_and_no_request_metrics(gateway, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    before = requests.get(gateway.url + "/metrics", timeout=10).text
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert requests.get(gateway.url + path, timeout=10).headers["request-id"]
+    after = requests.get(gateway.url + "/metrics", timeout=10).text
+    assert metric_sum(after, "gateway_requests_total") == metric_sum(
+        before, "gateway_requests_total"
+    )
+    assert not [r for r in caplog.records if r.name == "gateway.access"]

@@ -62,15 +62,14 @@ class UpstreamClient:
         base = {"Content-Type": "application/json", "Accept": "application/json"}
         if config.protocol == "anthropic":
             self.url = config.url + "/messages"
-            self.path = urlsplit(self.url).path
             base["anthropic-version"] = "2023-06-01"
             if config.api_key:
                 base["x-api-key"] = config.api_key
         else:
             self.url = config.url + "/chat/completions"
-            self.path = urlsplit(self.url).path
             if config.api_key:
                 base["Authorization"] = f"Bearer {config.api_key}"
+        self.path = urlsplit(self.url).path
         self.headers = {**base, **config.headers}
         # No compression on streams: a decompressor would hold back bytes.
         self.stream_headers = {

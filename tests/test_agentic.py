@@ -27,6 +27,10 @@ TIME_TOOL = {
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
 
 
+def image(media_type: str = "image/png") -> dict:
+    return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": PNG}}
+
+
 def tool_call_chunks(calls: list[tuple[str | None, str, list[str]]], text: str = "") -> list[dict]:
     """OpenAI-style fragments: id and name first, then argument pieces, one call after another."""
     events = [chunk({"role": "assistant", "content": ""})]
@@ -215,10 +219,7 @@ def test_images_become_image_url_parts(client, backend):
             {
                 "role": "user",
                 "content": [
-                    {
-                        "type": "image",
-                        "source": {"type": "base64", "media_type": "image/png", "data": PNG},
-                    },
+                    image(),
                     {
                         "type": "image",
                         "source": {"type": "url", "url": "https://example.com/cat.jpg"},
@@ -244,12 +245,7 @@ def test_image_with_unsupported_media_type_is_refused(client, backend):
             messages=[
                 {
                     "role": "user",
-                    "content": [
-                        {
-                            "type": "image",
-                            "source": {"type": "base64", "media_type": "image/bmp", "data": PNG},
-                        }
-                    ],
+                    "content": [image("image/bmp")],
                 }
             ],
         )
@@ -270,10 +266,7 @@ def test_image_in_tool_result_moves_to_a_user_message(client, backend):
                     "tool_use_id": "t1",
                     "content": [
                         {"type": "text", "text": "captured"},
-                        {
-                            "type": "image",
-                            "source": {"type": "base64", "media_type": "image/png", "data": PNG},
-                        },
+                        image(),
                     ],
                 }
             ],

@@ -1,7 +1,7 @@
 """Anthropic Messages API gateway for OpenAI-compatible Chat Completions backends.
 
 Importing the package is cheap and side-effect free: the gunicorn master imports ``app.config``
-before its workers monkey-patch the network stack, so Flask and urllib3 load only in
+before its workers monkey-patch the network stack, so Flask and the backend client load only in
 ``create_app``.
 """
 

@@ -142,11 +142,7 @@ def _is_event_stream(response: Any) -> bool:
 
 def _read_whole(attempt: Attempt) -> Any:
     """A streaming request answered with one JSON body (some backends ignore ``stream``)."""
-    response = attempt.result
-    try:
-        data = response.data
-    finally:
-        response.release_conn()
+    data = attempt.client.read_body(attempt.result)
     try:
         return jsonc.loads(data.strip())
     except jsonc.JSONDecodeError:

@@ -16,9 +16,8 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
-from urllib3 import HTTPResponse
-
 from app import lifecycle
+from app.backend_http import Response
 from app.errors import GatewayError, Overloaded, UpstreamError, UpstreamTimeout
 from app.translate.passthrough import PassthroughStream
 from app.translate.sse import DONE, SSEDecoder, encode, encode_all
@@ -47,7 +46,7 @@ class StreamOutcome:
 
 def relay(
     client: UpstreamClient,
-    response: HTTPResponse,
+    response: Response,
     translator: Translator,
     on_end: Callable[[StreamOutcome], None],
     *,

@@ -1,13 +1,13 @@
-"""The HTTP client for one backend: a urllib3 connection pool per backend per worker.
+"""The HTTP client for one backend: a connection pool per backend per worker.
 
 It owns transport policy (pool size, timeouts, proxies from the environment when asked) and
 turns every transport failure into a gateway error that names the backend, so nothing above it
-sees a urllib3 exception. Built per worker process, after gevent has patched the socket module.
+sees a transport exception. Built per worker process, after gevent has patched the socket module.
 
-urllib3 is used directly, not through ``requests`` (which is built on it): measured on this
-gateway, ``Session.request`` (settings merging, request preparation, hooks, cookies, the
-``Response`` wrapper) was half of the worker's CPU per request, and none of it is needed to
-POST JSON to one known host.
+The transport is app.backend_http, a small HTTP/1.1 client: measured on this gateway,
+``requests``' ``Session.request`` was half of the worker's CPU per request, and urllib3 with
+http.client under it still a third; posting JSON to one known host needs none of their
+generality.
 Backends speak either OpenAI Chat Completions or, for ``protocol = "anthropic"``, the Messages
 API itself (recent vLLM, SGLang, llama.cpp and Ollama can), in which case bodies pass through.
 """
@@ -20,18 +20,17 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-import urllib3
-from urllib3 import HTTPResponse
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    NewConnectionError,
-    ReadTimeoutError,
-)
-
 from app import jsonc
+from app.backend_http import (
+    BackendHTTPError,
+    ConnectFailed,
+    Pool,
+    ReadTimedOut,
+    Response,
+    header_block,
+)
 from app.config import Upstream
-from app.errors import GatewayError, UpstreamError, UpstreamTimeout
+from app.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
 from app.http_body import ChunkedDecoder, FramingError
 from app.translate.upstream_errors import error_from_status
 
@@ -50,14 +49,13 @@ class UpstreamClient:
         self.config = config
         self.name = _display_name(config.url)
         self.stream_usage = config.dialect.stream_usage
-        self.manager = _pool_manager(config, pool_size)
-        # The backend's connection pool, looked up once: PoolManager.urlopen would parse the
-        # URL and find the pool again on every request.
-        self.pool = self.manager.connection_from_url(config.url)
-        self.proxied = isinstance(self.manager, urllib3.ProxyManager)
-        self.timeout = urllib3.Timeout(
-            connect=config.connect_timeout, read=_first_byte_timeout(config)
+        self.pool = Pool(
+            config.url,
+            maxsize=max(pool_size, 10),
+            connect_timeout=config.connect_timeout,
+            proxy=_proxy_for(config),
         )
+        self.first_byte_timeout = _first_byte_timeout(config)
         self.idle_timeout = config.idle_timeout or config.read_timeout
         base = {"Content-Type": "application/json", "Accept": "application/json"}
         if config.protocol == "anthropic":
@@ -70,13 +68,12 @@ class UpstreamClient:
             if config.api_key:
                 base["Authorization"] = f"Bearer {config.api_key}"
         self.path = urlsplit(self.url).path
-        self.headers = {**base, **config.headers}
         # No compression on streams: a decompressor would hold back bytes.
-        self.stream_headers = {
-            **self.headers,
-            "Accept": "text/event-stream",
-            "Accept-Encoding": "identity",
-        }
+        self.headers = {**base, "Accept-Encoding": "identity", **config.headers}
+        stream_headers = {**self.headers, "Accept": "text/event-stream"}
+        # The header lines every request carries, encoded once.
+        self.json_head = header_block(self.headers)
+        self.stream_head = header_block(stream_headers)
 
     # --- OpenAI Chat Completions ---------------------------------------------------------------
 
@@ -84,7 +81,7 @@ class UpstreamClient:
         """A non-streamed completion, parsed; raises GatewayError on any failure."""
         return self._read_json(self._post(payload, request_id, stream=False))
 
-    def open_stream(self, payload: dict[str, Any], request_id: str) -> HTTPResponse:
+    def open_stream(self, payload: dict[str, Any], request_id: str) -> Response:
         """Start a streamed completion and return once the backend has answered 2xx.
 
         Waiting for the status before the first byte goes to the client keeps a backend error
@@ -106,7 +103,7 @@ class UpstreamClient:
 
     def messages(
         self, body: dict[str, Any], request_id: str, client_headers: Mapping[str, str]
-    ) -> dict[str, Any] | HTTPResponse:
+    ) -> dict[str, Any] | Response:
         """POST the client's body to an Anthropic-speaking backend: a message, or an open stream."""
         extra = {h: client_headers[h] for h in ANTHROPIC_HEADERS if h in client_headers}
         stream = bool(body.get("stream"))
@@ -136,28 +133,37 @@ class UpstreamClient:
                 prompt = self._call(root + "/apply-template", request, headers)["prompt"]
                 tokens = self._call(root + "/tokenize", {"content": prompt}, headers)["tokens"]
                 return len(tokens)
-        except (HTTPError, OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("backend %s tokenizer failed (%s); estimating", self.name, _short(str(exc)))
         return None
 
     def _call(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
-        timeout = urllib3.Timeout(
-            connect=self.config.connect_timeout, read=min(self.config.read_timeout, 30.0)
-        )
-        response = self.manager.request(
-            "POST", url, body=jsonc.dumps(body), headers=headers, timeout=timeout, retries=False
+        response = self.pool.request(
+            "POST",
+            urlsplit(url).path,
+            header_block(headers),
+            jsonc.dumps(body),
+            timeout=min(self.config.read_timeout, 30.0),
         )
         if response.status >= 300:
+            response.close()
             raise ValueError(f"HTTP {response.status}")
-        return jsonc.loads(response.data)
+        return jsonc.loads(response.read())
 
     def close(self) -> None:
-        self.manager.clear()
+        self.pool.close()
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def _read_json(self, response: HTTPResponse) -> dict[str, Any]:
-        body = response.data  # read in full by urlopen, connection already back in the pool
+    def read_body(self, response: Response) -> bytes:
+        """A whole response body; transport failures as gateway errors."""
+        try:
+            return response.read()
+        except BackendHTTPError as exc:
+            raise self._transport_error(exc) from None
+
+    def _read_json(self, response: Response) -> dict[str, Any]:
+        body = self.read_body(response)
         try:
             return jsonc.loads(body.strip())
         except jsonc.JSONDecodeError:
@@ -171,41 +177,29 @@ class UpstreamClient:
         *,
         stream: bool,
         extra: Mapping[str, str] | None = None,
-    ) -> HTTPResponse:
-        headers = self.stream_headers if stream else self.headers
-        # Through a proxy, only the manager knows to send the absolute URL.
-        opener, target = (self.manager, self.url) if self.proxied else (self.pool, self.path)
+    ) -> Response:
+        head = self.stream_head if stream else self.json_head
         try:
-            response = opener.urlopen(
-                "POST",
-                target,
-                body=jsonc.dumps(payload),
-                headers={**headers, **(extra or {}), "X-Request-ID": request_id},
-                timeout=self.timeout,
-                retries=False,
-                redirect=False,
-                preload_content=not stream,
-                decode_content=not stream,
+            if extra:
+                head += header_block(extra)
+            head += header_block({"X-Request-ID": request_id})
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        try:
+            response = self.pool.request(
+                "POST", self.path, head, jsonc.dumps(payload), timeout=self.first_byte_timeout
             )
-        except (HTTPError, OSError) as exc:
+        except BackendHTTPError as exc:
             raise self._transport_error(exc) from None
         if response.status < 300:
             return response
-        raise self._status_error(response, payload, stream)
+        raise self._status_error(response, payload)
 
-    def _status_error(
-        self, response: HTTPResponse, payload: dict[str, Any], stream: bool
-    ) -> Exception:
-        try:
-            if stream:  # bounded: an error body has no business being large
-                body = response.read(ERROR_BODY_LIMIT, decode_content=True) or b""
-            else:
-                body = response.data or b""
-        except Exception:  # a broken error body still leaves the status to report
+    def _status_error(self, response: Response, payload: dict[str, Any]) -> Exception:
+        try:  # bounded: an error body has no business being large
+            body = response.read(ERROR_BODY_LIMIT)
+        except BackendHTTPError:  # a broken error body still leaves the status to report
             body = b""
-        finally:
-            if stream:
-                response.close()
         if (
             response.status in (400, 422)
             and "stream_options" in payload
@@ -214,21 +208,20 @@ class UpstreamClient:
             return _StreamOptionsRejected()
         return error_from_status(response.status, body, response.headers, self.name)
 
-    def _transport_error(self, exc: Exception) -> GatewayError:
+    def _transport_error(self, exc: BackendHTTPError) -> GatewayError:
         """Connection failures are retryable (nothing was answered); timeouts are not: the
         backend may still be working on the request."""
-        text = str(exc)
-        # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test it first.
-        if isinstance(exc, NewConnectionError | ConnectionRefusedError):
-            if "refused" in text.lower():
+        if isinstance(exc, ConnectFailed):
+            if exc.refused:
                 message = f"cannot connect to backend {self.name}: connection refused"
                 return UpstreamError(message, status=502, retryable=True)
-        elif isinstance(exc, ConnectTimeoutError):
-            message = f"timed out connecting to backend {self.name}"
-            return UpstreamTimeout(message, retryable=True)
-        if isinstance(exc, ReadTimeoutError | TimeoutError) or "timed out" in text.lower():
+            if exc.timed_out:
+                return UpstreamTimeout(
+                    f"timed out connecting to backend {self.name}", retryable=True
+                )
+        elif isinstance(exc, ReadTimedOut):
             return UpstreamTimeout(f"backend {self.name} did not answer in time")
-        message = f"connection to backend {self.name} failed: {_short(text)}"
+        message = f"connection to backend {self.name} failed: {_short(str(exc))}"
         return UpstreamError(message, status=502, retryable=True)
 
 
@@ -242,20 +235,15 @@ def _first_byte_timeout(config: Upstream) -> float:
     return config.read_timeout
 
 
-def _pool_manager(config: Upstream, pool_size: int) -> urllib3.PoolManager:
-    """Pooled connections (kept up to ``pool_size``; more may open under load and are then
-    closed); no retries at this level: the dispatcher retries and fails over by policy.
-
-    With ``trust_env`` the environment's proxy settings apply, as they would with curl.
-    """
-    options: dict[str, Any] = {"num_pools": 4, "maxsize": max(pool_size, 10), "block": False}
-    host = urlsplit(config.url).hostname or ""
-    proxy = (
-        urllib.request.getproxies().get(urlsplit(config.url).scheme) if config.trust_env else None
-    )
-    if proxy and not urllib.request.proxy_bypass(host):
-        return urllib3.ProxyManager(proxy, **options)
-    return urllib3.PoolManager(**options)
+def _proxy_for(config: Upstream) -> str | None:
+    """With ``trust_env`` the environment's proxy settings apply, as they would with curl."""
+    if not config.trust_env:
+        return None
+    parts = urlsplit(config.url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return proxy
+    return None
 
 
 def _display_name(url: str) -> str:
@@ -273,35 +261,23 @@ def _short(text: str, limit: int = 200) -> str:
 class BodyReader:
     """A streamed response body, read straight off the backend's socket.
 
-    http.client's file object refuses every read after one socket timeout, so a stream read
-    through it cannot wake up for pings, deadlines or shutdown without a helper thread; read
-    here, a timeout is just a moment of silence. Whatever http.client had already buffered
-    with the headers is taken over first. A body read to its end gives the connection back to
-    the pool; any other end closes it, which tells the backend to stop generating.
+    The relay must wake up while the backend is silent (for pings, deadlines and shutdown), so
+    the socket carries a short timeout and a timeout here is just a moment of silence, not an
+    error. A body read to its end gives the connection back to the pool; any other end closes
+    it, which tells the backend to stop generating.
     """
 
-    def __init__(self, client: UpstreamClient, response: HTTPResponse, wake: float) -> None:
+    def __init__(self, client: UpstreamClient, response: Response, wake: float) -> None:
+        connection = response.connection
+        assert connection is not None, "the body of this response was already consumed"
         self.client = client
         self.response = response
-        self.sock = _body_socket(response)
+        self.sock = connection.sock
         self.chunked = ChunkedDecoder() if response.chunked else None
-        self.remaining = response.length_remaining  # Content-Length, or None
+        self.remaining = response.length  # Content-Length, or None: until the connection ends
         self.complete = False
         self.sock.settimeout(wake)
-        self.pending = self._take_buffered()
-
-    def _take_buffered(self) -> bytes:
-        """Body bytes http.client read along with the headers (without blocking for more)."""
-        buffered = self.response._fp.fp  # type: ignore[union-attr]  # http.client's reader
-        timeout = self.sock.gettimeout()
-        self.sock.settimeout(0.0)
-        try:
-            data = buffered.peek(READ_SIZE)
-        except OSError:  # nothing there yet (plain EAGAIN is None, TLS raises WantRead)
-            data = b""
-        finally:
-            self.sock.settimeout(timeout)
-        return buffered.read(len(data)) if data else b""
+        self.pending = connection.take_buffer()  # body bytes that came with the head
 
     def read(self) -> bytes | None:
         """The next body bytes; b"" at the end of the body; None after ``wake`` of silence."""
@@ -355,18 +331,7 @@ class BodyReader:
             pass
 
     def close(self) -> None:
-        reusable = self.complete and (self.chunked is not None or self.remaining == 0)
-        if reusable:
-            self.response._fp.close()  # type: ignore[union-attr]  # done; the socket stays open
-            self.response.release_conn()
+        if self.complete:
+            self.response.release()  # pooled again unless the body was close-delimited
         else:
             self.response.close()
-
-
-def _body_socket(response: HTTPResponse) -> Any:
-    """The socket the body arrives on. For a response that closes the connection http.client
-    has already let go of the connection object, and only its file object holds the socket."""
-    connection = response.connection
-    if connection is not None and connection.sock is not None:
-        return connection.sock
-    return response._fp.fp.raw._sock  # type: ignore[union-attr]

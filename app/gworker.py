@@ -15,21 +15,33 @@ from gunicorn.workers.ggevent import GeventWorker
 
 
 class ClientSocket:
-    """A client socket whose ``sendall`` sends without the per-call ``getsockopt``."""
+    """A client socket whose ``sendall`` sends without the per-call ``getsockopt``.
 
-    __slots__ = ("_sock",)
+    A write first goes straight to the non-blocking socket under gevent's (most writes fit
+    in the send buffer at once); only what does not fit takes gevent's cooperative ``send``.
+    A TLS socket (gunicorn's own ``certfile``) always takes gevent's path: its plain socket
+    carries ciphertext.
+    """
+
+    __slots__ = ("_sock", "_raw")
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
+        self._raw = None if hasattr(sock, "pending") else getattr(sock, "_sock", None)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
     def sendall(self, data: bytes) -> None:
-        send = self._sock.send
-        sent = send(data)
+        sent = 0
+        if self._raw is not None:
+            try:
+                sent = self._raw.send(data)
+            except BlockingIOError:
+                pass
         if sent < len(data):
             view = memoryview(data)
+            send = self._sock.send
             while sent < len(view):
                 sent += send(view[sent:])
 

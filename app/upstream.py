@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from gevent.hub import Waiter
+
 from app import jsonc
 from app.backend_http import (
     BackendHTTPError,
@@ -278,6 +280,8 @@ class BodyReader:
         self.complete = False
         self.sock.settimeout(wake)
         self.pending = connection.take_buffer()  # body bytes that came with the head
+        self.wait = ReadWait.for_socket(self.sock, wake)
+        self.drained = False  # the last read emptied the socket's buffer
 
     def read(self) -> bytes | None:
         """The next body bytes; b"" at the end of the body; None after ``wake`` of silence."""
@@ -294,11 +298,29 @@ class BodyReader:
 
     def _recv(self) -> bytes | None:
         try:
-            return self.sock.recv(READ_SIZE)
+            if self.wait is None:
+                return self.sock.recv(READ_SIZE)
+            return self._recv_waiting_first()
         except TimeoutError:
             return None
         except OSError as exc:
             raise UpstreamError(f"connection to backend {self.client.name} broke: {exc}") from None
+
+    def _recv_waiting_first(self) -> bytes | None:
+        """A backend stream's chunks come one by one, each usually read whole; so after a read
+        that emptied the socket, wait for the next before calling recv, sparing the recv that
+        would fail (with its exception and error-message formatting) on every chunk."""
+        raw = self.sock._sock  # the non-blocking socket under gevent's
+        while True:
+            if self.drained and not self.wait():
+                return None  # silence for ``wake`` seconds
+            try:
+                data = raw.recv(READ_SIZE)
+            except BlockingIOError:
+                self.drained = True
+                continue
+            self.drained = len(data) < READ_SIZE
+            return data
 
     def _decode(self, data: bytes) -> bytes:
         if self.chunked is not None:
@@ -324,6 +346,7 @@ class BodyReader:
     def drain(self, seconds: float) -> None:
         """After [DONE]: read to the body's end (normally already here) so it can be reused."""
         self.sock.settimeout(seconds)
+        self.wait = None
         try:
             while self.read():
                 pass
@@ -335,3 +358,36 @@ class BodyReader:
             self.response.release()  # pooled again unless the body was close-delimited
         else:
             self.response.close()
+
+
+class ReadWait:
+    """Wait until a gevent socket is readable, for at most ``seconds``: True if it is.
+
+    gevent's own ``recv`` tries the read first and, on EAGAIN, waits under a fresh
+    ``Timeout`` object; here one timer per stream is restarted instead. Only for plain TCP
+    sockets: a TLS socket can hold decrypted bytes while its descriptor is not readable.
+    """
+
+    __slots__ = ("hub", "watcher", "timer")
+
+    def __init__(self, sock: Any, seconds: float) -> None:
+        self.hub = sock.hub
+        self.watcher = sock._read_event
+        # Repeating, and restarted with ``again``: a one-shot libev timer restarted with
+        # ``start`` after it has fired once fires at once from then on.
+        self.timer = self.hub.loop.timer(seconds, seconds)
+
+    @classmethod
+    def for_socket(cls, sock: Any, seconds: float) -> ReadWait | None:
+        plain = not hasattr(sock, "pending") and hasattr(sock, "_read_event")
+        return cls(sock, seconds) if plain and hasattr(sock, "_sock") else None
+
+    def __call__(self) -> bool:
+        waiter = Waiter(self.hub)
+        self.watcher.start(waiter.switch, True)
+        self.timer.again(waiter.switch, False)
+        try:
+            return waiter.get()
+        finally:
+            self.watcher.stop()
+            self.timer.stop()

@@ -1,4 +1,5 @@
-"""Flask wiring: the app factory, request ids, the access log hook and the error envelope.
+"""Flask wiring: the app factory, request ids, client keys, the access log hook and the error
+envelope.
 
 Error handlers are registered on the app, not the blueprint, because routing errors (404, 405)
 never reach blueprint handlers, and every error must leave as an Anthropic envelope.
@@ -9,16 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from app import jsonc, metrics
+from app import auth, jsonc, metrics
 from app.api import create_blueprint
 from app.balancer import Balancer
-from app.config import Settings, load_settings_or_last_good
+from app.config import ClientKey, Settings, load_settings_or_last_good
 from app.dispatch import Dispatcher
 from app.errors import (
+    AuthenticationFailed,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
@@ -26,7 +29,7 @@ from app.errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from app.observability import client_key_id, configure_logging, log_access, request_id_from
+from app.observability import configure_logging, log_access, request_id_from
 from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -40,7 +43,8 @@ def build_app(settings: Settings | None = None) -> Flask:
     dispatcher = build_dispatcher(settings)
     app.extensions["gateway.dispatcher"] = dispatcher
     app.register_blueprint(create_blueprint(settings, dispatcher))
-    app.before_request(_start_request)
+    keys = {key.sha256: key for key in settings.keys}
+    app.before_request(_request_starter(keys))
     app.after_request(_finish_request)
     app.register_error_handler(GatewayError, _gateway_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -66,20 +70,42 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def _start_request() -> None:
-    g.started = time.monotonic()
-    g.request_id = request_id_from(request.headers.get("X-Request-ID"))
-    if request.path in QUIET_PATHS:
-        return
-    g.access = {
-        "request_id": g.request_id,
-        "method": request.method,
-        "path": request.path,
-        "stream": False,
-        "worker": os.getpid(),
-        "client": client_key_id(request.headers),
-        "forwarded_for": request.headers.get("X-Forwarded-For"),
-    }
+def _request_starter(keys: Mapping[bytes, ClientKey]) -> Callable[[], None]:
+    """The first hook of every request; with client keys configured it also lets in only
+    requests with a known key on /v1/ routes."""
+
+    def start_request() -> None:
+        g.started = time.monotonic()
+        g.request_id = request_id_from(request.headers.get("X-Request-ID"))
+        path = request.path
+        if path in QUIET_PATHS:
+            return
+        key, digest = auth.identify(keys, request.environ)
+        g.access = {
+            "request_id": g.request_id,
+            "method": request.method,
+            "path": path,
+            "stream": False,
+            "worker": os.getpid(),
+            "client": auth.client_id(digest),
+            "key": key.name if key is not None else None,
+            "forwarded_for": request.headers.get("X-Forwarded-For"),
+        }
+        if keys and path.startswith("/v1/"):
+            _admit(key, digest)
+
+    return start_request
+
+
+def _admit(key: ClientKey | None, digest: bytes | None) -> None:
+    """Refuse a request without a known key."""
+    if key is None:
+        g.access["rejected"] = "unauthenticated"
+        if digest is None:
+            raise AuthenticationFailed(
+                "an API key is required: send it as x-api-key or Authorization: Bearer"
+            )
+        raise AuthenticationFailed("invalid API key")
 
 
 def _finish_request(response: Response) -> Response:

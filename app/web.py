@@ -1,5 +1,5 @@
-"""Flask wiring: the app factory, request ids, client keys, the access log hook and the error
-envelope.
+"""Flask wiring: the app factory, request ids, client keys and their limits, the access log
+hook and the error envelope.
 
 Error handlers are registered on the app, not the blueprint, because routing errors (404, 405)
 never reach blueprint handlers, and every error must leave as an Anthropic envelope.
@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from app import auth, jsonc, metrics
+from app import auth, jsonc, limits, metrics
 from app.api import create_blueprint
 from app.balancer import Balancer
-from app.config import ClientKey, Settings, load_settings_or_last_good
+from app.config import Settings, load_settings_or_last_good
 from app.dispatch import Dispatcher
 from app.errors import (
     AuthenticationFailed,
@@ -29,6 +29,7 @@ from app.errors import (
     RequestTooLarge,
     UpstreamError,
 )
+from app.limits import KeyState, LimitExceeded
 from app.observability import configure_logging, log_access, request_id_from
 from app.upstream import UpstreamClient
 
@@ -43,7 +44,7 @@ def build_app(settings: Settings | None = None) -> Flask:
     dispatcher = build_dispatcher(settings)
     app.extensions["gateway.dispatcher"] = dispatcher
     app.register_blueprint(create_blueprint(settings, dispatcher))
-    keys = {key.sha256: key for key in settings.keys}
+    keys = limits.key_table(settings.keys, limits.worker_count(os.environ))
     app.before_request(_request_starter(keys))
     app.after_request(_finish_request)
     app.register_error_handler(GatewayError, _gateway_error)
@@ -70,12 +71,12 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def _request_starter(keys: Mapping[bytes, ClientKey]) -> Callable[[], None]:
+def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
     """The first hook of every request; with client keys configured it also lets in only
-    requests with a known key on /v1/ routes."""
+    requests with a known key on /v1/ routes, within the key's limits."""
 
     def start_request() -> None:
-        g.started = time.monotonic()
+        g.started = started = time.monotonic()
         g.request_id = request_id_from(request.headers.get("X-Request-ID"))
         path = request.path
         if path in QUIET_PATHS:
@@ -92,13 +93,13 @@ def _request_starter(keys: Mapping[bytes, ClientKey]) -> Callable[[], None]:
             "forwarded_for": request.headers.get("X-Forwarded-For"),
         }
         if keys and path.startswith("/v1/"):
-            _admit(key, digest)
+            _admit(key, digest, path, started)
 
     return start_request
 
 
-def _admit(key: ClientKey | None, digest: bytes | None) -> None:
-    """Refuse a request without a known key."""
+def _admit(key: KeyState | None, digest: bytes | None, path: str, now: float) -> None:
+    """Refuse a request without a known key; hold a message request to its key's limits."""
     if key is None:
         g.access["rejected"] = "unauthenticated"
         if digest is None:
@@ -106,17 +107,40 @@ def _admit(key: ClientKey | None, digest: bytes | None) -> None:
                 "an API key is required: send it as x-api-key or Authorization: Bearer"
             )
         raise AuthenticationFailed("invalid API key")
+    if key.limited and path == "/v1/messages" and request.method == "POST":
+        try:
+            g.lease = key.admit(now)
+        except LimitExceeded as exc:
+            g.access["rejected"] = exc.reason
+            raise
+        g.limited_key = key
 
 
 def _finish_request(response: Response) -> Response:
     request_id = g.get("request_id")
     if request_id:
         response.headers["request-id"] = request_id
+    key = g.get("limited_key")
+    if key is not None:
+        _limit_end(key, response)
     if not g.get("access_deferred") and "access" in g:
         g.access["status"] = response.status_code
         g.access["bytes_out"] = response.content_length
         log_access(g.access, g.started)
     return response
+
+
+def _limit_end(key: KeyState, response: Response) -> None:
+    """Rate headers, and the concurrency slot back: now, or for a stream when it is over (the
+    stream's own end in app/api.py usually gets there first; a lease acts once)."""
+    if key.interval:
+        response.headers.update(key.rate_headers(time.monotonic(), time.time()))
+    lease = g.lease
+    if lease is not None:
+        if g.get("access_deferred"):
+            response.call_on_close(lease.release)
+        else:
+            lease.release()
 
 
 def render(error: GatewayError) -> Response:

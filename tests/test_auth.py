@@ -19,6 +19,7 @@ from servers import ROOT, Gunicorn
 
 from app import auth
 from app.config import ClientKey, ConfigError, Limits, build_settings, load_settings
+from app.limits import key_table
 
 ALICE = "sk-gw-alice-0123456789abcdef"
 BOB = "sk-gw-bob-fedcba9876543210"
@@ -236,7 +237,7 @@ def test_hash_command_prints_the_config_line_that_lets_the_key_in() -> None:
     assert result.stdout == f'sha256 = "{ALICE_SHA}"\n'
     digest = result.stdout.split('"')[1]
     keys = build_settings({"auth": {"keys": [{"name": "a", "sha256": digest}]}}, {}).keys
-    key, _ = auth.identify({k.sha256: k for k in keys}, {"HTTP_X_API_KEY": ALICE})
+    key, _ = auth.identify(key_table(keys, 1), {"HTTP_X_API_KEY": ALICE})
     assert key is not None and key.name == "a"
 
 

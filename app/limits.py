@@ -53,18 +53,19 @@ def worker_count(environ: Mapping[str, str]) -> int:
 
 
 class Lease:
-    """One request's slot in its key's ``max_concurrent``; ``release`` gives it back once."""
+    """An admitted request's hold on its key: one of the key's requests in flight until
+    ``release``, which acts once however often it is called."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("key", "_held")
 
     def __init__(self, key: KeyState) -> None:
-        self._key: KeyState | None = key
+        self.key = key
+        self._held = True
 
     def release(self) -> None:
-        key = self._key
-        if key is not None:
-            self._key = None
-            key.in_flight -= 1
+        if self._held:
+            self._held = False
+            self.key.in_flight -= 1
 
 
 class KeyState:
@@ -81,6 +82,7 @@ class KeyState:
         "tat",
         "_rate_text",
         "_busy_text",
+        "_limit_text",
     )
 
     def __init__(self, name: str, limits: Limits, workers: int = 1) -> None:
@@ -92,6 +94,7 @@ class KeyState:
         self.window = self.interval * self.burst
         self.max_concurrent = math.ceil(limits.max_concurrent / workers)
         self.limited = bool(rate or self.max_concurrent)
+        self._limit_text = str(self.burst)
         self.in_flight = 0
         self.tat = 0.0
         share = f", this worker's 1/{workers} share" if workers > 1 else ""
@@ -101,11 +104,11 @@ class KeyState:
             f"{share}; retry when one has finished"
         )
 
-    def admit(self, now: float) -> Lease | None:
+    def admit(self, now: float) -> Lease:
         """Take a request at ``now`` (monotonic seconds), or raise ``LimitExceeded``.
 
-        Returns the lease to release when the request is over, or None when the key has no
-        concurrency limit. A refused request uses up nothing.
+        Returns the lease to release when the request is over. A refused request uses up
+        nothing.
         """
         if self.max_concurrent and self.in_flight >= self.max_concurrent:
             raise LimitExceeded("concurrency", self._busy_text, 1)
@@ -117,8 +120,6 @@ class KeyState:
                 message = f"key {self.name!r} is limited to {self._rate_text}; retry in {wait} s"
                 raise LimitExceeded("rate_limited", message, wait)
             self.tat = tat
-        if not self.max_concurrent:
-            return None
         self.in_flight += 1
         return Lease(self)
 
@@ -127,16 +128,16 @@ class KeyState:
         backlog = self.tat - now if self.tat > now else 0.0
         return int((self.window - backlog) / self.interval + 1e-9)
 
-    def rate_headers(self, now: float, wall: float) -> dict[str, str]:
+    def rate_headers(self, now: float, wall: float) -> list[tuple[str, str]]:
         """``anthropic-ratelimit-requests-*`` as the answering worker sees them: its burst,
         what is left of it, and when it is whole again (RFC 3339, rounded up to the second).
         Only for a key with a rate; ``wall`` is ``time.time()`` at ``now``."""
         backlog = self.tat - now if self.tat > now else 0.0
-        return {
-            "anthropic-ratelimit-requests-limit": str(self.burst),
-            "anthropic-ratelimit-requests-remaining": str(self.remaining(now)),
-            "anthropic-ratelimit-requests-reset": _rfc3339(math.ceil(wall + backlog)),
-        }
+        return [
+            ("anthropic-ratelimit-requests-limit", self._limit_text),
+            ("anthropic-ratelimit-requests-remaining", str(self.remaining(now))),
+            ("anthropic-ratelimit-requests-reset", _rfc3339(math.ceil(wall + backlog))),
+        ]
 
 
 _last_reset: tuple[int, str] = (0, time.strftime(RESET_FORMAT, time.gmtime(0)))

@@ -29,7 +29,7 @@ from app.errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from app.limits import KeyState, LimitExceeded
+from app.limits import KeyState, Lease, LimitExceeded
 from app.observability import configure_logging, log_access, request_id_from
 from app.upstream import UpstreamClient
 
@@ -107,40 +107,39 @@ def _admit(key: KeyState | None, digest: bytes | None, path: str, now: float) ->
                 "an API key is required: send it as x-api-key or Authorization: Bearer"
             )
         raise AuthenticationFailed("invalid API key")
-    if key.limited and path == "/v1/messages" and request.method == "POST":
+    if key.limited and path == "/v1/messages":
         try:
             g.lease = key.admit(now)
         except LimitExceeded as exc:
             g.access["rejected"] = exc.reason
             raise
-        g.limited_key = key
 
 
 def _finish_request(response: Response) -> Response:
     request_id = g.get("request_id")
     if request_id:
         response.headers["request-id"] = request_id
-    key = g.get("limited_key")
-    if key is not None:
-        _limit_end(key, response)
-    if not g.get("access_deferred") and "access" in g:
+    deferred = g.get("access_deferred")
+    lease = g.get("lease")
+    if lease is not None:
+        _limit_end(lease, response, deferred)
+    if not deferred and "access" in g:
         g.access["status"] = response.status_code
         g.access["bytes_out"] = response.content_length
         log_access(g.access, g.started)
     return response
 
 
-def _limit_end(key: KeyState, response: Response) -> None:
-    """Rate headers, and the concurrency slot back: now, or for a stream when it is over (the
+def _limit_end(lease: Lease, response: Response, deferred: bool | None) -> None:
+    """Rate headers, and the key's slot back: now, or for a stream when it is over (the
     stream's own end in app/api.py usually gets there first; a lease acts once)."""
+    key = lease.key
     if key.interval:
-        response.headers.update(key.rate_headers(time.monotonic(), time.time()))
-    lease = g.lease
-    if lease is not None:
-        if g.get("access_deferred"):
-            response.call_on_close(lease.release)
-        else:
-            lease.release()
+        response.headers.extend(key.rate_headers(time.monotonic(), time.time()))
+    if deferred:
+        response.call_on_close(lease.release)
+    else:
+        lease.release()
 
 
 def render(error: GatewayError) -> Response:

@@ -102,11 +102,13 @@ def _admit(key: KeyState | None, digest: bytes | None, path: str, now: float) ->
     """Refuse a request without a known key; hold a message request to its key's limits."""
     if key is None:
         g.access["rejected"] = "unauthenticated"
+        # x-should-retry: false, or Claude Code retries a wrong key for minutes.
         if digest is None:
             raise AuthenticationFailed(
-                "an API key is required: send it as x-api-key or Authorization: Bearer"
+                "an API key is required: send it as x-api-key or Authorization: Bearer",
+                should_retry=False,
             )
-        raise AuthenticationFailed("invalid API key")
+        raise AuthenticationFailed("invalid API key", should_retry=False)
     if key.limited and path == "/v1/messages":
         try:
             g.lease = key.admit(now)

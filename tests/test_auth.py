@@ -308,6 +308,7 @@ def test_wrong_key_is_an_authentication_error(server, module_backend):
         with pytest.raises(anthropic.AuthenticationError) as caught:
             client.messages.create(**BODY)
     assert caught.value.status_code == 401
+    assert caught.value.response.headers["x-should-retry"] == "false"
     assert caught.value.body["error"] == {
         "type": "authentication_error",
         "message": "invalid API key",

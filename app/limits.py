@@ -7,8 +7,8 @@ window (``burst`` intervals); admitting it moves ``tat`` on by one interval. So 
 send ``burst`` requests at once, then one per interval; nothing is stored per request.
 
 ``max_concurrent`` counts requests in flight, a stream until its last byte or until the client
-leaves. A ``Lease`` gives the slot back; its ``release`` may be called from every place a
-request can end (app/web.py and the stream's end in app/api.py) and acts once.
+leaves. Every admitted request holds a ``Lease`` on its key; ``release`` may be called from
+every place a request can end (app/web.py and the stream's end in app/api.py) and acts once.
 
 Kept in memory, per gunicorn worker, and that has a price. Workers do not share state, so each
 one holds 1/N of every limit (N = ``GATEWAY_WORKERS``, which gunicorn.conf.py exports): a rate
@@ -19,7 +19,7 @@ only its 1/N, and the rounding up lets the service admit up to N - 1 more than t
 burst or concurrency. With one worker the limits are exact. Nothing here locks: a gevent worker
 runs one thread, and no function here yields to another greenlet.
 
-Pure: the standard library and app.errors only; the clock is passed in.
+Pure: the standard library, app.config and app.errors only; the clock is passed in.
 """
 
 from __future__ import annotations

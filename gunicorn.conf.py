@@ -43,6 +43,8 @@ if _first_start:
 # Loopback by default; nginx in front terminates TLS. Never 0.0.0.0 on a shared host.
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8082").split(",")
 workers = _env_int("GATEWAY_WORKERS", 2)
+# Each worker keeps 1/workers of every client key's limits (app/limits.py); it reads this.
+os.environ.setdefault("GATEWAY_WORKERS", str(workers))
 # gunicorn's gevent worker, with a cheaper sendall for streamed events (app/gworker.py).
 worker_class = "app.gworker.GatewayWorker"
 # Open streams and idle keep-alive connections each hold one slot per worker.

@@ -181,12 +181,15 @@ def _stream(
             think_tags=config.dialect.think_tags,
         )
     entry, started = g.access, g.started
+    lease = g.get("lease")  # the key's concurrency slot, held until the stream is over
     deadline = started + config.total_timeout if config.total_timeout else None
     in_flight = metrics.STREAMS.labels(attempt.target.backend)
     in_flight.inc()
 
     def on_end(outcome: StreamOutcome) -> None:
         in_flight.dec()
+        if lease is not None:
+            lease.release()
         failed = translator.error_type is not None
         dispatcher.finish(attempt, ok=None if not outcome.completed else not failed)
         entry.update(

@@ -7,9 +7,11 @@ gunicorn master loads this module before the workers monkey-patch the network st
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields, replace
@@ -80,6 +82,29 @@ class Routing:
     breaker_cooldown: float = 30.0
 
 
+@dataclass(frozen=True)
+class Limits:
+    """A client key's limits, service-wide (app/limits.py splits them over the workers).
+
+    0 means no limit. ``burst`` is how many requests may arrive at once; 0 means a minute's
+    worth (``requests_per_minute`` rounded up), as with Anthropic's own limits.
+    """
+
+    requests_per_minute: float = 0.0
+    burst: int = 0
+    max_concurrent: int = 0
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """A key clients may use: its name (for logs and metrics), the SHA-256 of the key and its
+    limits. The key itself is never kept, only its digest."""
+
+    name: str
+    sha256: bytes = field(repr=False)
+    limits: Limits = field(default_factory=Limits)
+
+
 STRATEGIES = ("failover", "weighted", "least_busy")
 PROTOCOLS = ("openai", "anthropic")
 
@@ -96,6 +121,8 @@ class Settings:
     admin_token: str = field(default="", repr=False)
     # Seconds of backend silence after which a stream gets a ping event (0: never).
     ping_interval: float = 15.0
+    # Keys clients must present on /v1/ routes; none: no authentication.
+    keys: tuple[ClientKey, ...] = ()
 
     @property
     def upstream(self) -> Upstream:
@@ -117,8 +144,12 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "GATEWAY_RETRIES": ("routing", "retries"),
     "GATEWAY_PING_INTERVAL": ("", "ping_interval"),
 }
-TABLES = ("upstream", "models", "routing", "admin")
+TABLES = ("upstream", "models", "routing", "admin", "auth", "limits")
 LISTS = ("backends", "routes")
+# Client keys without a file: comma-separated name:sha256 pairs; they replace [[auth.keys]].
+API_KEYS_ENV = "GATEWAY_API_KEYS"
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+LIMIT_FIELDS = ("requests_per_minute", "burst", "max_concurrent")
 
 
 # The last configuration the gunicorn master validated, as JSON, for its workers: a reload
@@ -167,7 +198,23 @@ def read_raw(env: Mapping[str, str]) -> dict[str, Any]:
         if env.get(var, "") != "":
             target = raw.setdefault(section, {}) if section else raw
             target[key] = env[var]
+    if env.get(API_KEYS_ENV, "").strip():
+        raw.setdefault("auth", {})["keys"] = _keys_from_env(env[API_KEYS_ENV])
     return raw
+
+
+def _keys_from_env(value: str) -> list[dict[str, str]]:
+    """``GATEWAY_API_KEYS``: ``name:sha256,name:sha256``; checked further by build_settings.
+
+    Errors never repeat the entry: a plaintext key pasted by mistake must not reach the log.
+    """
+    entries = []
+    for number, item in enumerate(value.split(","), 1):
+        name, colon, digest = item.strip().partition(":")
+        if not colon:
+            raise ConfigError(f"{API_KEYS_ENV}: entry {number} is not name:sha256")
+        entries.append({"name": name.strip(), "sha256": digest.strip()})
+    return entries
 
 
 def _check_tables(raw: Mapping[str, Any]) -> None:
@@ -215,6 +262,7 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         log_level=str(raw.get("log_level", "info")).lower(),
         admin_token=_admin_token(raw.get("admin", {}), env),
         ping_interval=_number("ping_interval", raw.get("ping_interval", 15.0), float, 0),
+        keys=_build_keys(raw.get("auth", {}), raw.get("limits", {}), env),
     )
     if settings.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
@@ -224,6 +272,88 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
 def _admin_token(raw: Mapping[str, Any], env: Mapping[str, str]) -> str:
     _reject_unknown("admin.", raw, {"token", "token_env"})
     return _secret("admin", raw, env, "token")
+
+
+def _build_keys(
+    auth: Mapping[str, Any], limits: Mapping[str, Any], env: Mapping[str, str]
+) -> tuple[ClientKey, ...]:
+    """``[[auth.keys]]``, each with the ``[limits]`` defaults unless it sets its own."""
+    _reject_unknown("auth.", auth, {"keys"})
+    entries = auth.get("keys", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError("auth.keys: must be an array of tables ([[auth.keys]])")
+    _reject_unknown("limits.", limits, set(LIMIT_FIELDS))
+    if limits and not entries:
+        raise ConfigError("limits: limits apply per client key; add [[auth.keys]]")
+    default = _build_limits("limits", limits, Limits())
+    keys: list[ClientKey] = []
+    for i, entry in enumerate(entries):
+        key = _build_key(entry, f"auth.keys.{i}", default, env)
+        for j, other in enumerate(keys):
+            if other.name == key.name:
+                raise ConfigError(f"auth.keys.{i}.name: {key.name!r} is declared twice")
+            if other.sha256 == key.sha256:
+                raise ConfigError(
+                    f"auth.keys.{i}: key {key.name!r} is the same key as auth.keys.{j} "
+                    f"({other.name!r})"
+                )
+        keys.append(key)
+    return tuple(keys)
+
+
+def _build_key(
+    raw: Mapping[str, Any], where: str, default: Limits, env: Mapping[str, str]
+) -> ClientKey:
+    name = raw.get("name")
+    if not isinstance(name, str) or not KEY_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{where}.name: required; up to 64 letters, digits and . _ @ + - "
+            "(it shows in logs and metrics)"
+        )
+    try:
+        if "key" in raw or "api_key" in raw:
+            raise ConfigError(
+                f"{where}: plaintext keys are not accepted; give sha256 (python -m app.auth "
+                "hash prints it) or key_env"
+            )
+        _reject_unknown(f"{where}.", raw, {"name", "sha256", "key_env", *LIMIT_FIELDS})
+        return ClientKey(name, _key_digest(raw, where, env), _build_limits(where, raw, default))
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (key {name!r})") from None
+
+
+def _key_digest(raw: Mapping[str, Any], where: str, env: Mapping[str, str]) -> bytes:
+    """The SHA-256 of the key: given in hex, or computed from the variable ``key_env`` names."""
+    if ("sha256" in raw) == ("key_env" in raw):
+        raise ConfigError(f"{where}: give either sha256 or key_env")
+    if "sha256" in raw:
+        digest = raw["sha256"]
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ConfigError(
+                f"{where}.sha256: must be 64 hexadecimal digits (python -m app.auth hash)"
+            )
+        return bytes.fromhex(digest)
+    variable = str(raw["key_env"])
+    value = env.get(variable, "")
+    if not value:
+        raise ConfigError(f"{where}.key_env: environment variable {variable} is empty")
+    if not (value.isascii() and value.isprintable()) or value != value.strip():
+        raise ConfigError(
+            f"{where}.key_env: the key in {variable} must be printable ASCII without spaces "
+            "around it"
+        )
+    return hashlib.sha256(value.encode()).digest()
+
+
+def _build_limits(where: str, raw: Mapping[str, Any], base: Limits) -> Limits:
+    """The limits ``raw`` sets, the others from ``base``."""
+
+    def value(name: str, kind: type) -> Any:
+        return _number(f"{where}.{name}", raw.get(name, getattr(base, name)), kind, 0)
+
+    return Limits(
+        value("requests_per_minute", float), value("burst", int), value("max_concurrent", int)
+    )
 
 
 def _build_backends(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Upstream]:

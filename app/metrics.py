@@ -62,6 +62,11 @@ BACKEND_ERRORS = Counter(
 DISCONNECTS = Counter(
     "gateway_client_disconnects_total", "Streams the client left before the end.", ["route"]
 )
+REJECTED = Counter(
+    "gateway_requests_rejected_total",
+    "Requests refused before any backend was asked, by reason and client key name.",
+    ["reason", "key"],
+)
 BREAKER_OPEN = Gauge(
     "gateway_backend_breaker_open",
     "1 while a worker holds the backend's circuit breaker open.",
@@ -85,6 +90,8 @@ def record(entry: dict[str, Any], duration: float) -> None:
         TOKENS.labels(route, backend, "output").inc(entry["output_tokens"])
     if entry.get("client_disconnected"):
         DISCONNECTS.labels(route).inc()
+    if entry.get("rejected"):
+        REJECTED.labels(entry["rejected"], entry.get("key") or "").inc()
     if backend and entry.get("error") and entry.get("status") == 200:
         BACKEND_ERRORS.labels(backend, entry["error"]).inc()  # failed mid-stream
 

@@ -7,7 +7,6 @@ token and total time, not the time it took to return a generator.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import sys
@@ -62,14 +61,3 @@ def log_access(entry: dict[str, Any], started: float) -> None:
     entry["duration_ms"] = round(duration * 1000, 1)
     metrics.record(entry, duration)
     access_log.info(entry)
-
-
-def client_key_id(headers: Any) -> str | None:
-    """A stable, non-reversible id of the client's API key, for logs (never the key itself)."""
-    key = headers.get("x-api-key")
-    if not key:
-        authorization = headers.get("authorization") or ""
-        key = authorization[7:] if authorization[:7].lower() == "bearer " else None
-    if not key:
-        return None
-    return "key_" + hashlib.sha256(key.encode()).hexdigest()[:12]

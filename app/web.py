@@ -1,4 +1,5 @@
-"""Flask wiring: the app factory, request ids, the access log hook and the error envelope.
+"""Flask wiring: the app factory, request ids, client keys and their limits, the access log
+hook and the error envelope.
 
 Error handlers are registered on the app, not the blueprint, because routing errors (404, 405)
 never reach blueprint handlers, and every error must leave as an Anthropic envelope.
@@ -9,16 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from app import jsonc, metrics
+from app import auth, jsonc, limits, metrics
 from app.api import create_blueprint
 from app.balancer import Balancer
 from app.config import Settings, load_settings_or_last_good
 from app.dispatch import Dispatcher
 from app.errors import (
+    AuthenticationFailed,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
@@ -26,7 +29,8 @@ from app.errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from app.observability import client_key_id, configure_logging, log_access, request_id_from
+from app.limits import KeyState, Lease, LimitExceeded
+from app.observability import configure_logging, log_access, request_id_from
 from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -40,7 +44,8 @@ def build_app(settings: Settings | None = None) -> Flask:
     dispatcher = build_dispatcher(settings)
     app.extensions["gateway.dispatcher"] = dispatcher
     app.register_blueprint(create_blueprint(settings, dispatcher))
-    app.before_request(_start_request)
+    keys = limits.key_table(settings.keys, limits.worker_count(os.environ))
+    app.before_request(_request_starter(keys))
     app.after_request(_finish_request)
     app.register_error_handler(GatewayError, _gateway_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -66,31 +71,77 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def _start_request() -> None:
-    g.started = time.monotonic()
-    g.request_id = request_id_from(request.headers.get("X-Request-ID"))
-    if request.path in QUIET_PATHS:
-        return
-    g.access = {
-        "request_id": g.request_id,
-        "method": request.method,
-        "path": request.path,
-        "stream": False,
-        "worker": os.getpid(),
-        "client": client_key_id(request.headers),
-        "forwarded_for": request.headers.get("X-Forwarded-For"),
-    }
+def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
+    """The first hook of every request; with client keys configured it also lets in only
+    requests with a known key on /v1/ routes, within the key's limits."""
+
+    def start_request() -> None:
+        g.started = started = time.monotonic()
+        g.request_id = request_id_from(request.headers.get("X-Request-ID"))
+        path = request.path
+        if path in QUIET_PATHS:
+            return
+        key, digest = auth.identify(keys, request.environ)
+        g.access = {
+            "request_id": g.request_id,
+            "method": request.method,
+            "path": path,
+            "stream": False,
+            "worker": os.getpid(),
+            "client": auth.client_id(digest),
+            "key": key.name if key is not None else None,
+            "forwarded_for": request.headers.get("X-Forwarded-For"),
+        }
+        if keys and path.startswith("/v1/"):
+            _admit(key, digest, path, started)
+
+    return start_request
+
+
+def _admit(key: KeyState | None, digest: bytes | None, path: str, now: float) -> None:
+    """Refuse a request without a known key; hold a message request to its key's limits."""
+    if key is None:
+        g.access["rejected"] = "unauthenticated"
+        # x-should-retry: false, or Claude Code retries a wrong key for minutes.
+        if digest is None:
+            raise AuthenticationFailed(
+                "an API key is required: send it as x-api-key or Authorization: Bearer",
+                should_retry=False,
+            )
+        raise AuthenticationFailed("invalid API key", should_retry=False)
+    if key.limited and path == "/v1/messages":
+        try:
+            g.lease = key.admit(now)
+        except LimitExceeded as exc:
+            g.access["rejected"] = exc.reason
+            raise
 
 
 def _finish_request(response: Response) -> Response:
     request_id = g.get("request_id")
     if request_id:
         response.headers["request-id"] = request_id
-    if not g.get("access_deferred") and "access" in g:
+    deferred = g.get("access_deferred")
+    lease = g.get("lease")
+    if lease is not None:
+        _limit_end(lease, response, deferred)
+    if not deferred and "access" in g:
         g.access["status"] = response.status_code
         g.access["bytes_out"] = response.content_length
         log_access(g.access, g.started)
     return response
+
+
+def _limit_end(lease: Lease, response: Response, deferred: bool | None) -> None:
+    """Rate headers, and the key's slot back: now, or for a stream when it is over (the
+    stream's own end in app/api.py usually gets there first; a lease acts once)."""
+    key = lease.key
+    if key.interval:
+        response.headers.extend(key.rate_headers(time.monotonic(), time.time()))
+    if deferred:
+        response.call_on_close(lease.release)
+    else:
+        lease.release()
 
 
 def render(error: GatewayError) -> Response:

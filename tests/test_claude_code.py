@@ -8,6 +8,7 @@ adaptive thinking, effort, context_management, ``role: "system"`` inside message
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -52,8 +53,19 @@ def stack(tmp_path_factory) -> Iterator[tuple[FakeBackend, Gunicorn]]:
             server.stop()
 
 
-def run_claude(server: Gunicorn, workdir: Path, home: Path, prompt: str) -> dict:
+def run_claude(
+    server: Gunicorn,
+    workdir: Path,
+    home: Path,
+    prompt: str,
+    credentials: dict[str, str] | None = None,
+    check: bool = True,
+) -> dict:
+    """``credentials`` replace the default ANTHROPIC_API_KEY."""
     env = {**OFFLINE_ENV, "HOME": str(home), "ANTHROPIC_BASE_URL": server.url}
+    if credentials is not None:
+        del env["ANTHROPIC_API_KEY"]
+        env.update(credentials)
     result = subprocess.run(
         [str(CLAUDE), "-p", prompt, "--output-format", "json", "--dangerously-skip-permissions"],
         cwd=workdir,
@@ -62,7 +74,8 @@ def run_claude(server: Gunicorn, workdir: Path, home: Path, prompt: str) -> dict
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
 
 
@@ -109,3 +122,47 @@ def test_claude_code_runs_a_tool_loop_through_the_gateway(stack, tmp_path):
     assert roles[-2:] == ["assistant", "tool"]
     assert second["messages"][-2]["tool_calls"][0]["id"] == "call_e2e"
     assert second["messages"][-1]["tool_call_id"] == "call_e2e"
+
+
+TEAM_KEY = "sk-gw-team-e2e-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(stack, tmp_path_factory) -> Iterator[tuple[FakeBackend, Gunicorn]]:
+    """The same backend behind a gateway that wants a client key."""
+    backend, _ = stack
+    log = tmp_path_factory.mktemp("gunicorn-keys") / "gunicorn.log"
+    digest = hashlib.sha256(TEAM_KEY.encode()).hexdigest()
+    env = {
+        "GATEWAY_UPSTREAM_URL": backend.url,
+        "GATEWAY_UPSTREAM_MODEL": "qwen3",
+        "GATEWAY_API_KEYS": f"team:{digest}",
+    }
+    server = Gunicorn(env, log)
+    try:
+        yield backend, server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("variable", ["ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"])
+def test_claude_code_gets_in_with_a_client_key(keyed_stack, tmp_path, variable):
+    backend, server = keyed_stack
+    backend.reply(StreamReply(chunks(["Keyed ", "in."]), delay=0.01))
+    output = run_claude(server, tmp_path, tmp_path, "say hi", {variable: TEAM_KEY})
+    assert output["is_error"] is False, output
+    assert output["result"] == "Keyed in."
+    lines = [e for e in server.access_lines() if e.get("path") == "/v1/messages"]
+    assert lines and all(e["key"] == "team" and e["status"] == 200 for e in lines)
+
+
+def test_claude_code_with_a_wrong_key_is_refused(keyed_stack, tmp_path):
+    backend, server = keyed_stack
+    sent = len(backend.requests)
+    output = run_claude(
+        server, tmp_path, tmp_path, "say hi", {"ANTHROPIC_AUTH_TOKEN": "sk-wrong"}, check=False
+    )
+    assert output["is_error"] is True, output
+    assert len(backend.requests) == sent
+    refused = [e for e in server.access_lines() if e.get("status") == 401]
+    assert refused and all(e["key"] is None for e in refused)

@@ -201,6 +201,7 @@ function requestBytes(t, stream, maxTokens) {
   const head = `POST ${path} HTTP/1.1\r\nHost: ${t.host}:${t.port}\r\nContent-Type: application/json\r\n` +
     `Accept: ${stream ? 'text/event-stream' : 'application/json'}\r\n` +
     (t.kind === 'gateway' ? 'anthropic-version: 2023-06-01\r\n' : '') +
+    (t.api_key ? `x-api-key: ${t.api_key}\r\n` : '') +
     `Content-Length: ${b.length}\r\n\r\n`;
   return Buffer.concat([Buffer.from(head, 'latin1'), b]);
 }

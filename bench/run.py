@@ -18,6 +18,7 @@ Standard library only; needs Linux (/proc, taskset), node (18+) and, for --profi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -39,6 +40,8 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 RESULTS = BENCH / "results"
 HOST = "127.0.0.1"
+# The client key the load generator sends: the gateway runs with client keys and limits on.
+BENCH_KEY = "sk-bench-0123456789abcdef"
 
 # Targets from the issue. (figure key, label, comparison, limit)
 TARGETS = {
@@ -153,6 +156,8 @@ class Bench:
             GATEWAY_LOG_LEVEL=self.args.log_level,
             GATEWAY_WORKER_CONNECTIONS=str(self.args.worker_connections),
         )
+        if not self.args.no_auth:
+            env["GATEWAY_CONFIG"] = str(self.write_config())
         env.update(item.split("=", 1) for item in self.args.env)
         self.gateway_err = open(self.gateway_log, "wb")
         self.master = subprocess.Popen(
@@ -188,6 +193,22 @@ class Bench:
             f"{self.master.pid}, worker {self.worker} on :{self.gateway_port}"
         )
 
+    def write_config(self) -> Path:
+        """Every feature on: a client key that every gateway request must carry, with a rate
+        limit and a concurrency limit set far above what the bench sends, so that they are
+        checked on every request and never refuse one."""
+        path = RESULTS / f"{self.stamp}-gateway.toml"
+        digest = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
+        path.write_text(
+            "[[auth.keys]]\n"
+            'name = "bench"\n'
+            f'sha256 = "{digest}"\n'
+            "[limits]\n"
+            "requests_per_minute = 60000000\n"
+            "max_concurrent = 100000\n"
+        )
+        return path
+
     def stop(self) -> None:
         for p in reversed(self.procs):
             if p.poll() is None:
@@ -216,9 +237,10 @@ class Bench:
                     "stream": stream,
                 }
             ).encode()
-            req = urllib.request.Request(
-                self.url("/v1/messages"), data=body, headers={"Content-Type": "application/json"}
-            )
+            headers = {"Content-Type": "application/json"}
+            if not self.args.no_auth:
+                headers["x-api-key"] = BENCH_KEY
+            req = urllib.request.Request(self.url("/v1/messages"), data=body, headers=headers)
             try:
                 with urllib.request.urlopen(req, timeout=10) as r:
                     text = r.read().decode()
@@ -235,6 +257,21 @@ class Bench:
                 ok = '"type":"message"' in text and "Hello from the bench backend" in text
             if not ok:
                 sys.exit(f"bench: unexpected gateway answer: {text[:300]}")
+        if not self.args.no_auth:
+            self.check_auth_is_on()
+
+    def check_auth_is_on(self) -> None:
+        """The figures are for a gateway with client keys on: a request without one is a 401."""
+        req = urllib.request.Request(
+            self.url("/v1/messages"), data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                status = r.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        if status != 401:
+            sys.exit(f"bench: a request without a client key got {status}, not 401")
 
     def check_worker(self) -> None:
         workers = children_of(self.master.pid)
@@ -247,7 +284,10 @@ class Bench:
     # ------------------------------------------------------------------ load generator
     def target(self, kind: str) -> dict:
         port = self.gateway_port if kind == "gateway" else self.backend_port
-        return {"kind": kind, "host": HOST, "port": port}
+        target = {"kind": kind, "host": HOST, "port": port}
+        if kind == "gateway" and not self.args.no_auth:
+            target["api_key"] = BENCH_KEY
+        return target
 
     def loadgen(self, spec: dict) -> dict:
         spec.setdefault("pids", {"worker": self.worker, "backend": self.backend.pid})
@@ -970,6 +1010,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cores for the gateway and for load generator + backend (default 0 1)",
     )
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run the gateway without client keys and limits (default: a key with limits)",
+    )
     args = p.parse_args(argv)
     if args.long:
         args.rounds, args.duration, args.scale = max(args.rounds, 5), max(args.duration, 5.0), 3.0

@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from gevent.hub import Waiter
+
 from app.http_body import ChunkedDecoder, FramingError
 
 READ_SIZE = 65536
@@ -61,24 +63,100 @@ class ProtocolFailure(BackendHTTPError):
 
 
 class Connection:
-    """One socket and the bytes read past the end of the last thing parsed from it."""
+    """One socket, the bytes read past the end of the last thing parsed from it, and the read
+    timeout in force.
 
-    __slots__ = ("sock", "buffer", "idle_since")
+    On a plain gevent socket, reads and writes go to the non-blocking socket underneath, and
+    a read the caller expects to find nothing waits for readability first (``ReadWait``):
+    gevent's own ``recv`` would try, fail with EAGAIN (an exception with a formatted message)
+    and wait under a new ``Timeout`` object, and its ``sendall`` asks the kernel for SO_SNDBUF
+    on every call. Other sockets (TLS, or the standard library's outside a gevent worker) use
+    their own blocking calls with a timeout.
+    """
+
+    __slots__ = ("sock", "raw", "buffer", "idle_since", "timeout", "readable")
 
     def __init__(self, sock: Any) -> None:
         self.sock = sock
+        plain = not hasattr(sock, "pending") and hasattr(sock, "_read_event")
+        self.raw = getattr(sock, "_sock", None) if plain else None
+        self.readable = ReadWait(sock) if self.raw is not None else None
         self.buffer = b""
         self.idle_since = 0.0
+        self.timeout = 0.0
 
     def take_buffer(self) -> bytes:
         data, self.buffer = self.buffer, b""
         return data
 
+    def recv(self, *, wait_first: bool = False) -> bytes:
+        """Up to READ_SIZE bytes, b"" at the end; TimeoutError after ``timeout`` of silence."""
+        if self.readable is None:
+            self.sock.settimeout(self.timeout)
+            return self.sock.recv(READ_SIZE)
+        while True:
+            if wait_first and not self.readable(self.timeout):
+                raise TimeoutError("no data in time")
+            try:
+                return self.raw.recv(READ_SIZE)
+            except BlockingIOError:
+                wait_first = True
+
+    def sendall(self, data: bytes) -> None:
+        if self.raw is not None:
+            try:
+                sent = self.raw.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        self.sock.settimeout(self.timeout)
+        self.sock.sendall(data)
+
     def close(self) -> None:
+        if self.readable is not None:
+            self.readable.close()
         try:
             self.sock.close()
         except OSError:
             pass
+
+
+class ReadWait:
+    """Wait until a gevent socket is readable, for at most ``seconds``: True if it is.
+
+    Uses the socket's own read watcher and one repeating timer per timeout value, restarted
+    with ``again`` (a one-shot libev timer restarted with ``start`` after it has fired once
+    fires at once from then on).
+    """
+
+    __slots__ = ("hub", "watcher", "timers")
+
+    def __init__(self, sock: Any) -> None:
+        self.hub = sock.hub
+        self.watcher = sock._read_event
+        self.timers: dict[float, Any] = {}
+
+    def __call__(self, seconds: float) -> bool:
+        timer = self.timers.get(seconds)
+        if timer is None:
+            if len(self.timers) >= 4:
+                self.close()
+            timer = self.timers[seconds] = self.hub.loop.timer(seconds, seconds)
+        waiter = Waiter(self.hub)
+        self.watcher.start(waiter.switch, True)
+        timer.again(waiter.switch, False)
+        try:
+            return waiter.get()
+        finally:
+            self.watcher.stop()
+            timer.stop()
+
+    def close(self) -> None:
+        timers, self.timers = self.timers, {}
+        for timer in timers.values():
+            timer.close()
 
 
 class Response:
@@ -120,7 +198,7 @@ class Response:
         if connection is None:
             return b""
         if timeout is not None:
-            connection.sock.settimeout(timeout)
+            connection.timeout = timeout
         decoder = ChunkedDecoder() if self.chunked else None
         remaining = self.length
         parts: list[bytes] = []
@@ -145,7 +223,7 @@ class Response:
                         break
                 if complete:
                     break
-                data = _recv(connection.sock)
+                data = _recv(connection)
                 if not data:
                     if decoder is not None or remaining:
                         raise ProtocolFailure("the connection closed in the middle of the body")
@@ -307,19 +385,21 @@ class Pool:
         ).encode("latin-1")
         sock.sendall(request + self.proxy_headers + b"\r\n")
         connection = Connection(sock)
+        connection.timeout = self.connect_timeout
         status, _, _, _ = _read_head(connection, stale_if_empty=False)
+        if connection.readable is not None:
+            connection.readable.close()  # the socket lives on, wrapped in TLS
         if status != 200:
             raise OSError(f"the proxy answered CONNECT with HTTP {status}")
 
     def _exchange(
         self, connection: Connection, data: bytes, body: bytes, timeout: float, method: str
     ) -> Response:
-        sock = connection.sock
-        sock.settimeout(timeout)
+        connection.timeout = timeout
         try:
-            sock.sendall(data)
+            connection.sendall(data)
             if body:
-                sock.sendall(body)
+                connection.sendall(body)
         except TimeoutError:
             connection.close()
             raise ReadTimedOut("timed out sending the request") from None
@@ -368,8 +448,8 @@ def _read_head(
         while match is None:
             if len(buffer) > HEAD_LIMIT:
                 raise ProtocolFailure("the response head is too long")
-            try:
-                data = connection.sock.recv(READ_SIZE)
+            try:  # the answer cannot be there before the request was read: wait first
+                data = connection.recv(wait_first=not buffer)
             except TimeoutError:
                 raise ReadTimedOut("no response in time") from None
             except OSError as exc:
@@ -427,9 +507,9 @@ def _content_length(headers: Mapping[str, str]) -> int | None:
     return lengths.pop()
 
 
-def _recv(sock: Any) -> bytes:
+def _recv(connection: Connection) -> bytes:
     try:
-        return sock.recv(READ_SIZE)
+        return connection.recv()
     except TimeoutError:
         raise ReadTimedOut("timed out reading the response body") from None
     except OSError as exc:

@@ -1,4 +1,5 @@
-"""gunicorn's gevent worker with one change: a cheaper ``sendall`` on client sockets.
+"""gunicorn's gevent worker with two changes: a cheaper ``sendall`` on client sockets, and a
+``Date`` header formatted once per second.
 
 gevent's ``sendall`` asks the kernel for SO_SNDBUF on every call (a ``getsockopt`` system call,
 to size its write chunks) and gunicorn calls it once per streamed event: profiled, that was a
@@ -9,8 +10,11 @@ imports nothing of the app, because gunicorn loads worker classes in the master.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
+from gunicorn import util as gunicorn_util
 from gunicorn.workers.ggevent import GeventWorker
 
 
@@ -46,6 +50,31 @@ class ClientSocket:
                 sent += send(view[sent:])
 
 
+class CachedHTTPDate:
+    """gunicorn's ``Date`` header, formatted once per second instead of once per response
+    (``email.utils.formatdate`` was 3% of the worker's CPU per request)."""
+
+    def __init__(self, format_date: Callable[..., str]) -> None:
+        self.format_date = format_date
+        self.second = -1
+        self.text = ""
+
+    def __call__(self, timestamp: float | None = None) -> str:
+        if timestamp is not None:
+            return self.format_date(timestamp)
+        now = time.time()
+        second = int(now)
+        if second != self.second:
+            self.text = self.format_date(now)
+            self.second = second
+        return self.text
+
+
 class GatewayWorker(GeventWorker):
+    def init_process(self) -> None:
+        if not isinstance(gunicorn_util.http_date, CachedHTTPDate):
+            gunicorn_util.http_date = CachedHTTPDate(gunicorn_util.http_date)
+        super().init_process()
+
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         super().handle(listener, ClientSocket(client), addr)

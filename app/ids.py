@@ -1,18 +1,21 @@
 """Identifiers in Anthropic's shapes: ``msg_…``, ``req_…``, ``toolu_…``.
 
-Random, alphanumeric and long enough that clients can use them as keys. Hex of ``os.urandom``:
-one call per id, on the path of every request (a per-character alphabet lookup cost more than
-a microsecond each time).
+Random, alphanumeric and long enough that clients can use them as keys. They need to be unique,
+not secret, so they come from ``random`` (Mersenne Twister, seeded from the OS, and reseeded in
+every forked worker by the module itself) rather than ``os.urandom``, which is a system call
+per id on the path of every request.
 """
 
 from __future__ import annotations
 
-import os
+import random
+
+_bits = random.getrandbits
 
 
 def _random(n: int) -> str:
     """``n`` hex characters (4 random bits each)."""
-    return os.urandom((n + 1) // 2).hex()[:n]
+    return f"{_bits(4 * n):0{n}x}"
 
 
 def message_id() -> str:

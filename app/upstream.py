@@ -20,10 +20,9 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from gevent.hub import Waiter
-
 from app import jsonc
 from app.backend_http import (
+    READ_SIZE,
     BackendHTTPError,
     ConnectFailed,
     Pool,
@@ -38,7 +37,6 @@ from app.translate.upstream_errors import error_from_status
 
 log = logging.getLogger("gateway")
 
-READ_SIZE = 65536
 ERROR_BODY_LIMIT = 65536
 # Client headers an Anthropic-speaking backend should see as the client sent them.
 ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
@@ -264,9 +262,11 @@ class BodyReader:
     """A streamed response body, read straight off the backend's socket.
 
     The relay must wake up while the backend is silent (for pings, deadlines and shutdown), so
-    the socket carries a short timeout and a timeout here is just a moment of silence, not an
-    error. A body read to its end gives the connection back to the pool; any other end closes
-    it, which tells the backend to stop generating.
+    reads time out after ``wake`` seconds and a timeout here is just a moment of silence, not
+    an error. A backend stream's chunks come one by one and are usually read whole, so after
+    a read that emptied the socket the next one waits for data first (app.backend_http
+    Connection.recv). A body read to its end gives the connection back to the pool; any other
+    end closes it, which tells the backend to stop generating.
     """
 
     def __init__(self, client: UpstreamClient, response: Response, wake: float) -> None:
@@ -274,13 +274,12 @@ class BodyReader:
         assert connection is not None, "the body of this response was already consumed"
         self.client = client
         self.response = response
-        self.sock = connection.sock
+        self.connection = connection
         self.chunked = ChunkedDecoder() if response.chunked else None
         self.remaining = response.length  # Content-Length, or None: until the connection ends
         self.complete = False
-        self.sock.settimeout(wake)
+        connection.timeout = wake
         self.pending = connection.take_buffer()  # body bytes that came with the head
-        self.wait = ReadWait.for_socket(self.sock, wake)
         self.drained = False  # the last read emptied the socket's buffer
 
     def read(self) -> bytes | None:
@@ -298,29 +297,13 @@ class BodyReader:
 
     def _recv(self) -> bytes | None:
         try:
-            if self.wait is None:
-                return self.sock.recv(READ_SIZE)
-            return self._recv_waiting_first()
+            data = self.connection.recv(wait_first=self.drained)
         except TimeoutError:
             return None
         except OSError as exc:
             raise UpstreamError(f"connection to backend {self.client.name} broke: {exc}") from None
-
-    def _recv_waiting_first(self) -> bytes | None:
-        """A backend stream's chunks come one by one, each usually read whole; so after a read
-        that emptied the socket, wait for the next before calling recv, sparing the recv that
-        would fail (with its exception and error-message formatting) on every chunk."""
-        raw = self.sock._sock  # the non-blocking socket under gevent's
-        while True:
-            if self.drained and not self.wait():
-                return None  # silence for ``wake`` seconds
-            try:
-                data = raw.recv(READ_SIZE)
-            except BlockingIOError:
-                self.drained = True
-                continue
-            self.drained = len(data) < READ_SIZE
-            return data
+        self.drained = len(data) < READ_SIZE
+        return data
 
     def _decode(self, data: bytes) -> bytes:
         if self.chunked is not None:
@@ -345,8 +328,7 @@ class BodyReader:
 
     def drain(self, seconds: float) -> None:
         """After [DONE]: read to the body's end (normally already here) so it can be reused."""
-        self.sock.settimeout(seconds)
-        self.wait = None
+        self.connection.timeout = seconds
         try:
             while self.read():
                 pass
@@ -358,36 +340,3 @@ class BodyReader:
             self.response.release()  # pooled again unless the body was close-delimited
         else:
             self.response.close()
-
-
-class ReadWait:
-    """Wait until a gevent socket is readable, for at most ``seconds``: True if it is.
-
-    gevent's own ``recv`` tries the read first and, on EAGAIN, waits under a fresh
-    ``Timeout`` object; here one timer per stream is restarted instead. Only for plain TCP
-    sockets: a TLS socket can hold decrypted bytes while its descriptor is not readable.
-    """
-
-    __slots__ = ("hub", "watcher", "timer")
-
-    def __init__(self, sock: Any, seconds: float) -> None:
-        self.hub = sock.hub
-        self.watcher = sock._read_event
-        # Repeating, and restarted with ``again``: a one-shot libev timer restarted with
-        # ``start`` after it has fired once fires at once from then on.
-        self.timer = self.hub.loop.timer(seconds, seconds)
-
-    @classmethod
-    def for_socket(cls, sock: Any, seconds: float) -> ReadWait | None:
-        plain = not hasattr(sock, "pending") and hasattr(sock, "_read_event")
-        return cls(sock, seconds) if plain and hasattr(sock, "_sock") else None
-
-    def __call__(self) -> bool:
-        waiter = Waiter(self.hub)
-        self.watcher.start(waiter.switch, True)
-        self.timer.again(waiter.switch, False)
-        try:
-            return waiter.get()
-        finally:
-            self.watcher.stop()
-            self.timer.stop()

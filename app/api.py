@@ -183,7 +183,7 @@ def _stream(
     entry, started = g.access, g.started
     lease = g.get("lease")  # the key's concurrency slot, held until the stream is over
     deadline = started + config.total_timeout if config.total_timeout else None
-    in_flight = metrics.STREAMS.labels(attempt.target.backend)
+    in_flight = metrics.streams_in_flight(attempt.target.backend)
     in_flight.inc()
 
     def on_end(outcome: StreamOutcome) -> None:

@@ -22,6 +22,26 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client import values as _values
+
+# In multiprocess mode every sample update asks the kernel for the process id (to notice a
+# fork); a request updates several samples, so that was a system call each. The id is
+# remembered instead and refreshed in the child of every fork, which is what the check is for.
+_pid = os.getpid()
+
+
+def _refresh_pid() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+def _process_id() -> int:
+    return _pid
+
+
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.register_at_fork(after_in_child=_refresh_pid)
+    _values.ValueClass = _values.MultiProcessValue(process_identifier=_process_id)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
@@ -75,25 +95,43 @@ BREAKER_OPEN = Gauge(
 )
 
 
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once per label set (``labels`` takes a lock and
+    builds the child's key on every call)."""
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def record(entry: dict[str, Any], duration: float) -> None:
     """One finished request, from its access-log entry."""
     route = entry.get("route") or ""
     backend = entry.get("backend") or ""
     stream = "true" if entry.get("stream") else "false"
-    REQUESTS.labels(route, backend, str(entry.get("status", 0)), stream).inc()
-    DURATION.labels(route, stream).observe(duration)
+    _child(REQUESTS, route, backend, str(entry.get("status", 0)), stream).inc()
+    _child(DURATION, route, stream).observe(duration)
     if entry.get("ttft_ms") is not None:
-        TTFT.labels(route).observe(entry["ttft_ms"] / 1000)
+        _child(TTFT, route).observe(entry["ttft_ms"] / 1000)
     if entry.get("input_tokens"):
-        TOKENS.labels(route, backend, "input").inc(entry["input_tokens"])
+        _child(TOKENS, route, backend, "input").inc(entry["input_tokens"])
     if entry.get("output_tokens"):
-        TOKENS.labels(route, backend, "output").inc(entry["output_tokens"])
+        _child(TOKENS, route, backend, "output").inc(entry["output_tokens"])
     if entry.get("client_disconnected"):
         DISCONNECTS.labels(route).inc()
     if entry.get("rejected"):
         REJECTED.labels(entry["rejected"], entry.get("key") or "").inc()
     if backend and entry.get("error") and entry.get("status") == 200:
         BACKEND_ERRORS.labels(backend, entry["error"]).inc()  # failed mid-stream
+
+
+def streams_in_flight(backend: str) -> Any:
+    """The gauge of one backend's open streams (``inc`` when one starts, ``dec`` at its end)."""
+    return _child(STREAMS, backend)
 
 
 def backend_failed(backend: str, error_type: str) -> None:

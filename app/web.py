@@ -75,6 +75,8 @@ def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
     """The first hook of every request; with client keys configured it also lets in only
     requests with a known key on /v1/ routes, within the key's limits."""
 
+    worker = os.getpid()  # the app is built in each worker, after the fork
+
     def start_request() -> None:
         g.started = started = time.monotonic()
         g.request_id = request_id_from(request.headers.get("X-Request-ID"))
@@ -87,7 +89,7 @@ def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
             "method": request.method,
             "path": path,
             "stream": False,
-            "worker": os.getpid(),
+            "worker": worker,
             "client": auth.client_id(digest),
             "key": key.name if key is not None else None,
             "forwarded_for": request.headers.get("X-Forwarded-For"),

@@ -1,5 +1,6 @@
-"""gunicorn's gevent worker with two changes: a cheaper ``sendall`` on client sockets, and a
-``Date`` header formatted once per second.
+"""gunicorn's gevent worker with three changes: a cheaper ``sendall`` on client sockets, a
+response's head sent together with its first body bytes, and a ``Date`` header formatted once
+per second.
 
 gevent's ``sendall`` asks the kernel for SO_SNDBUF on every call (a ``getsockopt`` system call,
 to size its write chunks) and gunicorn calls it once per streamed event: profiled, that was a
@@ -10,6 +11,7 @@ imports nothing of the app, because gunicorn loads worker classes in the master.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -19,24 +21,49 @@ from gunicorn.workers.ggevent import GeventWorker
 
 
 class ClientSocket:
-    """A client socket whose ``sendall`` sends without the per-call ``getsockopt``.
+    """A client socket with a cheaper ``sendall``, which also sends a response's head with
+    its first body bytes.
 
     A write first goes straight to the non-blocking socket under gevent's (most writes fit
     in the send buffer at once); only what does not fit takes gevent's cooperative ``send``.
     A TLS socket (gunicorn's own ``certfile``) always takes gevent's path: its plain socket
     carries ciphertext.
+
+    gunicorn writes a response's head and then each body piece, each with its own
+    ``sendall``: two system calls (and two wake-ups of the client) for every JSON answer and
+    for a stream's first event. While ``hold_head`` is set (the worker sets it for each
+    request), the first write, if it is a final response head, is kept and goes out with the
+    next one; the worker flushes whatever is still held when the request is done.
     """
 
-    __slots__ = ("_sock", "_raw")
+    __slots__ = ("_sock", "_raw", "hold_head", "_held")
 
     def __init__(self, sock: Any) -> None:
         self._sock = sock
         self._raw = None if hasattr(sock, "pending") else getattr(sock, "_sock", None)
+        self.hold_head = False
+        self._held = b""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)
 
     def sendall(self, data: bytes) -> None:
+        if self.hold_head:
+            self.hold_head = False
+            if data[:5] == b"HTTP/" and data[9:10] != b"1":  # a head, not 100 Continue
+                self._held = data
+                return
+        if self._held:
+            data, self._held = self._held + data, b""
+        self._send(data)
+
+    def flush(self) -> None:
+        self.hold_head = False
+        if self._held:
+            data, self._held = self._held, b""
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
         sent = 0
         if self._raw is not None:
             try:
@@ -78,3 +105,14 @@ class GatewayWorker(GeventWorker):
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         super().handle(listener, ClientSocket(client), addr)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        sock.hold_head = True
+        try:
+            done = super().handle_request(listener_name, req, sock, addr)
+        except BaseException:  # StopIteration included: gunicorn's "close after this response"
+            with contextlib.suppress(OSError):
+                sock.flush()
+            raise
+        sock.flush()
+        return done

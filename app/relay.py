@@ -60,12 +60,20 @@ def relay(
     body = BodyReader(client, response, wake)
     try:
         head = encode_all(translator.start())
-        outcome.bytes_out += len(head)
-        yield head
+        if head and not body.pending:  # the backend is still thinking: tell the client now
+            outcome.bytes_out += len(head)
+            yield head
+            head = b""
+        # Else the first events came with the backend's head: one write for both.
         items = _items(body, client.name, ping_interval, idle, deadline)
         for piece in _translate(items, translator, outcome):
+            if head:
+                piece, head = head + piece, b""
             outcome.bytes_out += len(piece)
             yield piece
+        if head:
+            outcome.bytes_out += len(head)
+            yield head
         outcome.completed = True
         if translator.stop_reason is not None and not body.complete:
             body.drain(DRAIN_WAIT)

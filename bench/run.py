@@ -430,7 +430,8 @@ class Bench:
         max_tokens = delay * 10000 + chunks
         seq = int(10 * self.args.scale)
         per = {"gateway": [], "direct": []}
-        cpu_runs = []
+        cpu_runs: list[dict] = []
+        burst_runs: list[dict] = []
         for r in range(rounds):
             for kind in self.order(r):
                 per[kind].append(
@@ -449,26 +450,10 @@ class Bench:
                         }
                     )
                 )
-            # CPU per relayed chunk: many streams at once so /proc's 10 ms ticks resolve it.
-            cpu_runs.append(
-                self.loadgen(
-                    {
-                        "label": "c-cpu",
-                        "phase": "stream",
-                        "target": self.target("gateway"),
-                        "concurrency": 8,
-                        "count": int(64 * self.args.scale),
-                        "duration_s": 60 * self.args.scale,
-                        "warmup": True,
-                        "max_tokens": max_tokens,
-                        "expect_chunks": chunks,
-                        "timeout_s": 90 * self.args.scale,
-                    }
-                )
-            )
-            cpu_runs[-1]["cpu_us_per_chunk"] = (
-                1e6 * cpu_runs[-1]["cpu"]["worker_cpu_s"] / max(1, cpu_runs[-1]["chunks"])
-            )
+            # CPU per relayed chunk: many streams at once so /proc's 10 ms ticks resolve it;
+            # paced as the TTFT streams are, and (the issue gives (c) no pacing) back to back.
+            cpu_runs.append(self.chunk_cpu("c-cpu", max_tokens, chunks))
+            burst_runs.append(self.chunk_cpu("c-cpu-burst", chunks, chunks))
             g, d = per["gateway"][-1], per["direct"][-1]
             log(
                 f"(c) round {r + 1}: ttft gateway {g['ttft_ms']['p50']:.2f} ms direct "
@@ -490,8 +475,29 @@ class Bench:
             ]
         )
         out["cpu_us_per_chunk"] = median([x["cpu_us_per_chunk"] for x in cpu_runs])
-        out["cpu_failed"] = sum(x["issued"] - x["completed"] for x in cpu_runs)
+        out["burst_rounds"] = burst_runs
+        out["burst_cpu_us_per_chunk"] = median([x["cpu_us_per_chunk"] for x in burst_runs])
+        out["cpu_failed"] = sum(x["issued"] - x["completed"] for x in cpu_runs + burst_runs)
         return out
+
+    def chunk_cpu(self, label: str, max_tokens: int, chunks: int) -> dict:
+        """Worker CPU per relayed chunk over 64 streams, 8 at a time, through the gateway."""
+        run = self.loadgen(
+            {
+                "label": label,
+                "phase": "stream",
+                "target": self.target("gateway"),
+                "concurrency": 8,
+                "count": int(64 * self.args.scale),
+                "duration_s": 60 * self.args.scale,
+                "warmup": True,
+                "max_tokens": max_tokens,
+                "expect_chunks": chunks,
+                "timeout_s": 90 * self.args.scale,
+            }
+        )
+        run["cpu_us_per_chunk"] = 1e6 * run["cpu"]["worker_cpu_s"] / max(1, run["chunks"])
+        return run
 
     def phase_d(self, rounds: int) -> dict:
         n, chunks, delay = self.args.streams, self.args.slow_chunks, 20
@@ -822,12 +828,20 @@ def build_table(res: dict) -> str:
             "",
         )
         row(
-            "(c) worker CPU per relayed chunk (µs)",
+            f"(c) worker CPU per relayed chunk (µs), {c['delay_ms']} ms apart",
             fmt(c["cpu_us_per_chunk"], ".1f"),
             "",
             "",
             "<= 25 µs",
             verdict("c_cpu_us_per_chunk", c["cpu_us_per_chunk"]),
+        )
+        row(
+            "(c) worker CPU per relayed chunk (µs), back to back",
+            fmt(c.get("burst_cpu_us_per_chunk"), ".1f"),
+            "",
+            "",
+            "<= 25 µs",
+            verdict("c_cpu_us_per_chunk", c.get("burst_cpu_us_per_chunk")),
         )
     if d:
         g, dr = d["gateway"], d["direct"]

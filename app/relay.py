@@ -29,6 +29,8 @@ Translator = StreamTranslator | PassthroughStream
 PING_BYTES = encode(PING)
 # The longest the relay sleeps in a silent stream: how late it can notice a shutdown.
 MAX_WAKE = 1.0
+# A moment of backend silence with no ping due (``_items``): nothing to translate.
+SILENCE = b""
 # After [DONE], how long to wait for the body's end so the connection can be pooled again.
 DRAIN_WAIT = 1.0
 
@@ -64,13 +66,15 @@ def relay(
             outcome.bytes_out += len(head)
             yield head
             head = b""
-        # Else the first events came with the backend's head: one write for both.
+        # Else body bytes came with the backend's head: message_start goes out with whatever
+        # they translate to, in one write, and alone if that is nothing (a role-only chunk).
         items = _items(body, client.name, ping_interval, idle, deadline)
         for piece in _translate(items, translator, outcome):
             if head:
                 piece, head = head + piece, b""
-            outcome.bytes_out += len(piece)
-            yield piece
+            if piece:
+                outcome.bytes_out += len(piece)
+                yield piece
         if head:
             outcome.bytes_out += len(head)
             yield head
@@ -85,7 +89,8 @@ def relay(
 def _items(
     body: BodyReader, name: str, ping_interval: float, idle: float, deadline: float | None
 ) -> Iterator[bytes | None]:
-    """Body bytes as they arrive; None when a ping is due; errors for timeouts and shutdown."""
+    """Body bytes as they arrive; None when a ping is due, SILENCE after a quiet ``wake``;
+    errors for timeouts and shutdown."""
     last_data = last_ping = time.monotonic()
     while True:
         if lifecycle.draining:
@@ -100,6 +105,8 @@ def _items(
             if ping_interval and now - last_ping >= ping_interval:
                 last_ping = now
                 yield None
+            else:
+                yield SILENCE
             continue
         if not data:
             return
@@ -127,6 +134,8 @@ def _translate(
                 if outcome.first_token_at is None:
                     outcome.first_token_at = time.monotonic()
                 yield encode_all(events)
+            else:
+                yield b""  # nothing to send, but the caller may hold something to flush
             if saw_done or translator.ended:
                 break
         else:

@@ -74,6 +74,17 @@ def test_events_arrive_as_the_backend_produces_them(server, module_backend):
     assert last - first_delta > 1.5
 
 
+def test_message_start_does_not_wait_for_the_first_token(server, module_backend):
+    """A backend that sends its role chunk at once and then takes its time over the first
+    token: the client has the response head and message_start long before that token."""
+    module_backend.reply(StreamReply(chunks(["late"]), delay=1.5))
+    started = time.monotonic()
+    arrivals = list(read_events(server.port, {**BODY, "stream": True}))
+    first = {name: t - started for t, name in reversed(arrivals)}
+    assert first["message_start"] < 0.8
+    assert first["content_block_delta"] > 1.3
+
+
 def test_sdk_create_and_stream_through_gunicorn(sdk, module_backend):
     module_backend.reply(StreamReply(chunks(["Hello", ", world"], dialect="vllm")))
     with sdk.messages.stream(**BODY) as stream:

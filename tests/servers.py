@@ -1,4 +1,5 @@
-"""A real gunicorn running the gateway (``gunicorn -c gunicorn.conf.py wsgi:app``), for tests."""
+"""A real gunicorn running the gateway (``gunicorn -c gunicorn.conf.py wsgi:app``), and a
+throwaway TLS certificate, for tests."""
 
 from __future__ import annotations
 
@@ -72,3 +73,18 @@ class Gunicorn:
                 self.process.kill()
                 self.process.wait()
             self.log.close()
+
+
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate for 127.0.0.1 (it is its own trust anchor)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key

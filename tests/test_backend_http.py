@@ -10,13 +10,13 @@ import gzip
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from servers import make_certificate
 
 from app.backend_http import (
     ConnectFailed,
@@ -341,18 +341,7 @@ def test_plain_http_through_a_proxy_uses_the_absolute_target(server):
 def tls_files(tmp_path_factory) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
         pytest.fail("openssl is needed for the test certificate (apt-get install openssl)")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    return make_certificate(tmp_path_factory.mktemp("tls"))
 
 
 def tls_server_context(cert: Path, key: Path) -> ssl.SSLContext:

@@ -30,7 +30,7 @@ import anthropic
 import pytest
 import requests
 from fakebackend import FakeBackend, StreamReply, chunks
-from servers import ROOT, Gunicorn, free_port
+from servers import ROOT, Gunicorn, free_port, make_certificate
 
 SITE = ROOT / "deploy" / "nginx" / "anthropic-gateway.conf"
 BODY = {
@@ -105,21 +105,6 @@ http {{
     include {site};
 }}
 """
-
-
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A throwaway self-signed certificate for 127.0.0.1 (it is its own trust anchor)."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 @dataclass

@@ -199,47 +199,30 @@ class Response:
             return b""
         if timeout is not None:
             connection.timeout = timeout
-        decoder = ChunkedDecoder() if self.chunked else None
-        remaining = self.length
+        framing = BodyFraming(self)
         parts: list[bytes] = []
         size = 0
         data = connection.take_buffer()
-        complete = remaining == 0
         try:
-            while not complete:
+            while not framing.complete and (limit is None or size < limit):
                 if data:
-                    if decoder is not None:
-                        piece = decoder.feed(data)
-                        complete = decoder.done
-                    elif remaining is not None:
-                        piece = data[:remaining]
-                        remaining -= len(piece)
-                        complete = remaining == 0
-                    else:
-                        piece = data
+                    piece = framing.feed(data)
                     parts.append(piece)
                     size += len(piece)
-                    if limit is not None and size >= limit:
-                        break
-                if complete:
-                    break
-                data = _recv(connection)
-                if not data:
-                    if decoder is not None or remaining:
-                        raise ProtocolFailure("the connection closed in the middle of the body")
-                    complete = True  # close-delimited
-        except FramingError as exc:
-            self.close()
-            raise ProtocolFailure(f"bad chunked body: {exc}") from None
+                else:
+                    data = _recv(connection)
+                    if not data:
+                        framing.end()
+                    continue
+                data = b""
         except BackendHTTPError:
             self.close()
             raise
-        if complete:
+        if framing.complete:
             self.release()
-        else:
-            self.close()
-        body = b"".join(parts)
-        return _decoded(body, self.headers) if complete else body[:limit]
+            return _decoded(b"".join(parts), self.headers)
+        self.close()
+        return b"".join(parts)[:limit]
 
     def release(self) -> None:
         """The body has been read to its end: the connection goes back to the pool if it can."""
@@ -254,6 +237,38 @@ class Response:
         connection, self.connection = self.connection, None
         if connection is not None:
             connection.close()
+
+
+class BodyFraming:
+    """Where a response body ends: at its last chunk, after Content-Length bytes, or (with
+    neither) when the connection closes. Fed raw bytes, gives back body bytes."""
+
+    __slots__ = ("chunks", "remaining", "complete")
+
+    def __init__(self, response: Response) -> None:
+        self.chunks = ChunkedDecoder() if response.chunked else None
+        self.remaining = response.length  # None: until the connection closes
+        self.complete = response.length == 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self.chunks is not None:
+            try:
+                body = self.chunks.feed(data)
+            except FramingError as exc:
+                raise ProtocolFailure(f"bad chunked body: {exc}") from None
+            self.complete = self.chunks.done
+            return body
+        if self.remaining is not None:
+            data = data[: self.remaining]
+            self.remaining -= len(data)
+            self.complete = self.remaining == 0
+        return data
+
+    def end(self) -> None:
+        """The connection closed: complete if the body was close-delimited, else an error."""
+        if self.chunks is not None or self.remaining:
+            raise ProtocolFailure("the connection closed in the middle of the body")
+        self.complete = True
 
 
 class Pool:

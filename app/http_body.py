@@ -1,10 +1,9 @@
 """HTTP/1.1 response body framing, decoded incrementally (pure: bytes in, bytes out).
 
-The relay reads streamed backend bodies straight off the socket (see app.upstream.BodyReader),
-so that a read timeout is only a moment of silence, not a broken reader: http.client's file
-object refuses every read after one timeout, and its chunk parser may drop bytes it had
-half-read. This decoder keeps all state itself and survives any split of the input.
-"""
+Backend bodies are read straight off the socket (app.backend_http.BodyFraming, for whole
+bodies and for the streams app.upstream.BodyReader relays), so that a read timeout is only a
+moment of silence, not a broken reader. This decoder keeps all state itself and survives any
+split of the input."""
 
 from __future__ import annotations
 

@@ -24,15 +24,16 @@ from app import jsonc
 from app.backend_http import (
     READ_SIZE,
     BackendHTTPError,
+    BodyFraming,
     ConnectFailed,
     Pool,
+    ProtocolFailure,
     ReadTimedOut,
     Response,
     header_block,
 )
 from app.config import Upstream
 from app.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
-from app.http_body import ChunkedDecoder, FramingError
 from app.translate.upstream_errors import error_from_status
 
 log = logging.getLogger("gateway")
@@ -275,9 +276,8 @@ class BodyReader:
         self.client = client
         self.response = response
         self.connection = connection
-        self.chunked = ChunkedDecoder() if response.chunked else None
-        self.remaining = response.length  # Content-Length, or None: until the connection ends
-        self.complete = False
+        self.framing = BodyFraming(response)
+        self.complete = self.framing.complete
         connection.timeout = wake
         self.pending = connection.take_buffer()  # body bytes that came with the head
         self.drained = False  # the last read emptied the socket's buffer
@@ -306,24 +306,20 @@ class BodyReader:
         return data
 
     def _decode(self, data: bytes) -> bytes:
-        if self.chunked is not None:
-            try:
-                body = self.chunked.feed(data)
-            except FramingError as exc:
-                raise UpstreamError(f"backend {self.client.name} sent a bad body: {exc}") from None
-            self.complete = self.chunked.done
-            return body
-        if self.remaining is not None:
-            data = data[: self.remaining]
-            self.remaining -= len(data)
-            self.complete = self.remaining == 0
-        return data
+        try:
+            body = self.framing.feed(data)
+        except ProtocolFailure as exc:
+            raise UpstreamError(f"backend {self.client.name} sent a bad body: {exc}") from None
+        self.complete = self.framing.complete
+        return body
 
     def _at_eof(self) -> bytes:
-        if self.chunked is not None or self.remaining:
+        try:
+            self.framing.end()
+        except ProtocolFailure:
             message = f"backend {self.client.name} closed the stream before the answer was complete"
-            raise UpstreamError(message)
-        self.complete = True  # a close-delimited body ends with the connection
+            raise UpstreamError(message) from None
+        self.complete = True
         return b""
 
     def drain(self, seconds: float) -> None:

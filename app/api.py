@@ -44,13 +44,15 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
         body = _json_body()
         check_request(body)
         route = resolve(settings, body["model"])
-        g.access.update(model=body["model"], route=route.name)
-        attempt = dispatcher.send(route, body, g.request_id, request.headers)
-        g.access.update(
+        state = g._get_current_object()  # one context lookup, not one per attribute
+        access = state.access
+        access.update(model=body["model"], route=route.name)
+        attempt = dispatcher.send(route, body, state.request_id, request.headers)
+        access.update(
             backend=attempt.target.backend, backend_model=attempt.model, attempts=attempt.attempts
         )
         if body.get("stream"):
-            g.access["stream"] = True
+            access["stream"] = True
             if _is_event_stream(attempt.result):
                 return _stream(dispatcher, attempt, body, settings.ping_interval)
             attempt = replace(attempt, result=_read_whole(attempt))  # the backend sent JSON
@@ -60,7 +62,7 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
             dispatcher.finish(attempt, ok=False)
             raise
         dispatcher.finish(attempt, ok=True)
-        g.access.update(stop_reason=message.get("stop_reason"), **_tokens(message.get("usage")))
+        access.update(stop_reason=message.get("stop_reason"), **_tokens(message.get("usage")))
         if body.get("stream"):
             events = encode_all(message_events(message))
             return Response(
@@ -180,8 +182,9 @@ def _stream(
             stop_sequences=stop_sequences(body),
             think_tags=config.dialect.think_tags,
         )
-    entry, started = g.access, g.started
-    lease = g.get("lease")  # the key's concurrency slot, held until the stream is over
+    state = g._get_current_object()
+    entry, started = state.access, state.started
+    lease = state.get("lease")  # the key's concurrency slot, held until the stream is over
     deadline = started + config.total_timeout if config.total_timeout else None
     in_flight = metrics.streams_in_flight(attempt.target.backend)
     in_flight.inc()
@@ -204,7 +207,7 @@ def _stream(
             entry["ttft_ms"] = round((outcome.first_token_at - started) * 1000, 1)
         log_access(entry, started)
 
-    g.access_deferred = True
+    state.access_deferred = True
     return Response(
         relay(
             attempt.client,

@@ -26,24 +26,26 @@ class ChunkedDecoder:
     def feed(self, data: bytes) -> bytes:
         buffer = self._buffer + data if self._buffer else data
         out: list[bytes] = []
-        while buffer and not self.done:
+        pos, size = 0, len(buffer)
+        while pos < size and not self.done:  # offsets, not re-slicing what is left each time
             if self._state == "data":
-                piece = buffer[: self._left]
-                out.append(piece)
-                self._left -= len(piece)
-                buffer = buffer[len(piece) :]
+                take = min(self._left, size - pos)
+                out.append(buffer[pos : pos + take])
+                self._left -= take
+                pos += take
                 if not self._left:
                     self._state = "crlf"
                 continue
-            end = buffer.find(b"\n")
+            end = buffer.find(b"\n", pos)
             if end < 0:
-                if len(buffer) > 4096:
+                if size - pos > 4096:
                     raise FramingError("chunk header line too long")
                 break
-            line, buffer = buffer[:end].rstrip(b"\r"), buffer[end + 1 :]
+            line = buffer[pos:end].rstrip(b"\r")
+            pos = end + 1
             self._line(line)
-        self._buffer = buffer
-        return b"".join(out)
+        self._buffer = buffer[pos:]
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def _line(self, line: bytes) -> None:
         if self._state == "crlf":

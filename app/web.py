@@ -78,21 +78,24 @@ def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
     worker = os.getpid()  # the app is built in each worker, after the fork
 
     def start_request() -> None:
-        g.started = started = time.monotonic()
-        g.request_id = request_id_from(request.headers.get("X-Request-ID"))
+        # The objects behind Flask's ``g`` and ``request`` proxies, looked up once: every
+        # attribute read through a proxy looks the context up again.
+        state, environ = g._get_current_object(), request.environ
+        state.started = started = time.monotonic()
+        state.request_id = request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID"))
         path = request.path
         if path in QUIET_PATHS:
             return
-        key, digest = auth.identify(keys, request.environ)
-        g.access = {
-            "request_id": g.request_id,
-            "method": request.method,
+        key, digest = auth.identify(keys, environ)
+        state.access = {
+            "request_id": request_id,
+            "method": environ.get("REQUEST_METHOD", "GET").upper(),
             "path": path,
             "stream": False,
             "worker": worker,
             "client": auth.client_id(digest),
             "key": key.name if key is not None else None,
-            "forwarded_for": request.headers.get("X-Forwarded-For"),
+            "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
         }
         if keys and path.startswith("/v1/"):
             _admit(key, digest, path, started)
@@ -120,17 +123,19 @@ def _admit(key: KeyState | None, digest: bytes | None, path: str, now: float) ->
 
 
 def _finish_request(response: Response) -> Response:
-    request_id = g.get("request_id")
+    state = g._get_current_object()
+    request_id = state.get("request_id")
     if request_id:
         response.headers["request-id"] = request_id
-    deferred = g.get("access_deferred")
-    lease = g.get("lease")
+    deferred = state.get("access_deferred")
+    lease = state.get("lease")
     if lease is not None:
         _limit_end(lease, response, deferred)
-    if not deferred and "access" in g:
-        g.access["status"] = response.status_code
-        g.access["bytes_out"] = response.content_length
-        log_access(g.access, g.started)
+    access = state.get("access")
+    if not deferred and access is not None:
+        access["status"] = response.status_code
+        access["bytes_out"] = response.content_length
+        log_access(access, state.started)
     return response
 
 

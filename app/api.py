@@ -14,13 +14,19 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, current_app, g, request
 
 from app import ids, jsonc, metrics
 from app.catalog import find_model, models_page
 from app.config import Settings
 from app.dispatch import Attempt, Dispatcher
-from app.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFound
+from app.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    RequestTooLarge,
+)
 from app.health import reachable
 from app.observability import log_access
 from app.relay import StreamOutcome, relay
@@ -129,13 +135,49 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
 
 def _json_body() -> Any:
     """The request body as JSON, whatever the Content-Type (some clients omit it)."""
-    data = request.get_data(cache=False)
+    data = _body_bytes()
     if not data.strip():
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:
         return jsonc.loads(data)
     except jsonc.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def _body_bytes() -> bytes:
+    """The request body, read straight from the server's input stream (werkzeug's wrapper
+    cost more, and let a chunked body past the size limit through cut short, so that it
+    failed as invalid JSON instead of as too large)."""
+    environ = request.environ
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    length = environ.get("CONTENT_LENGTH") or ""
+    if length.isdigit() and not environ.get("HTTP_TRANSFER_ENCODING"):
+        size = int(length)
+        if limit is not None and size > limit:
+            raise RequestTooLarge("request body is larger than the gateway's limit")
+        data = _read(environ["wsgi.input"], size, size)
+        if len(data) < size:
+            raise InvalidRequest("the request body ended before its Content-Length")
+        return data
+    if limit is None:
+        return request.get_data(cache=False)
+    data = _read(environ["wsgi.input"], limit + 1, 1 << 16)  # one byte past tells
+    if len(data) > limit:
+        raise RequestTooLarge("request body is larger than the gateway's limit")
+    return data
+
+
+def _read(stream: Any, most: int, step: int) -> bytes:
+    """Up to ``most`` bytes of ``stream``, fewer at its end; ``step`` bytes per read."""
+    parts: list[bytes] = []
+    total = 0
+    while total < most:
+        piece = stream.read(min(step, most - total))
+        if not piece:
+            break
+        parts.append(piece)
+        total += len(piece)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _is_event_stream(response: Any) -> bool:

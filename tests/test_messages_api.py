@@ -422,6 +422,24 @@ def test_body_over_the_limit_is_request_too_large(make_gateway, backend):
     assert backend.requests == []
 
 
+def test_chunked_request_body_is_read_and_held_to_the_limit(make_gateway, backend):
+    """A body without Content-Length (Transfer-Encoding: chunked) takes werkzeug's path,
+    which enforces the same limit as the Content-Length path."""
+    gateway = make_gateway(max_body_bytes=4096)
+    small = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    backend.reply(JSONReply(completion("ok")))
+    ok = requests.post(
+        gateway.url + "/v1/messages", data=iter([json.dumps(small).encode()]), timeout=10
+    )
+    assert ok.status_code == 200, ok.text
+    big = {**small, "messages": [{"role": "user", "content": "x" * 8000}]}
+    reply = requests.post(
+        gateway.url + "/v1/messages", data=iter([json.dumps(big).encode()]), timeout=10
+    )
+    assert reply.status_code == 413, reply.text
+    assert reply.json()["error"]["type"] == "request_too_large"
+
+
 def test_missing_content_type_is_accepted(gateway, backend):
     reply = post_raw(
         gateway,

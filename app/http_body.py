@@ -36,6 +36,10 @@ class ChunkedDecoder:
                 if not self._left:
                     self._state = "crlf"
                 continue
+            if self._state == "crlf" and buffer.startswith(b"\r\n", pos):  # the usual end
+                pos += 2
+                self._state = "size"
+                continue
             end = buffer.find(b"\n", pos)
             if end < 0:
                 if size - pos > 4096:

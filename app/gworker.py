@@ -4,9 +4,10 @@ per second.
 
 gevent's ``sendall`` asks the kernel for SO_SNDBUF on every call (a ``getsockopt`` system call,
 to size its write chunks) and gunicorn calls it once per streamed event: profiled, that was a
-tenth of the worker's CPU per relayed chunk. Here ``sendall`` is a loop over ``send``, which
-gevent makes cooperative the same way. Everything else is the stock gevent worker; the module
-imports nothing of the app, because gunicorn loads worker classes in the master.
+tenth of the worker's CPU per relayed chunk. Here a write goes straight to the socket and only
+what does not fit takes gevent's cooperative ``send``. Everything else is the stock gevent
+worker; the module imports nothing of the app, because gunicorn loads worker classes in the
+master.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 from app import ids, jsonc, metrics
 
 access_log = logging.getLogger("gateway.access")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
 
 
 class JSONFormatter(logging.Formatter):
@@ -55,7 +55,7 @@ def configure_logging(level: str) -> None:
 
 def request_id_from(header: str | None) -> str:
     """Keep a sane incoming X-Request-ID (nginx's, say) so both logs share it; else mint one."""
-    if header and _REQUEST_ID.match(header):
+    if header and _REQUEST_ID.fullmatch(header):
         return header
     return ids.request_id()
 

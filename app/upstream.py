@@ -69,7 +69,8 @@ class UpstreamClient:
             if config.api_key:
                 base["Authorization"] = f"Bearer {config.api_key}"
         self.path = urlsplit(self.url).path
-        # No compression on streams: a decompressor would hold back bytes.
+        # No compression: on a stream a decompressor would hold back bytes, and a JSON answer
+        # is small and on loopback or a LAN.
         self.headers = {**base, "Accept-Encoding": "identity", **config.headers}
         stream_headers = {**self.headers, "Accept": "text/event-stream"}
         # The header lines every request carries, encoded once.
@@ -180,12 +181,13 @@ class UpstreamClient:
         extra: Mapping[str, str] | None = None,
     ) -> Response:
         head = self.stream_head if stream else self.json_head
-        try:
-            if extra:
+        if extra:
+            try:
                 head += header_block(extra)
-            head += header_block({"X-Request-ID": request_id})
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+        # Request ids are ours or checked against a strict pattern (app.observability).
+        head += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
         try:
             response = self.pool.request(
                 "POST", self.path, head, jsonc.dumps(payload), timeout=self.first_byte_timeout

@@ -198,3 +198,20 @@ def test_another_handler_on_the_way_gets_ordinary_log_records(gateway_logger):
         logger.removeHandler(extra)
     assert [r.msg["request_id"] for r in seen] == ["req_z"]
     assert json.loads(path.read_text())["request_id"] == "req_z"  # and still one line
+
+
+@pytest.mark.parametrize(
+    ("header", "kept"),
+    [
+        ("nginx-0123456789abcdef", True),
+        ("abcdefgh\n", False),  # it goes into the backend request's head as it is
+        ("abcdefgh\r\nX-Evil: 1", False),
+        ("short", False),
+        ("x" * 129, False),
+        (None, False),
+    ],
+)
+def test_only_a_sane_incoming_request_id_is_kept(header, kept):
+    request_id = observability.request_id_from(header)
+    assert (request_id == header) is kept
+    assert re.fullmatch(r"[A-Za-z0-9._:-]{8,128}", request_id)

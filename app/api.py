@@ -17,6 +17,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, g, request
 
 from app import ids, jsonc, metrics
+from app.auth import bearer_token
 from app.catalog import find_model, models_page
 from app.config import Settings
 from app.dispatch import Attempt, Dispatcher
@@ -278,10 +279,8 @@ def _require_admin(settings: Settings) -> None:
     """Admin routes exist only with an admin token configured, and answer only to it."""
     if not settings.admin_token:
         raise NotFound(f"no route for {request.method} {request.path}")
-    offered = request.headers.get("x-api-key") or ""
-    authorization = request.headers.get("authorization") or ""
-    if authorization.lower().startswith("bearer "):
-        offered = authorization[7:]
+    headers = request.headers
+    offered = bearer_token(headers.get("authorization")) or headers.get("x-api-key") or ""
     if not hmac.compare_digest(offered.encode(), settings.admin_token.encode()):
         raise AuthenticationFailed("admin token required")
 

@@ -191,14 +191,12 @@ class Response:
         self.length = 0 if bodiless else length  # None: the body ends when the connection does
         self.reuse = keep_alive and (self.chunked or self.length is not None)
 
-    def read(self, limit: int | None = None, timeout: float | None = None) -> bytes:
+    def read(self, limit: int | None = None) -> bytes:
         """The whole body (decompressed), or its first ``limit`` bytes; then the connection is
         released or closed. Raises ReadTimedOut or ProtocolFailure."""
         connection = self.connection
         if connection is None:
             return b""
-        if timeout is not None:
-            connection.timeout = timeout
         framing = BodyFraming(self)
         parts: list[bytes] = []
         size = 0

@@ -68,10 +68,13 @@ class Dispatcher:
             )
         attempts = self.settings.routing.retries + 1
         last: GatewayError | None = None
+        prepared_for: dict[Target, Attempt] = {}  # a retry on the same target reuses it
         for number in range(attempts):
             target = plan[number % len(plan)]
             # The client's own mistakes (translation errors) leave before any backend is involved.
-            prepared = self._prepare(target, body)
+            prepared = prepared_for.get(target)
+            if prepared is None:
+                prepared = prepared_for[target] = self._prepare(target, body)
             if not self.balancer.acquire(target.backend):
                 last = last or Overloaded(f"every backend for model {body['model']!r} is busy")
                 continue

@@ -122,11 +122,11 @@ def record(entry: dict[str, Any], duration: float) -> None:
     if entry.get("output_tokens"):
         _child(TOKENS, route, backend, "output").inc(entry["output_tokens"])
     if entry.get("client_disconnected"):
-        DISCONNECTS.labels(route).inc()
+        _child(DISCONNECTS, route).inc()
     if entry.get("rejected"):
-        REJECTED.labels(entry["rejected"], entry.get("key") or "").inc()
+        _child(REJECTED, entry["rejected"], entry.get("key") or "").inc()
     if backend and entry.get("error") and entry.get("status") == 200:
-        BACKEND_ERRORS.labels(backend, entry["error"]).inc()  # failed mid-stream
+        _child(BACKEND_ERRORS, backend, entry["error"]).inc()  # failed mid-stream
 
 
 def streams_in_flight(backend: str) -> Any:
@@ -135,7 +135,7 @@ def streams_in_flight(backend: str) -> Any:
 
 
 def backend_failed(backend: str, error_type: str) -> None:
-    BACKEND_ERRORS.labels(backend, error_type).inc()
+    _child(BACKEND_ERRORS, backend, error_type).inc()
 
 
 def breaker_changed(backend: str, is_open: bool) -> None:

@@ -50,6 +50,13 @@ def backend() -> Iterator[FakeBackend]:
         yield fb
 
 
+@pytest.fixture(scope="module")
+def module_backend() -> Iterator[FakeBackend]:
+    """One fake backend for a whole module, for tests that share one gunicorn."""
+    with FakeBackend() as fb:
+        yield fb
+
+
 @pytest.fixture
 def make_gateway(backend: FakeBackend) -> Iterator[Callable[..., GatewayServer]]:
     """Start a gateway on ``backend``; keyword arguments are upstream settings or top-level ones."""

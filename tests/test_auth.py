@@ -254,12 +254,6 @@ ADMIN = "admin-token-0123456789"
 
 
 @pytest.fixture(scope="module")
-def module_backend() -> Iterator[FakeBackend]:
-    with FakeBackend() as fb:
-        yield fb
-
-
-@pytest.fixture(scope="module")
 def server(module_backend: FakeBackend, tmp_path_factory) -> Iterator[Gunicorn]:
     directory = tmp_path_factory.mktemp("auth")
     config = directory / "gateway.toml"

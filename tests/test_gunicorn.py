@@ -26,12 +26,6 @@ BODY = {
 
 
 @pytest.fixture(scope="module")
-def module_backend() -> Iterator[FakeBackend]:
-    with FakeBackend() as fb:
-        yield fb
-
-
-@pytest.fixture(scope="module")
 def server(module_backend: FakeBackend, tmp_path_factory) -> Iterator[Gunicorn]:
     log_path = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
     env = {"GATEWAY_UPSTREAM_URL": module_backend.url, "GATEWAY_RETRIES": "0"}

@@ -220,12 +220,6 @@ def config_text(backend: FakeBackend, keys: dict[str, dict[str, Any]]) -> str:
     return "".join(lines)
 
 
-@pytest.fixture(scope="module")
-def module_backend() -> Iterator[FakeBackend]:
-    with FakeBackend() as fb:
-        yield fb
-
-
 def start(backend: FakeBackend, directory: Path, keys: dict, **env: str) -> Gunicorn:
     config = directory / "gateway.toml"
     config.write_text(config_text(backend, keys))

@@ -20,13 +20,22 @@ import net from 'node:net';
 const now = () => Number(process.hrtime.bigint()) / 1e6; // ms
 
 // ---------------------------------------------------------------- /proc helpers
-const TICK = 100; // USER_HZ on Linux
-function cpuTicks(pid) {
+// CPU time of a process in seconds: the scheduler's own runtime of each of its threads
+// (/proc/<pid>/task/*/schedstat, in ns). utime + stime in /proc/<pid>/stat are sampled at the
+// timer tick on kernels with tick accounting, and a process woken in step with the tick (as
+// one fed by timer-paced chunks is) can be charged far more or far less than it ran.
+function cpuSeconds(pid) {
   if (!pid) return null;
   try {
-    const s = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
-    const f = s.slice(s.lastIndexOf(')') + 2).split(' ');
-    return Number(f[11]) + Number(f[12]); // utime + stime (fields 14, 15)
+    let ns = 0;
+    for (const t of fs.readdirSync(`/proc/${pid}/task`)) {
+      try {
+        ns += Number(fs.readFileSync(`/proc/${pid}/task/${t}/schedstat`, 'latin1').split(' ')[0]);
+      } catch {
+        // a thread that ended between the listing and the read
+      }
+    }
+    return ns / 1e9;
   } catch {
     return null;
   }
@@ -54,14 +63,14 @@ function coreTimes() {
 }
 function snapshot(pids) {
   const o = { t: now(), self: process.cpuUsage(), cores: coreTimes() };
-  for (const [k, pid] of Object.entries(pids || {})) o[k] = cpuTicks(pid);
+  for (const [k, pid] of Object.entries(pids || {})) o[k] = cpuSeconds(pid);
   return o;
 }
 function cpuDelta(a, b, pids) {
   const wall = (b.t - a.t) / 1000;
   const out = { wall_s: wall };
   for (const k of Object.keys(pids || {})) {
-    if (a[k] != null && b[k] != null) out[`${k}_cpu_s`] = (b[k] - a[k]) / TICK;
+    if (a[k] != null && b[k] != null) out[`${k}_cpu_s`] = b[k] - a[k];
   }
   out.loadgen_cpu_s = (b.self.user + b.self.system - a.self.user - a.self.system) / 1e6;
   out.core_busy = {};

@@ -12,7 +12,8 @@ a table of medians. Results go to bench/results/<timestamp>.json and .txt; gunic
     .venv/bin/python bench/run.py --rev HEAD~3  # benchmark another revision (git archive)
     .venv/bin/python bench/run.py --profile 15  # py-spy profile of the worker under the (e) load
 
-Standard library only; needs Linux (/proc, taskset), node (18+) and, for --profile, py-spy.
+Standard library only; needs Linux (/proc, taskset), node (18+), a C compiler for the (c) floor
+(optional) and, for --profile, py-spy.
 """
 
 from __future__ import annotations
@@ -71,12 +72,6 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 def children_of(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
@@ -107,6 +102,7 @@ class Bench:
         if not args.no_pin and not self.taskset:
             sys.exit("bench: taskset is needed (util-linux), or pass --no-pin")
         self.loadgen_busy: list[dict] = []
+        self.floor: dict | None = None
 
     # ------------------------------------------------------------------ processes
     def pin(self, core: int, cmd: list[str]) -> list[str]:
@@ -193,6 +189,32 @@ class Bench:
             f"{self.master.pid}, worker {self.worker} on :{self.gateway_port}"
         )
 
+    def start_floor(self) -> int | None:
+        """Build and start bench/floor_proxy.c on the gateway's core; its port, or None
+        (with a log line) when there is no C compiler."""
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if not cc:
+            log("no C compiler: the (c) floor figures are left out")
+            return None
+        build = Path(tempfile.mkdtemp(prefix="gateway-bench-floor-"))
+        exe = build / "floor_proxy"
+        made = subprocess.run(
+            [cc, "-O2", "-o", str(exe), str(BENCH / "floor_proxy.c")], capture_output=True
+        )
+        if made.returncode != 0:
+            log(f"floor_proxy.c did not build, (c) floor left out: {made.stderr.decode()[-300:]}")
+            return None
+        port = free_port()
+        proc = subprocess.Popen(
+            self.pin(self.core_gw, [str(exe), str(port), str(self.backend_port)]),
+            stdout=subprocess.PIPE,
+        )
+        self.procs.append(proc)
+        if proc.stdout.readline().decode().strip() != "listening":
+            sys.exit("bench: floor_proxy did not start")
+        self.floor = {"pid": proc.pid, "port": port, "dir": str(build)}
+        return port
+
     def write_config(self) -> Path:
         """Every feature on: a client key that every gateway request must carry, with a rate
         limit and a concurrency limit set far above what the bench sends, so that they are
@@ -219,8 +241,9 @@ class Bench:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=5)
-        if self.tmpdir:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        for path in (self.tmpdir, self.floor and self.floor["dir"]):
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
 
     def url(self, path: str) -> str:
         return f"http://{HOST}:{self.gateway_port}{path}"
@@ -432,6 +455,8 @@ class Bench:
         per = {"gateway": [], "direct": []}
         cpu_runs: list[dict] = []
         burst_runs: list[dict] = []
+        floor_runs: dict[str, list[float]] = {"paced": [], "burst": []}
+        floor = self.floor["port"] if self.floor else self.start_floor()
         for r in range(rounds):
             for kind in self.order(r):
                 per[kind].append(
@@ -450,10 +475,14 @@ class Bench:
                         }
                     )
                 )
-            # CPU per relayed chunk: many streams at once so /proc's 10 ms ticks resolve it;
-            # paced as the TTFT streams are, and (the issue gives (c) no pacing) back to back.
+            # CPU per relayed chunk, over many streams: paced as the TTFT streams are, and (the
+            # issue gives (c) no pacing) back to back; the same through the C forwarder.
             cpu_runs.append(self.chunk_cpu("c-cpu", max_tokens, chunks))
             burst_runs.append(self.chunk_cpu("c-cpu-burst", chunks, chunks))
+            if floor:
+                for key, tokens in (("paced", max_tokens), ("burst", chunks)):
+                    run = self.chunk_cpu(f"c-floor-{key}", tokens, chunks, floor=True)
+                    floor_runs[key].append(run["cpu_us_per_chunk"])
             g, d = per["gateway"][-1], per["direct"][-1]
             log(
                 f"(c) round {r + 1}: ttft gateway {g['ttft_ms']['p50']:.2f} ms direct "
@@ -478,24 +507,34 @@ class Bench:
         out["burst_rounds"] = burst_runs
         out["burst_cpu_us_per_chunk"] = median([x["cpu_us_per_chunk"] for x in burst_runs])
         out["cpu_failed"] = sum(x["issued"] - x["completed"] for x in cpu_runs + burst_runs)
+        out["floor_us_per_chunk"] = median(floor_runs["paced"]) if floor else None
+        out["floor_burst_us_per_chunk"] = median(floor_runs["burst"]) if floor else None
+        out["floor_rounds"] = floor_runs
         return out
 
-    def chunk_cpu(self, label: str, max_tokens: int, chunks: int) -> dict:
-        """Worker CPU per relayed chunk over 64 streams, 8 at a time, through the gateway."""
-        run = self.loadgen(
-            {
-                "label": label,
-                "phase": "stream",
-                "target": self.target("gateway"),
-                "concurrency": 8,
-                "count": int(64 * self.args.scale),
-                "duration_s": 60 * self.args.scale,
-                "warmup": True,
-                "max_tokens": max_tokens,
-                "expect_chunks": chunks,
-                "timeout_s": 90 * self.args.scale,
-            }
-        )
+    def chunk_cpu(self, label: str, max_tokens: int, chunks: int, floor: bool = False) -> dict:
+        """Worker CPU per relayed chunk over 64 streams, 8 at a time, through the gateway, or
+        through the C forwarder (``floor``), whose process is then the one measured."""
+        if floor:
+            target = {"kind": "direct", "host": HOST, "port": self.floor["port"]}
+            pids = {"worker": self.floor["pid"], "backend": self.backend.pid}
+        else:
+            target, pids = self.target("gateway"), None
+        spec = {
+            "label": label,
+            "phase": "stream",
+            "target": target,
+            "concurrency": 8,
+            "count": int(64 * self.args.scale),
+            "duration_s": 60 * self.args.scale,
+            "warmup": True,
+            "max_tokens": max_tokens,
+            "expect_chunks": chunks,
+            "timeout_s": 90 * self.args.scale,
+        }
+        if pids:
+            spec["pids"] = pids
+        run = self.loadgen(spec)
         run["cpu_us_per_chunk"] = 1e6 * run["cpu"]["worker_cpu_s"] / max(1, run["chunks"])
         return run
 
@@ -768,6 +807,13 @@ def fmt(v, spec: str = ".2f") -> str:
     return format(v, spec)
 
 
+def floor_note(gateway: float | None, floor: float | None) -> str:
+    """The C forwarder's CPU per chunk, and the gateway's as a multiple of it."""
+    if gateway is None or not floor:
+        return ""
+    return f"floor {floor:.1f} µs ({gateway / floor:.2f}x)"
+
+
 def build_table(res: dict) -> str:
     rows: list[tuple[str, str, str, str, str, str]] = []
     a, c, d, e = res.get("a"), res.get("c"), res.get("d"), res.get("e")
@@ -831,7 +877,7 @@ def build_table(res: dict) -> str:
             f"(c) worker CPU per relayed chunk (µs), {c['delay_ms']} ms apart",
             fmt(c["cpu_us_per_chunk"], ".1f"),
             "",
-            "",
+            floor_note(c["cpu_us_per_chunk"], c.get("floor_us_per_chunk")),
             "<= 25 µs",
             verdict("c_cpu_us_per_chunk", c["cpu_us_per_chunk"]),
         )
@@ -839,7 +885,7 @@ def build_table(res: dict) -> str:
             "(c) worker CPU per relayed chunk (µs), back to back",
             fmt(c.get("burst_cpu_us_per_chunk"), ".1f"),
             "",
-            "",
+            floor_note(c.get("burst_cpu_us_per_chunk"), c.get("floor_burst_us_per_chunk")),
             "<= 25 µs",
             verdict("c_cpu_us_per_chunk", c.get("burst_cpu_us_per_chunk")),
         )

@@ -1,6 +1,6 @@
-"""gunicorn's gevent worker with three changes: a cheaper ``sendall`` on client sockets, a
-response's head sent together with its first body bytes, and a ``Date`` header formatted once
-per second.
+"""gunicorn's gevent worker with four changes: a cheaper ``sendall`` on client sockets, a
+response's head sent together with its first body bytes, a ``Date`` header formatted once
+per second, and a garbage collector tuned for a long-lived heap.
 
 gevent's ``sendall`` asks the kernel for SO_SNDBUF on every call (a ``getsockopt`` system call,
 to size its write chunks) and gunicorn calls it once per streamed event: profiled, that was a
@@ -13,6 +13,7 @@ master.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -98,11 +99,34 @@ class CachedHTTPDate:
         return self.text
 
 
+# Young objects collected after this many net allocations (CPython's default is 700), and the
+# older generations less often. See GatewayWorker.load_wsgi.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
+def tune_gc() -> None:
+    """Collect what loading the app left behind, then move every object alive now (modules,
+    the app, its config and tables) out of the collector's sight, and collect less often.
+
+    A worker holding hundreds of open streams has a large heap of objects that live for the
+    whole request, and each of CPython's collections of the older generations walks all of it:
+    profiled under 500 streams arriving at once, the collector was a tenth of the worker's CPU.
+    Cycles are still collected; only the frozen startup objects are never scanned again.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 class GatewayWorker(GeventWorker):
     def init_process(self) -> None:
         if not isinstance(gunicorn_util.http_date, CachedHTTPDate):
             gunicorn_util.http_date = CachedHTTPDate(gunicorn_util.http_date)
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        tune_gc()  # in the worker, after the fork and the app's import
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         super().handle(listener, ClientSocket(client), addr)

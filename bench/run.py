@@ -7,7 +7,7 @@ backend with bench/loadgen.mjs (pinned to core 1), interleaved, over several rou
 a table of medians. Results go to bench/results/<timestamp>.json and .txt; gunicorn's stderr
 (with the access log) to bench/results/<timestamp>-gateway.log.
 
-    .venv/bin/python bench/run.py               # quick: about a minute and a half
+    .venv/bin/python bench/run.py               # quick: about two minutes
     .venv/bin/python bench/run.py --long        # 5 rounds, three times the work per round
     .venv/bin/python bench/run.py --rev HEAD~3  # benchmark another revision (git archive)
     .venv/bin/python bench/run.py --profile 15  # py-spy profile of the worker under the (e) load
@@ -103,6 +103,7 @@ class Bench:
             sys.exit("bench: taskset is needed (util-linux), or pass --no-pin")
         self.loadgen_busy: list[dict] = []
         self.floor: dict | None = None
+        self.idle_rss_kb: int | None = None
 
     # ------------------------------------------------------------------ processes
     def pin(self, core: int, cmd: list[str]) -> list[str]:
@@ -538,9 +539,11 @@ class Bench:
         run["cpu_us_per_chunk"] = 1e6 * run["cpu"]["worker_cpu_s"] / max(1, run["chunks"])
         return run
 
-    def phase_d(self, rounds: int) -> dict:
-        n, chunks, delay = self.args.streams, self.args.slow_chunks, 20
-        idle = None
+    def phase_d(self, rounds: int, chunks: int) -> dict:
+        n, delay = self.args.streams, 20
+        # The worker's RSS before its first (d) round: a later (d) starts with the heap the
+        # earlier one grew, and would measure nothing against its own start.
+        idle = self.idle_rss_kb
         per = {"gateway": [], "direct": []}
         for r in range(rounds):
             for kind in self.order(r):
@@ -564,7 +567,7 @@ class Bench:
                 res = self.loadgen(spec)
                 if kind == "gateway":
                     if idle is None:
-                        idle = res["rss"]["idle_kb"]
+                        idle = self.idle_rss_kb = res["rss"]["idle_kb"]
                     res["rss_kb_per_stream"] = (res["rss"]["peak_kb"] - idle) / n
                 per[kind].append(res)
             g, d = per["gateway"][-1], per["direct"][-1]
@@ -816,7 +819,7 @@ def floor_note(gateway: float | None, floor: float | None) -> str:
 
 def build_table(res: dict) -> str:
     rows: list[tuple[str, str, str, str, str, str]] = []
-    a, c, d, e = res.get("a"), res.get("c"), res.get("d"), res.get("e")
+    a, c, e = res.get("a"), res.get("c"), res.get("e")
 
     def row(name, gw, direct, delta, target, status):
         rows.append((name, gw, direct, delta, target, status))
@@ -889,9 +892,10 @@ def build_table(res: dict) -> str:
             "<= 25 µs",
             verdict("c_cpu_us_per_chunk", c.get("burst_cpu_us_per_chunk")),
         )
-    if d:
+    for d in res.get("d") or []:
         g, dr = d["gateway"], d["direct"]
         n = d["streams"]
+        seconds = d["chunks"] * d["delay_ms"] / 1000
         row(
             f"(d) {n} streams x {d['chunks']} chunks, 20 ms: done",
             f"{g['completed_min']}/{n}",
@@ -901,7 +905,7 @@ def build_table(res: dict) -> str:
             verdict("d_all_completed", d["all_completed"]),
         )
         row(
-            "(d) total time (s)",
+            f"(d) total time (s), {seconds:g} s streams",
             fmt(g["total_s"], ".2f"),
             fmt(dr["total_s"], ".2f"),
             f"{fmt(d['total_ratio'], '.2f')}x",
@@ -909,7 +913,7 @@ def build_table(res: dict) -> str:
             verdict("d_total_ratio", d["total_ratio"]),
         )
         row(
-            "(d) TTFT p50 / p99 under load (ms)",
+            f"(d) TTFT p50 / p99 under load (ms), {seconds:g} s streams",
             f"{fmt(g['ttft_p50_ms'], '.0f')} / {fmt(g['ttft_p99_ms'], '.0f')}",
             f"{fmt(dr['ttft_p50_ms'], '.0f')} / {fmt(dr['ttft_p99_ms'], '.0f')}",
             "",
@@ -917,7 +921,7 @@ def build_table(res: dict) -> str:
             "",
         )
         row(
-            "(d) RSS per open stream (KB)",
+            f"(d) RSS per open stream (KB), {seconds:g} s streams",
             fmt(d["rss_kb_per_stream"], ".1f"),
             "",
             f"idle {d['idle_rss_kb'] / 1024:.1f} MB, peak {d['rss_peak_kb'] / 1024:.1f} MB",
@@ -1022,9 +1026,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=500, help="(d) concurrent streams (default 500)")
     p.add_argument(
         "--slow-chunks",
-        type=int,
-        default=50,
-        help="(d) chunks per slow stream, 20 ms apart (default 50: ~1 s)",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[200, 50],
+        help="(d) chunks per slow stream, 20 ms apart, one (d) per value (default 200,50: the "
+        "(c) stream, ~4 s, and a short one, ~1 s)",
     )
     p.add_argument(
         "--profile",
@@ -1134,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
             if "c" in args.only:
                 results["c"] = bench.phase_c(rounds)
             if "d" in args.only:
-                results["d"] = bench.phase_d(rounds)
+                results["d"] = [bench.phase_d(rounds, n) for n in args.slow_chunks]
             if "e" in args.only:
                 results["e"] = bench.phase_e(rounds)
             text = build_table(results)
@@ -1152,8 +1157,9 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("error_responses", "gunicorn_errors", "log_error", "client_disconnected"):
         if counts.get(key):
             warnings.append(f"gateway log: {counts[key]} {key.replace('_', ' ')}")
+    phases = [results.get(k, {}) for k in ("b32", "b128")] + results.get("d", [])
     failed = sum(results.get(k, {}).get("errors", 0) for k in ("a", "e")) + sum(
-        results.get(k, {}).get("gateway", {}).get("errors", 0) for k in ("b32", "b128", "d")
+        p.get("gateway", {}).get("errors", 0) for p in phases
     )
     if "c" in results:
         c = results["c"]

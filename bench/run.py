@@ -12,7 +12,7 @@ a table of medians. Results go to bench/results/<timestamp>.json and .txt; gunic
     .venv/bin/python bench/run.py --rev HEAD~3  # benchmark another revision (git archive)
     .venv/bin/python bench/run.py --profile 15  # py-spy profile of the worker under the (e) load
 
-Standard library only; needs Linux (/proc, taskset), node (18+), a C compiler for the (c) floor
+Standard library only; needs Linux (/proc, taskset), node (18+), a C compiler for the (c) C floor
 (optional) and, for --profile, py-spy.
 """
 
@@ -102,7 +102,8 @@ class Bench:
         if not args.no_pin and not self.taskset:
             sys.exit("bench: taskset is needed (util-linux), or pass --no-pin")
         self.loadgen_busy: list[dict] = []
-        self.floor: dict | None = None
+        self.floors: dict[str, dict] | None = None  # name -> pid, port (see start_floors)
+        self.floor_dir: str | None = None
         self.idle_rss_kb: int | None = None
 
     # ------------------------------------------------------------------ processes
@@ -190,31 +191,45 @@ class Bench:
             f"{self.master.pid}, worker {self.worker} on :{self.gateway_port}"
         )
 
-    def start_floor(self) -> int | None:
-        """Build and start bench/floor_proxy.c on the gateway's core; its port, or None
-        (with a log line) when there is no C compiler."""
+    def start_floors(self) -> dict[str, dict]:
+        """Start the two byte forwarders on the gateway's core: bench/floor_proxy.c (built
+        with cc; left out, with a log line, without one) and bench/floor_gevent.py (on the
+        venv's gevent). Name -> {"pid", "port"}."""
+        self.floors = {}
+        venv_python = str(Path(self.args.venv).resolve() / "bin" / "python")
+        commands = {"gevent": [venv_python, str(BENCH / "floor_gevent.py")]}
+        exe = self.build_floor_proxy()
+        if exe:
+            commands = {"C": [exe], **commands}
+        for name, command in commands.items():
+            port = free_port()
+            proc = subprocess.Popen(
+                self.pin(self.core_gw, [*command, str(port), str(self.backend_port)]),
+                stdout=subprocess.PIPE,
+            )
+            self.procs.append(proc)
+            if proc.stdout.readline().decode().strip() != "listening":
+                sys.exit(f"bench: the {name} forwarder did not start")
+            self.floors[name] = {"pid": proc.pid, "port": port}
+        return self.floors
+
+    def build_floor_proxy(self) -> str | None:
         cc = shutil.which("cc") or shutil.which("gcc")
         if not cc:
-            log("no C compiler: the (c) floor figures are left out")
+            log("no C compiler: the (c) C floor is left out")
             return None
-        build = Path(tempfile.mkdtemp(prefix="gateway-bench-floor-"))
-        exe = build / "floor_proxy"
+        self.floor_dir = tempfile.mkdtemp(prefix="gateway-bench-floor-")
+        exe = str(Path(self.floor_dir) / "floor_proxy")
         made = subprocess.run(
-            [cc, "-O2", "-o", str(exe), str(BENCH / "floor_proxy.c")], capture_output=True
+            [cc, "-O2", "-o", exe, str(BENCH / "floor_proxy.c")], capture_output=True
         )
         if made.returncode != 0:
-            log(f"floor_proxy.c did not build, (c) floor left out: {made.stderr.decode()[-300:]}")
+            log(
+                "floor_proxy.c did not build, the C floor is left out: "
+                + made.stderr.decode()[-300:]
+            )
             return None
-        port = free_port()
-        proc = subprocess.Popen(
-            self.pin(self.core_gw, [str(exe), str(port), str(self.backend_port)]),
-            stdout=subprocess.PIPE,
-        )
-        self.procs.append(proc)
-        if proc.stdout.readline().decode().strip() != "listening":
-            sys.exit("bench: floor_proxy did not start")
-        self.floor = {"pid": proc.pid, "port": port, "dir": str(build)}
-        return port
+        return exe
 
     def write_config(self) -> Path:
         """Every feature on: a client key that every gateway request must carry, with a rate
@@ -242,7 +257,7 @@ class Bench:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=5)
-        for path in (self.tmpdir, self.floor and self.floor["dir"]):
+        for path in (self.tmpdir, self.floor_dir):
             if path:
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -456,8 +471,8 @@ class Bench:
         per = {"gateway": [], "direct": []}
         cpu_runs: list[dict] = []
         burst_runs: list[dict] = []
-        floor_runs: dict[str, list[float]] = {"paced": [], "burst": []}
-        floor = self.floor["port"] if self.floor else self.start_floor()
+        floors = self.floors if self.floors is not None else self.start_floors()
+        floor_runs = {name: {"paced": [], "burst": []} for name in floors}
         for r in range(rounds):
             for kind in self.order(r):
                 per[kind].append(
@@ -480,10 +495,10 @@ class Bench:
             # issue gives (c) no pacing) back to back; the same through the C forwarder.
             cpu_runs.append(self.chunk_cpu("c-cpu", max_tokens, chunks))
             burst_runs.append(self.chunk_cpu("c-cpu-burst", chunks, chunks))
-            if floor:
+            for name in floors:
                 for key, tokens in (("paced", max_tokens), ("burst", chunks)):
-                    run = self.chunk_cpu(f"c-floor-{key}", tokens, chunks, floor=True)
-                    floor_runs[key].append(run["cpu_us_per_chunk"])
+                    run = self.chunk_cpu(f"c-floor-{name}-{key}", tokens, chunks, floor=name)
+                    floor_runs[name][key].append(run["cpu_us_per_chunk"])
             g, d = per["gateway"][-1], per["direct"][-1]
             log(
                 f"(c) round {r + 1}: ttft gateway {g['ttft_ms']['p50']:.2f} ms direct "
@@ -508,17 +523,20 @@ class Bench:
         out["burst_rounds"] = burst_runs
         out["burst_cpu_us_per_chunk"] = median([x["cpu_us_per_chunk"] for x in burst_runs])
         out["cpu_failed"] = sum(x["issued"] - x["completed"] for x in cpu_runs + burst_runs)
-        out["floor_us_per_chunk"] = median(floor_runs["paced"]) if floor else None
-        out["floor_burst_us_per_chunk"] = median(floor_runs["burst"]) if floor else None
+        out["floors"] = {
+            name: {key: median(values) for key, values in runs.items()}
+            for name, runs in floor_runs.items()
+        }
         out["floor_rounds"] = floor_runs
         return out
 
-    def chunk_cpu(self, label: str, max_tokens: int, chunks: int, floor: bool = False) -> dict:
+    def chunk_cpu(self, label: str, max_tokens: int, chunks: int, floor: str = "") -> dict:
         """Worker CPU per relayed chunk over 64 streams, 8 at a time, through the gateway, or
-        through the C forwarder (``floor``), whose process is then the one measured."""
+        through one of the forwarders (``floor``), whose process is then the one measured."""
         if floor:
-            target = {"kind": "direct", "host": HOST, "port": self.floor["port"]}
-            pids = {"worker": self.floor["pid"], "backend": self.backend.pid}
+            forwarder = self.floors[floor]
+            target = {"kind": "direct", "host": HOST, "port": forwarder["port"]}
+            pids = {"worker": forwarder["pid"], "backend": self.backend.pid}
         else:
             target, pids = self.target("gateway"), None
         spec = {
@@ -810,11 +828,10 @@ def fmt(v, spec: str = ".2f") -> str:
     return format(v, spec)
 
 
-def floor_note(gateway: float | None, floor: float | None) -> str:
-    """The C forwarder's CPU per chunk, and the gateway's as a multiple of it."""
-    if gateway is None or not floor:
-        return ""
-    return f"floor {floor:.1f} µs ({gateway / floor:.2f}x)"
+def floor_note(floors: dict[str, dict] | None, key: str) -> str:
+    """The byte forwarders' CPU per chunk, the floors the gateway's figure is read against."""
+    parts = [f"{name} {values[key]:.1f}" for name, values in (floors or {}).items() if values[key]]
+    return f"forwarders: {', '.join(parts)} µs" if parts else ""
 
 
 def build_table(res: dict) -> str:
@@ -880,7 +897,7 @@ def build_table(res: dict) -> str:
             f"(c) worker CPU per relayed chunk (µs), {c['delay_ms']} ms apart",
             fmt(c["cpu_us_per_chunk"], ".1f"),
             "",
-            floor_note(c["cpu_us_per_chunk"], c.get("floor_us_per_chunk")),
+            floor_note(c.get("floors"), "paced"),
             "<= 25 µs",
             verdict("c_cpu_us_per_chunk", c["cpu_us_per_chunk"]),
         )
@@ -888,7 +905,7 @@ def build_table(res: dict) -> str:
             "(c) worker CPU per relayed chunk (µs), back to back",
             fmt(c.get("burst_cpu_us_per_chunk"), ".1f"),
             "",
-            floor_note(c.get("burst_cpu_us_per_chunk"), c.get("floor_burst_us_per_chunk")),
+            floor_note(c.get("floors"), "burst"),
             "<= 25 µs",
             verdict("c_cpu_us_per_chunk", c.get("burst_cpu_us_per_chunk")),
         )

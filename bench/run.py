@@ -493,7 +493,7 @@ class Bench:
                     )
                 )
             # CPU per relayed chunk, over many streams: paced as the TTFT streams are, and (the
-            # issue gives (c) no pacing) back to back; the same through the C forwarder.
+            # issue gives (c) no pacing) back to back; the same through the byte forwarders.
             cpu_runs.append(self.chunk_cpu("c-cpu", max_tokens, chunks))
             burst_runs.append(self.chunk_cpu("c-cpu-burst", chunks, chunks))
             for name in floors:

@@ -1,14 +1,17 @@
-"""The worker's own pieces, alone: the client socket's head holding, the cached Date header and
-the collector tuning. Their effect under real gunicorn is covered in test_gunicorn.py."""
+"""The worker's own pieces, alone: the client socket's head holding, the cached Date header,
+the collector tuning and log reopening. Their effect under real gunicorn is covered in
+test_gunicorn.py."""
 
 from __future__ import annotations
 
 import gc
 import socket
 
+import gevent
 import pytest
 
-from app.gworker import GC_THRESHOLDS, CachedHTTPDate, ClientSocket, tune_gc
+from app import gunicorn_speedups
+from app.gworker import GC_THRESHOLDS, CachedHTTPDate, ClientSocket, GatewayWorker, tune_gc
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
 
@@ -93,3 +96,22 @@ def test_tune_gc_freezes_the_startup_heap_and_raises_the_thresholds():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_usr1_rebuilds_the_environ_base_after_the_logs_are_reopened():
+    events = []
+
+    class Log:
+        def reopen_files(self) -> None:
+            events.append(("reopened", dict(gunicorn_speedups._bases)))
+
+    worker = object.__new__(GatewayWorker)  # no sockets or app needed for this
+    worker.log = Log()
+    gunicorn_speedups._bases[1] = (object(), {"wsgi.errors": "old streams"})
+    try:
+        worker.handle_usr1(10, None)
+        gevent.sleep(0.01)
+        assert events and events[0][1]  # the old base was still there while reopening
+        assert gunicorn_speedups._bases == {}  # and is gone after
+    finally:
+        gunicorn_speedups.forget_base_environ()

@@ -529,7 +529,22 @@ class Bench:
             for name, runs in floor_runs.items()
         }
         out["floor_rounds"] = floor_runs
+        out["cold"] = self.cold_factor()
         return out
+
+    def cold_factor(self) -> dict | None:
+        """bench/cold_factor.py on the gateway's core: the same Python work hot and 1 ms apart."""
+        venv_python = str(Path(self.args.venv).resolve() / "bin" / "python")
+        done = subprocess.run(
+            self.pin(self.core_gw, [venv_python, str(BENCH / "cold_factor.py")]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if done.returncode != 0:
+            log(f"cold_factor.py failed: {done.stderr[-300:]}")
+            return None
+        return json.loads(done.stdout)
 
     def chunk_cpu(self, label: str, max_tokens: int, chunks: int, floor: str = "") -> dict:
         """Worker CPU per relayed chunk over 64 streams, 8 at a time, through the gateway, or
@@ -1192,6 +1207,14 @@ def main(argv: list[str] | None = None) -> int:
         + (f"py-spy for {args.profile} s" if args.profile else f"{args.rounds} rounds")
         + f"; {results['elapsed_s']:.0f} s"
     )
+    cold = results.get("c", {}).get("cold")
+    if cold:
+        text += (
+            f"\n\nThis core ran the same small piece of Python in {cold['hot_us']:.1f} µs in a "
+            f"tight loop and in {cold['paced_us']:.1f} µs once per millisecond "
+            f"({cold['factor']:.1f}x, bench/cold_factor.py): a paced chunk pays that on every "
+            "wake-up."
+        )
     report = "\n".join(
         [
             header,

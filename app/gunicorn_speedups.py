@@ -40,8 +40,8 @@ class SnapshotConfig(Config):
 def snapshot_config(cfg: Config) -> None:
     """Copy every setting's value into ``cfg``'s own attributes (properties and methods of
     Config, which compute from settings, are left alone)."""
-    if not isinstance(cfg, Config) or not isinstance(getattr(cfg, "settings", None), dict):
-        return
+    if type(cfg) is not Config or not isinstance(getattr(cfg, "settings", None), dict):
+        return  # a Config of another kind keeps its own class and lookups
     for name, setting in cfg.settings.items():
         if not hasattr(Config, name):
             cfg.__dict__[name] = setting.get()

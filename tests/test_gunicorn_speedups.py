@@ -47,6 +47,16 @@ def test_a_setting_changed_after_the_snapshot_reads_the_new_value():
     assert cfg.keepalive == 5
 
 
+def test_a_config_of_another_kind_is_left_as_it_is():
+    class Custom(Config):
+        pass
+
+    cfg = Custom()
+    snapshot_config(cfg)
+    assert type(cfg) is Custom
+    assert "keepalive" not in cfg.__dict__
+
+
 def test_memoized_allow_check_agrees_with_gunicorn():
     calls = []
 

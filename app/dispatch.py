@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from app import metrics
@@ -130,7 +130,15 @@ class Dispatcher:
             result = client.open_stream(payload, request_id)
         else:
             result = client.complete(payload, request_id)
-        return replace(prepared, result=result)
+        # The constructor, not dataclasses.replace, which walks the fields (about 1% of a
+        # request's CPU in the profile).
+        return Attempt(
+            target=prepared.target,
+            client=client,
+            model=prepared.model,
+            result=result,
+            headers=prepared.headers,
+        )
 
     def _pause(self, number: int, error: GatewayError, *, same: bool) -> None:
         """Failing over is immediate; the same backend again gets backoff or its retry-after."""

@@ -251,18 +251,19 @@ def _stream(
         log_access(entry, started)
 
     state.access_deferred = True
-    return Response(
-        relay(
-            attempt.client,
-            attempt.result,
-            translator,
-            on_end,
-            deadline=deadline,
-            ping_interval=ping_interval,
-        ),
-        mimetype="text/event-stream",
-        headers={**SSE_HEADERS, **attempt.headers},
+    body = relay(
+        attempt.client,
+        attempt.result,
+        translator,
+        on_end,
+        deadline=deadline,
+        ping_interval=ping_interval,
     )
+    response = Response(
+        body, mimetype="text/event-stream", headers={**SSE_HEADERS, **attempt.headers}
+    )
+    response.direct_passthrough = True  # app.relay.StreamBody: gunicorn iterates the relay
+    return response
 
 
 def _tokens(usage: Any) -> dict[str, int]:

@@ -140,14 +140,12 @@ def _finish_request(response: Response) -> Response:
 
 
 def _limit_end(lease: Lease, response: Response, deferred: bool | None) -> None:
-    """Rate headers, and the key's slot back: now, or for a stream when it is over (the
-    stream's own end in app/api.py usually gets there first; a lease acts once)."""
+    """Rate headers, and the key's slot back: now, or for a stream when it is over (its
+    app.relay.StreamBody ends it, whether or not the relay ever ran)."""
     key = lease.key
     if key.interval:
         response.headers.extend(key.rate_headers(time.monotonic(), time.time()))
-    if deferred:
-        response.call_on_close(lease.release)
-    else:
+    if not deferred:
         lease.release()
 
 

@@ -285,6 +285,33 @@ def test_refused_connection_is_a_connect_failure():
     assert caught.value.refused
 
 
+def test_an_ip_literal_is_connected_without_asking_the_resolver(server, monkeypatch):
+    def no_resolver(*args, **kwargs):
+        raise OSError("the resolver was asked")
+
+    srv = server(serving(lambda n: OK))
+    monkeypatch.setattr(socket, "getaddrinfo", no_resolver)
+    assert post(pool_for(srv)).read() == b'{"ok":true}'
+    with pytest.raises(ConnectFailed, match="the resolver was asked"):
+        post(make_pool(f"http://localhost:{srv.port}"))  # a host name is still resolved
+
+
+def test_an_ipv6_literal_is_connected_as_ipv6():
+    try:
+        listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with listener:
+        port = listener.getsockname()[1]
+        pool = make_pool(f"http://[::1]:{port}")
+        connection = pool._connect()
+        try:
+            assert connection.sock.family == socket.AF_INET6
+            assert connection.sock.getpeername()[:2] == ("::1", port)
+        finally:
+            connection.close()
+
+
 def test_fresh_connection_closed_without_answer_is_a_protocol_failure(server):
     def handler(conn, srv):
         read_request(conn)

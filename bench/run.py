@@ -209,7 +209,7 @@ class Bench:
             )
             self.procs.append(proc)
             if proc.stdout.readline().decode().strip() != "listening":
-                log(f"the {name} forwarder did not start: its (c) floor is left out")
+                log(f"the {name} forwarder did not start: its floor figures are left out")
                 continue
             self.floors[name] = {"pid": proc.pid, "port": port}
         return self.floors
@@ -217,7 +217,7 @@ class Bench:
     def build_floor_proxy(self) -> str | None:
         cc = shutil.which("cc") or shutil.which("gcc")
         if not cc:
-            log("no C compiler: the (c) C floor is left out")
+            log("no C compiler: the C floor figures are left out")
             return None
         self.floor_dir = tempfile.mkdtemp(prefix="gateway-bench-floor-")
         exe = str(Path(self.floor_dir) / "floor_proxy")
@@ -570,7 +570,7 @@ class Bench:
         if pids:
             spec["pids"] = pids
         run = self.loadgen(spec)
-        run["cpu_us_per_chunk"] = 1e6 * run["cpu"]["worker_cpu_s"] / max(1, run["chunks"])
+        run["cpu_us_per_chunk"] = per_chunk(run)
         return run
 
     def phase_d(self, rounds: int, chunks: int) -> dict:
@@ -579,21 +579,27 @@ class Bench:
         # earlier one grew, and would measure nothing against its own start.
         idle = self.idle_rss_kb
         per = {"gateway": [], "direct": []}
+        floors = self.floors if self.floors is not None else self.start_floors()
+        floor_runs: dict[str, list[float]] = {name: [] for name in floors}
+
+        def spec_for(target: dict) -> dict:
+            return {
+                "label": "d",
+                "phase": "stream",
+                "target": target,
+                "concurrency": n,
+                "all_at_once": True,
+                "count": n,
+                "duration_s": 60,
+                "warmup": False,
+                "max_tokens": delay * 10000 + chunks,
+                "expect_chunks": chunks,
+                "timeout_s": 60 + chunks * delay / 1000,
+            }
+
         for r in range(rounds):
             for kind in self.order(r):
-                spec = {
-                    "label": "d",
-                    "phase": "stream",
-                    "target": self.target(kind),
-                    "concurrency": n,
-                    "all_at_once": True,
-                    "count": n,
-                    "duration_s": 60,
-                    "warmup": False,
-                    "max_tokens": delay * 10000 + chunks,
-                    "expect_chunks": chunks,
-                    "timeout_s": 60 + chunks * delay / 1000,
-                }
+                spec = spec_for(self.target(kind))
                 if kind == "gateway":
                     time.sleep(0.3)  # let the previous round's sockets settle
                     spec["rss_pid"] = self.worker
@@ -603,12 +609,19 @@ class Bench:
                     if idle is None:
                         idle = self.idle_rss_kb = res["rss"]["idle_kb"]
                     res["rss_kb_per_stream"] = (res["rss"]["peak_kb"] - idle) / n
+                    res["cpu_us_per_chunk"] = per_chunk(res)
                 per[kind].append(res)
+            # The same streams through each byte forwarder: its CPU per chunk under this load.
+            for name, forwarder in floors.items():
+                spec = spec_for({"kind": "direct", "host": HOST, "port": forwarder["port"]})
+                spec["pids"] = {"worker": forwarder["pid"], "backend": self.backend.pid}
+                floor_runs[name].append(per_chunk(self.loadgen(spec)))
             g, d = per["gateway"][-1], per["direct"][-1]
             log(
                 f"(d) round {r + 1}: gateway {g['completed']}/{n} in {g['elapsed_s']:.2f} s, "
                 f"direct {d['completed']}/{n} in {d['elapsed_s']:.2f} s, "
-                f"RSS peak {g['rss']['peak_kb']} kB (idle {idle} kB)"
+                f"RSS peak {g['rss']['peak_kb']} kB (idle {idle} kB), "
+                f"{g['cpu_us_per_chunk']:.1f} µs/chunk"
             )
         out = {"streams": n, "chunks": chunks, "delay_ms": delay, "idle_rss_kb": idle}
         out["rounds"] = per
@@ -625,6 +638,9 @@ class Bench:
         out["total_ratio"] = median([g["elapsed_s"] / d["elapsed_s"] for g, d in pairs])
         out["rss_kb_per_stream"] = median([x["rss_kb_per_stream"] for x in per["gateway"]])
         out["rss_peak_kb"] = max(x["rss"]["peak_kb"] for x in per["gateway"])
+        out["cpu_us_per_chunk"] = median([x["cpu_us_per_chunk"] for x in per["gateway"]])
+        out["floors"] = {name: {"slow": median(v)} for name, v in floor_runs.items() if v}
+        out["floor_rounds"] = floor_runs
         return out
 
     def e_spec(self, count: int, duration: float) -> dict:
@@ -844,6 +860,12 @@ def fmt(v, spec: str = ".2f") -> str:
     return format(v, spec)
 
 
+def per_chunk(run: dict) -> float:
+    """The measured process's CPU (µs) per chunk relayed in a load generator run: all of it,
+    so a stream's start counts against its chunks."""
+    return 1e6 * run["cpu"]["worker_cpu_s"] / max(1, run["chunks"])
+
+
 def floor_note(floors: dict[str, dict] | None, key: str) -> str:
     """The byte forwarders' CPU per chunk, the floors the gateway's figure is read against."""
     parts = [f"{name} {values[key]:.1f}" for name, values in (floors or {}).items() if values[key]]
@@ -952,6 +974,14 @@ def build_table(res: dict) -> str:
             "",
             "",
             "",
+        )
+        row(
+            f"(d) worker CPU per relayed chunk (µs), {seconds:g} s streams",
+            fmt(d.get("cpu_us_per_chunk"), ".1f"),
+            "",
+            floor_note(d.get("floors"), "slow"),
+            "<= 25 µs",
+            verdict("c_cpu_us_per_chunk", d.get("cpu_us_per_chunk")),
         )
         row(
             f"(d) RSS per open stream (KB), {seconds:g} s streams",

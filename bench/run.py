@@ -12,8 +12,8 @@ a table of medians. Results go to bench/results/<timestamp>.json and .txt; gunic
     .venv/bin/python bench/run.py --rev HEAD~3  # benchmark another revision (git archive)
     .venv/bin/python bench/run.py --profile 15  # py-spy profile of the worker under the (e) load
 
-Standard library only; needs Linux (/proc, taskset), node (18+), a C compiler for the (c) C floor
-(optional) and, for --profile, py-spy.
+Standard library only; needs Linux (/proc, taskset), node (18+), a C compiler for the C floor
+figures (optional) and, for --profile, py-spy.
 """
 
 from __future__ import annotations

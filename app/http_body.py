@@ -24,6 +24,10 @@ class ChunkedDecoder:
         self.done = False
 
     def feed(self, data: bytes) -> bytes:
+        if self._state == "size" and not self._buffer:
+            body = _one_whole_chunk(data)
+            if body is not None:
+                return body
         buffer = self._buffer + data if self._buffer else data
         out: list[bytes] = []
         pos, size = 0, len(buffer)
@@ -67,3 +71,20 @@ class ChunkedDecoder:
             self._state = "data" if size else "trailers"
         elif not line:  # trailers end with an empty line
             self.done = True
+
+
+def _one_whole_chunk(data: bytes) -> bytes | None:
+    """The body of ``data`` if it is exactly one whole chunk, size line to closing CRLF: what
+    nearly every read of a streamed backend body is. None for anything else, which the general
+    loop then takes (and gives the same answer for this case, at four times the cost)."""
+    end = data.find(b"\n", 0, 20)
+    if end <= 0:
+        return None
+    try:
+        size = int(data[:end], 16)  # as the general loop parses it, when there is no extension
+    except ValueError:
+        return None
+    start = end + 1
+    if size <= 0 or len(data) != start + size + 2 or not data.endswith(b"\r\n"):
+        return None
+    return data[start : start + size]

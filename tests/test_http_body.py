@@ -56,3 +56,33 @@ def test_any_split_of_the_input_gives_the_same_body(pieces: list[bytes], cuts: l
     out = b"".join(decoder.feed(raw[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
     assert out == b"".join(pieces)
     assert decoder.done
+
+
+def _outcome(decoder: ChunkedDecoder, pieces: list[bytes]) -> tuple[bytes, bool] | str:
+    try:
+        return b"".join(decoder.feed(piece) for piece in pieces), decoder.done
+    except FramingError:
+        return "FramingError"
+
+
+@given(
+    raw=st.lists(
+        st.sampled_from([b"0", b"3", b"a", b"-", b"x", b";", b" ", b"\r", b"\n", b"\r\n", b"abc"]),
+        max_size=14,
+    ).map(b"".join)
+)
+def test_a_read_decodes_as_the_same_bytes_fed_one_at_a_time(raw: bytes) -> None:
+    """Whole, a read may take the one-whole-chunk fast path; a byte at a time it cannot."""
+    whole = _outcome(ChunkedDecoder(), [raw])
+    bytewise = _outcome(ChunkedDecoder(), [raw[i : i + 1] for i in range(len(raw))])
+    assert whole == bytewise
+
+
+@pytest.mark.parametrize(
+    "raw", [b"5\r\nhello\r\n", b"5\nhello\r\n", b"A\r\n0123456789\r\n", b" 5 \r\nhello\r\n"]
+)
+def test_one_whole_chunk_in_one_read_is_its_body(raw: bytes) -> None:
+    decoder = ChunkedDecoder()
+    assert decoder.feed(raw) == raw[raw.index(b"\n") + 1 : -2]
+    assert not decoder.done
+    assert decoder.feed(b"2\r\nok\r\n0\r\n\r\n") == b"ok" and decoder.done

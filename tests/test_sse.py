@@ -144,6 +144,23 @@ def test_any_split_of_a_stream_yields_the_same_payloads(
     assert decode(*pieces) == expected
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.lists(
+        st.sampled_from([b"data:", b"data: ", b" ", b"x", b"{}", b"\n", b"\r", b"\r\n", b": c"]),
+        max_size=10,
+    ).map(b"".join),
+    before=st.sampled_from([b"", b"data: a", b"\r"]),
+)
+def test_a_read_yields_what_the_same_bytes_yield_one_at_a_time(raw: bytes, before: bytes) -> None:
+    """Whole, a read may take the one-whole-line fast path; a byte at a time it cannot."""
+    whole, bytewise = SSEDecoder(), SSEDecoder()
+    whole.feed(before)  # a decoder part-way through a line, or after a CR
+    bytewise.feed(before)
+    assert whole.feed(raw) == [p for i in range(len(raw)) for p in bytewise.feed(raw[i : i + 1])]
+    assert whole.close() == bytewise.close()
+
+
 # --- encoding --------------------------------------------------------------------------------
 
 

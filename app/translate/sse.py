@@ -30,6 +30,15 @@ class SSEDecoder:
         self._pending_cr = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if (  # the usual read of a backend stream: one whole ``data:`` line and a blank line
+            not self._buffer
+            and not self._pending_cr
+            and chunk.startswith(b"data:")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+        ):
+            return [chunk[6:-2] if chunk[5:6] == b" " else chunk[5:-2]]
         if self._pending_cr:
             chunk = b"\r" + chunk
             self._pending_cr = False

@@ -76,7 +76,7 @@ class ChunkedDecoder:
 def _one_whole_chunk(data: bytes) -> bytes | None:
     """The body of ``data`` if it is exactly one whole chunk, size line to closing CRLF: what
     nearly every read of a streamed backend body is. None for anything else, which the general
-    loop then takes (and gives the same answer for this case, at four times the cost)."""
+    loop then takes (and gives the same answer for this case, at twice the cost)."""
     end = data.find(b"\n", 0, 20)
     if end <= 0:
         return None

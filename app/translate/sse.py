@@ -38,7 +38,7 @@ class SSEDecoder:
             and chunk.endswith(b"\n\n")
             and b"\r" not in chunk
         ):
-            return [chunk[6:-2] if chunk[5:6] == b" " else chunk[5:-2]]
+            return [_payload(chunk[:-2])]
         if self._pending_cr:
             chunk = b"\r" + chunk
             self._pending_cr = False

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
@@ -135,7 +136,9 @@ def _finish_request(response: Response) -> Response:
     if not deferred and access is not None:
         access["status"] = response.status_code
         access["bytes_out"] = response.content_length
-        log_access(access, state.started)
+        # Once the answer is written: the line and the metrics (a tenth of a request's CPU)
+        # stay off the client's wait, and the duration covers the write.
+        response.call_on_close(partial(log_access, access, state.started))
     return response
 
 

@@ -102,6 +102,21 @@ def test_readyz_is_503_when_no_backend_is_reachable(make_gateway):
     assert ready.json() == {"status": "unavailable", "backends": {"default": False}}
 
 
+def test_a_json_answer_is_logged_once_it_has_been_written(gateway, backend, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    client = gateway.app.test_client()
+    reply = client.post(
+        "/v1/messages", json=BODY, headers={"x-api-key": "sk-client-secret"}, buffered=False
+    )
+    assert reply.status_code == 200
+    assert not [r for r in caplog.records if r.name == "gateway.access"]  # not yet written
+    assert reply.get_data()
+    reply.close()  # what the server does once the body is out
+    entries = [r.msg for r in caplog.records if r.name == "gateway.access"]
+    assert len(entries) == 1
+    assert entries[0]["status"] == 200 and entries[0]["bytes_out"] == len(reply.get_data())
+
+
 @pytest.mark.parametrize("workers", [3])
 def test_metrics_add_up_across_gunicorn_workers(tmp_path, workers):
     with FakeBackend() as backend:

@@ -46,7 +46,7 @@ workers = _env_int("GATEWAY_WORKERS", 2)
 # Each worker keeps 1/workers of every client key's limits (app/limits.py); it reads this.
 os.environ.setdefault("GATEWAY_WORKERS", str(workers))
 # gunicorn's gevent worker, with a cheaper sendall for streamed events (app/gworker.py).
-worker_class = "app.gworker.GatewayWorker"
+worker_class = "app.serving.worker.GatewayWorker"
 # Open streams and idle keep-alive connections each hold one slot per worker.
 worker_connections = _env_int("GATEWAY_WORKER_CONNECTIONS", 1000)
 os.environ.setdefault("GATEWAY_WORKER_CONNECTIONS", str(worker_connections))
@@ -73,7 +73,7 @@ control_socket_disable = control_socket is None
 
 def post_worker_init(worker):
     """In each worker, after gevent patched it: end streams cleanly when the drain time is up."""
-    from app import lifecycle
+    from app.serving import lifecycle
 
     lifecycle.install(worker)
 

@@ -17,6 +17,6 @@ if TYPE_CHECKING:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the WSGI app; settings come from ``GATEWAY_CONFIG`` and the environment by default."""
-    from app.web import build_app
+    from app.serving.web import build_app
 
     return build_app(settings)

@@ -165,7 +165,7 @@ class Response:
     """A response head, and the open connection its body is still arriving on.
 
     ``headers`` has lower-case names; repeated headers are joined with ", ". Call ``read`` for
-    the whole body, or take ``connection`` to read it incrementally (app.upstream.BodyReader),
+    the whole body, or take ``connection`` to read it incrementally (BodyReader),
     and end with ``release`` (the body was read to its end: the connection may be reused) or
     ``close``.
     """

@@ -1,7 +1,7 @@
 """HTTP/1.1 response body framing, decoded incrementally (pure: bytes in, bytes out).
 
 Backend bodies are read straight off the socket (app.backend_http.BodyFraming, for whole
-bodies and for the streams app.upstream.BodyReader relays), so that a read timeout is only a
+bodies and for the streams app.backends.client.BodyReader relays), so that a read timeout is only a
 moment of silence, not a broken reader. This decoder keeps all state itself and survives any
 split of the input."""
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from app.backends.routing import backend_model, resolve
 from app.config import ConfigError, Settings, build_settings, load_settings
-from app.routing import backend_model, resolve
 from app.translate.dialect import DIALECTS
 
 SECRET = "sk-live-0123456789abcdef"

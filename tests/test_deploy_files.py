@@ -6,8 +6,8 @@ import hashlib
 import re
 from pathlib import Path
 
+from app.backends.routing import backend_model, resolve
 from app.config import load_settings
-from app.routing import backend_model, resolve
 
 
 def model_for(settings, requested: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from app import metrics
+from app.ops import metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "anthropic-gateway.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}

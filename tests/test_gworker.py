@@ -11,7 +11,7 @@ import gevent
 import pytest
 
 from app import gunicorn_speedups
-from app.gworker import GC_THRESHOLDS, CachedHTTPDate, ClientSocket, GatewayWorker, tune_gc
+from app.serving.worker import GC_THRESHOLDS, CachedHTTPDate, ClientSocket, GatewayWorker, tune_gc
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"
 
@@ -70,7 +70,7 @@ def test_without_hold_head_every_write_goes_out_at_once(pair):
 def test_date_header_is_formatted_once_per_second(monkeypatch):
     calls = []
     now = [1_700_000_000.2]
-    monkeypatch.setattr("app.gworker.time.time", lambda: now[0])
+    monkeypatch.setattr("app.serving.worker.time.time", lambda: now[0])
 
     def format_date(timestamp: float) -> str:
         calls.append(timestamp)

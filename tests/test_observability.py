@@ -12,7 +12,7 @@ import requests
 from fakebackend import FakeBackend, StreamReply, chunks
 from servers import Gunicorn
 
-from app import observability
+from app.ops import access_log as observability
 
 BODY = {
     "model": "claude-haiku-4-5",

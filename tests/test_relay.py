@@ -1,11 +1,11 @@
-"""app.relay.StreamBody: the WSGI body of a relayed stream ends its bookkeeping exactly once,
-however gunicorn ends the response."""
+"""app.serving.relay.StreamBody: the WSGI body of a relayed stream ends its bookkeeping
+exactly once, however gunicorn ends the response."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from app.relay import StreamBody, StreamOutcome
+from app.serving.relay import StreamBody, StreamOutcome
 
 
 def _body(pieces: list[bytes]) -> tuple[StreamBody, list[StreamOutcome], list[str]]:

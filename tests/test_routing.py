@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from app.balancer import Balancer
+from app.backends.balancer import Balancer
+from app.backends.routing import backend_model, resolve
 from app.config import ConfigError, Route, Routing, Target, build_settings
 from app.errors import NotFound
-from app.routing import backend_model, resolve
 
 BACKENDS = [
     {"name": "big", "url": "http://127.0.0.1:8001/v1", "dialect": "vllm"},

@@ -16,11 +16,11 @@ from functools import partial
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from app import auth, jsonc, limits, metrics
-from app.api import create_blueprint
-from app.balancer import Balancer
+from app import auth, jsonc, limits
+from app.backends.balancer import Balancer
+from app.backends.client import UpstreamClient
+from app.backends.dispatch import Dispatcher
 from app.config import Settings, load_settings_or_last_good
-from app.dispatch import Dispatcher
 from app.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -31,8 +31,9 @@ from app.errors import (
     UpstreamError,
 )
 from app.limits import KeyState, Lease, LimitExceeded
-from app.observability import configure_logging, log_access, request_id_from
-from app.upstream import UpstreamClient
+from app.ops import metrics
+from app.ops.access_log import configure_logging, log_access, request_id_from
+from app.serving.api import create_blueprint
 
 log = logging.getLogger("gateway")
 
@@ -144,7 +145,7 @@ def _finish_request(response: Response) -> Response:
 
 def _limit_end(lease: Lease, response: Response, deferred: bool | None) -> None:
     """Rate headers, and the key's slot back: now, or for a stream when it is over (its
-    app.relay.StreamBody ends it, whether or not the relay ever ran)."""
+    app.serving.relay.StreamBody ends it, whether or not the relay ever ran)."""
     key = lease.key
     if key.interval:
         response.headers.extend(key.rate_headers(time.monotonic(), time.time()))

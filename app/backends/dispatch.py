@@ -16,13 +16,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from app import metrics
-from app.balancer import Balancer
+from app.backends.balancer import Balancer
+from app.backends.client import UpstreamClient
+from app.backends.routing import backend_model
 from app.config import Route, Settings, Target
 from app.errors import GatewayError, Overloaded
-from app.routing import backend_model
+from app.ops import metrics
 from app.translate.request import clamp_max_tokens, translate_request
-from app.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
 

@@ -4,7 +4,7 @@ A plain generator (no Flask request context inside), so gunicorn writes each pie
 is yielded, and ``close()`` on client disconnect lands in the ``finally`` that closes the
 backend connection and so stops generation there.
 
-The backend body is read with a short socket timeout (app.upstream.BodyReader), so the relay
+The backend body is read with a short socket timeout (app.backends.client.BodyReader), so the relay
 wakes up while the backend is silent: to send ``ping`` events (which keep proxies from timing
 the stream out and reveal a client that went away), to enforce the idle and total timeouts,
 and to end the stream cleanly when the worker is shutting down.
@@ -16,13 +16,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
-from app import lifecycle
 from app.backend_http import Response
+from app.backends.client import BodyReader, UpstreamClient
 from app.errors import GatewayError, Overloaded, UpstreamError, UpstreamTimeout
+from app.serving import lifecycle
 from app.translate.passthrough import PassthroughStream
 from app.translate.sse import DONE, SSEDecoder, encode, encode_all
 from app.translate.stream import PING, StreamTranslator
-from app.upstream import BodyReader, UpstreamClient
 
 log = logging.getLogger("gateway")
 Translator = StreamTranslator | PassthroughStream

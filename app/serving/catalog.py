@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from app.backends.routing import is_glob, resolve
 from app.config import Settings
 from app.errors import InvalidRequest, NotFound
-from app.routing import is_glob, resolve
 
 CREATED_AT = "2025-01-01T00:00:00Z"  # backends do not say; a fixed RFC 3339 date is allowed
 

@@ -14,7 +14,8 @@ import sys
 import time
 from typing import Any
 
-from app import ids, jsonc, metrics
+from app import ids, jsonc
+from app.ops import metrics
 
 access_log = logging.getLogger("gateway.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")

@@ -3,7 +3,7 @@ the admin ``/status`` and ``GET /healthz``.
 
 Views stay thin: parse, route, dispatch (translation happens per backend attempt), translate
 back. Failures are raised as ``GatewayError`` and rendered by the app-level handlers in
-``app.web``, so every error, wherever it starts, leaves in the same Anthropic envelope.
+``app.serving.web``, so every error, wherever it starts, leaves in the same Anthropic envelope.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, g, request
 
-from app import ids, jsonc, metrics
+from app import ids, jsonc
 from app.auth import bearer_token
-from app.catalog import find_model, models_page
+from app.backends.dispatch import Attempt, Dispatcher
+from app.backends.routing import backend_model, resolve
 from app.config import Settings
-from app.dispatch import Attempt, Dispatcher
 from app.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -28,10 +28,11 @@ from app.errors import (
     NotFound,
     RequestTooLarge,
 )
-from app.health import reachable
-from app.observability import log_access
-from app.relay import StreamOutcome, relay
-from app.routing import backend_model, resolve
+from app.ops import metrics
+from app.ops.access_log import log_access
+from app.ops.health import reachable
+from app.serving.catalog import find_model, models_page
+from app.serving.relay import StreamOutcome, relay
 from app.translate.passthrough import PassthroughStream
 from app.translate.request import check_request, stop_sequences, translate_request
 from app.translate.response import translate_response
@@ -262,7 +263,7 @@ def _stream(
     response = Response(
         body, mimetype="text/event-stream", headers={**SSE_HEADERS, **attempt.headers}
     )
-    response.direct_passthrough = True  # app.relay.StreamBody: gunicorn iterates the relay
+    response.direct_passthrough = True  # app.serving.relay.StreamBody: gunicorn iterates the relay
     return response
 
 

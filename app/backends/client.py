@@ -186,7 +186,7 @@ class UpstreamClient:
                 head += header_block(extra)
             except ValueError as exc:
                 raise InvalidRequest(str(exc)) from None
-        # Request ids are ours or checked against a strict pattern (app.observability).
+        # Request ids are ours or checked against a strict pattern (app.ops.access_log).
         head += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
         try:
             response = self.pool.request(

@@ -1,0 +1,1 @@
+"""What operators read: the JSON access log, Prometheus metrics and readiness."""

@@ -45,7 +45,7 @@ bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8082").split(",")
 workers = _env_int("GATEWAY_WORKERS", 2)
 # Each worker keeps 1/workers of every client key's limits (app/limits.py); it reads this.
 os.environ.setdefault("GATEWAY_WORKERS", str(workers))
-# gunicorn's gevent worker, with a cheaper sendall for streamed events (app/gworker.py).
+# gunicorn's gevent worker, with the garbage collector tuned (app/serving/worker.py).
 worker_class = "app.serving.worker.GatewayWorker"
 # Open streams and idle keep-alive connections each hold one slot per worker.
 worker_connections = _env_int("GATEWAY_WORKER_CONNECTIONS", 1000)

@@ -49,7 +49,19 @@ class Upstream:
     # Requests in flight to this backend per worker (0: no cap); beyond it, other targets.
     max_concurrency: int = 0
     pool_size: int = 0
+    # Proxy settings: ``proxy`` (an http:// or https:// URL), or with ``trust_env`` the
+    # environment's HTTP(S)_PROXY / NO_PROXY, read once at start.
+    proxy: str = field(default="", repr=False)
     trust_env: bool = False
+    # TLS: verified always; against this CA bundle (a file or directory) instead of the
+    # bundled CAs, with an optional client certificate (and its key, if not in the same file).
+    ca_bundle: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    # Bounds on what the backend may send: a whole (non-streamed) body, after decompression,
+    # and one line of a stream.
+    max_response_bytes: int = 32 * 1024 * 1024
+    max_line_bytes: int = 4 * 1024 * 1024
     dialect: Dialect = field(default_factory=Dialect)
 
 
@@ -391,6 +403,9 @@ def _build_upstream(raw: dict[str, Any], env: Mapping[str, str], where: str) -> 
     def seconds(key: str, default: float, minimum: float = 0.01) -> float:
         return _number(f"{where}.{key}", raw.get(key, default), float, minimum)
 
+    if raw.get("client_key") and not raw.get("client_cert"):
+        raise ConfigError(f"{where}.client_key: given without client_cert")
+
     return Upstream(
         url=url,
         api_key=_secret(where, raw, env, "api_key"),
@@ -403,9 +418,37 @@ def _build_upstream(raw: dict[str, Any], env: Mapping[str, str], where: str) -> 
         total_timeout=seconds("total_timeout", 0.0, 0.0),
         max_concurrency=_number(f"{where}.max_concurrency", raw.get("max_concurrency", 0), int, 0),
         pool_size=_number(f"{where}.pool_size", raw.get("pool_size", 0), int, 0),
+        proxy=_proxy_url(where, raw.get("proxy", "")),
         trust_env=_boolean(f"{where}.trust_env", raw.get("trust_env", False)),
+        ca_bundle=_path(f"{where}.ca_bundle", raw.get("ca_bundle", "")),
+        client_cert=_path(f"{where}.client_cert", raw.get("client_cert", "")),
+        client_key=_path(f"{where}.client_key", raw.get("client_key", "")),
+        max_response_bytes=_number(
+            f"{where}.max_response_bytes", raw.get("max_response_bytes", 32 << 20), int, 1024
+        ),
+        max_line_bytes=_number(
+            f"{where}.max_line_bytes", raw.get("max_line_bytes", 4 << 20), int, 1024
+        ),
         dialect=_build_dialect(raw.get("dialect", "generic"), raw.get("quirks", {}), where),
     )
+
+
+def _proxy_url(where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}.proxy: must be a string URL")
+    if value and not value.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}.proxy: must start with http:// or https:// (got {value!r})")
+    return value.rstrip("/")
+
+
+def _path(key: str, value: Any) -> str:
+    """A file (or directory) the gateway must be able to read: checked at start, so that a
+    wrong path stops the service with its key named instead of failing every request."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a path")
+    if value and not os.access(value, os.R_OK):
+        raise ConfigError(f"{key}: cannot read {value!r}")
+    return value
 
 
 def _secret(where: str, raw: Mapping[str, Any], env: Mapping[str, str], key: str) -> str:

@@ -31,6 +31,9 @@ class GatewayError(Exception):
     # A backend failure another attempt may cure (connection errors, 429, 5xx); the
     # dispatcher retries or fails over only these, and only before any byte was relayed.
     retryable = False
+    # Whether the backend may have received the request: False only when it provably did
+    # not (no connection was made), which is when trying the same backend again is safe.
+    reached = True
 
     def __init__(
         self,
@@ -40,6 +43,7 @@ class GatewayError(Exception):
         headers: dict[str, str] | None = None,
         should_retry: bool | None = None,
         retryable: bool | None = None,
+        reached: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -47,6 +51,8 @@ class GatewayError(Exception):
             self.status = status
         if retryable is not None:
             self.retryable = retryable
+        if reached is not None:
+            self.reached = reached
         self.headers = dict(headers or {})
         if should_retry is not None:
             # The SDKs obey x-should-retry before their own status rules.

@@ -88,3 +88,38 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
         capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+class ThrowawayCA:
+    """A certificate authority made for one test run, and certificates it signs: a server
+    certificate for 127.0.0.1 and localhost, and a client certificate for mutual TLS."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cert, self.key = directory / "ca.pem", directory / "ca.key"
+        _openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=gateway test CA", "-keyout", self.key, "-out", self.cert,
+        )  # fmt: skip
+        self.server_cert, self.server_key = self.issue(
+            "server", "subjectAltName=IP:127.0.0.1,DNS:localhost"
+        )
+        self.client_cert, self.client_key = self.issue("client", "extendedKeyUsage=clientAuth")
+
+    def issue(self, name: str, extension: str) -> tuple[Path, Path]:
+        cert, key, request = (self.directory / f"{name}{ext}" for ext in (".pem", ".key", ".csr"))
+        extfile = self.directory / f"{name}.ext"
+        extfile.write_text(extension + "\n")
+        _openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", key, "-out", request,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", request, "-CA", self.cert, "-CAkey", self.key,
+            "-CAcreateserial", "-days", "1", "-extfile", extfile, "-out", cert,
+        )  # fmt: skip
+        return cert, key
+
+
+def _openssl(*args: object) -> None:
+    subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)

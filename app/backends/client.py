@@ -1,89 +1,92 @@
-"""The HTTP client for one backend: a connection pool per backend per worker.
+"""The client for one backend: what the gateway asks of it, and every failure as a gateway error.
 
-It owns transport policy (pool size, timeouts, proxies from the environment when asked) and
-turns every transport failure into a gateway error that names the backend, so nothing above it
-sees a transport exception. Built per worker process, after gevent has patched the socket module.
+Backends speak OpenAI Chat Completions or, for ``protocol = "anthropic"``, the Messages API
+itself (recent vLLM, SGLang, llama.cpp and Ollama can), in which case bodies pass through. The
+HTTP goes through the worker's requests session (app.backends.session); nothing above this
+module sees a requests or urllib3 exception, a status it cannot use, or a body without bounds:
 
-The transport is app.backend_http, a small HTTP/1.1 client: measured on this gateway,
-``requests``' ``Session.request`` was half of the worker's CPU per request, and urllib3 with
-http.client under it still a third; posting JSON to one known host needs none of their
-generality.
-Backends speak either OpenAI Chat Completions or, for ``protocol = "anthropic"``, the Messages
-API itself (recent vLLM, SGLang, llama.cpp and Ollama can), in which case bodies pass through.
+- a status under 200 (``101 Switching Protocols``, ``103 Early Hints``) or a redirect is a 502
+  naming the backend, and its connection is closed, never pooled;
+- a whole body is read up to ``max_response_bytes`` after decompression, which urllib3 does
+  incrementally, so a small gzip bomb stops at the cap instead of filling the worker's memory;
+- a streamed body is read as it arrives (requests' ``iter_content``), a piece of at most
+  ``READ_SIZE`` bytes at a time, and closed on every path by the relay.
 """
 
 from __future__ import annotations
 
 import logging
-import urllib.request
-from collections.abc import Mapping
+import ssl
+from collections.abc import Iterator, Mapping
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
+import requests
+import urllib3.exceptions
+from requests.utils import check_header_validity
+
 from app import jsonc
-from app.backend_http import (
-    READ_SIZE,
-    BackendHTTPError,
-    BodyFraming,
-    ConnectFailed,
-    Pool,
-    ProtocolFailure,
-    ReadTimedOut,
-    Response,
-    header_block,
-)
+from app.backends.session import Template, Transport
 from app.config import Upstream
 from app.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
 from app.translate.upstream_errors import error_from_status
 
 log = logging.getLogger("gateway")
 
+READ_SIZE = 65536
 ERROR_BODY_LIMIT = 65536
+READY_TIMEOUT = 2.0
 # Client headers an Anthropic-speaking backend should see as the client sent them.
 ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
+# What iterating or reading a streamed body can raise, from requests (iter_content) or from
+# urllib3 (read1).
+BODY_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
 
 
-class UpstreamClient:
+class BackendClient:
     """Calls one backend; returns parsed bodies, or open responses for the caller to close."""
 
-    def __init__(self, config: Upstream, pool_size: int) -> None:
+    def __init__(self, config: Upstream, transport: Transport) -> None:
         self.config = config
-        self.name = _display_name(config.url)
+        self.transport = transport
+        self.name = display_name(config.url)
         self.stream_usage = config.dialect.stream_usage
-        self.pool = Pool(
-            config.url,
-            maxsize=max(pool_size, 10),
-            connect_timeout=config.connect_timeout,
-            proxy=_proxy_for(config),
-        )
         self.first_byte_timeout = _first_byte_timeout(config)
         self.idle_timeout = config.idle_timeout or config.read_timeout
-        base = {"Content-Type": "application/json", "Accept": "application/json"}
+        # No compression asked for: on a stream a decompressor holds bytes back, and a JSON
+        # answer is small and on loopback or a LAN. (One sent anyway is decoded, bounded.)
+        base = {
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "Accept-Encoding": "identity",
+        }
         if config.protocol == "anthropic":
-            self.url = config.url + "/messages"
+            endpoint = config.url + "/messages"
             base["anthropic-version"] = "2023-06-01"
             if config.api_key:
                 base["x-api-key"] = config.api_key
         else:
-            self.url = config.url + "/chat/completions"
+            endpoint = config.url + "/chat/completions"
             if config.api_key:
                 base["Authorization"] = f"Bearer {config.api_key}"
-        self.path = urlsplit(self.url).path
-        # No compression: on a stream a decompressor would hold back bytes, and a JSON answer
-        # is small and on loopback or a LAN.
-        self.headers = {**base, "Accept-Encoding": "identity", **config.headers}
-        stream_headers = {**self.headers, "Accept": "text/event-stream"}
-        # The header lines every request carries, encoded once.
-        self.json_head = header_block(self.headers)
-        self.stream_head = header_block(stream_headers)
+        self.headers = {**base, **config.headers}
+        self.json_request = transport.prepare(endpoint, self.headers)
+        self.stream_request = transport.prepare(
+            endpoint, {**self.headers, "Accept": "text/event-stream"}
+        )
+        self.root = config.url.removesuffix("/v1")
+        get_headers = {k: v for k, v in self.headers.items() if k != "Content-Type"}
+        self.list_request = transport.prepare(config.url + "/models", get_headers, "GET")
 
     # --- OpenAI Chat Completions ---------------------------------------------------------------
 
     def complete(self, payload: dict[str, Any], request_id: str) -> dict[str, Any]:
         """A non-streamed completion, parsed; raises GatewayError on any failure."""
-        return self._read_json(self._post(payload, request_id, stream=False))
+        response = self._post(self.json_request, payload, request_id)
+        return self.read_json(response)
 
-    def open_stream(self, payload: dict[str, Any], request_id: str) -> Response:
+    def open_stream(self, payload: dict[str, Any], request_id: str) -> requests.Response:
         """Start a streamed completion and return once the backend has answered 2xx.
 
         Waiting for the status before the first byte goes to the client keeps a backend error
@@ -94,25 +97,31 @@ class UpstreamClient:
         if self.stream_usage:
             payload["stream_options"] = {"include_usage": True}
         try:
-            return self._post(payload, request_id, stream=True)
+            return self._post(self.stream_request, payload, request_id)
         except _StreamOptionsRejected:
             log.warning("backend %s rejects stream_options; retrying without it", self.name)
             self.stream_usage = False
             payload.pop("stream_options", None)
-            return self._post(payload, request_id, stream=True)
+            return self._post(self.stream_request, payload, request_id)
 
     # --- Anthropic Messages, passed through ----------------------------------------------------
 
     def messages(
         self, body: dict[str, Any], request_id: str, client_headers: Mapping[str, str]
-    ) -> dict[str, Any] | Response:
+    ) -> dict[str, Any] | requests.Response:
         """POST the client's body to an Anthropic-speaking backend: a message, or an open stream."""
         extra = {h: client_headers[h] for h in ANTHROPIC_HEADERS if h in client_headers}
+        for item in extra.items():
+            try:
+                check_header_validity(item)
+            except requests.exceptions.InvalidHeader:
+                raise InvalidRequest(f"{item[0]}: not a valid header value") from None
         stream = bool(body.get("stream"))
-        response = self._post(body, request_id, stream=stream, extra=extra)
-        return response if stream else self._read_json(response)
+        template = self.stream_request if stream else self.json_request
+        response = self._post(template, body, request_id, extra=extra)
+        return response if stream else self.read_json(response)
 
-    # --- tokenizer -----------------------------------------------------------------------------
+    # --- tokenizer and model list --------------------------------------------------------------
 
     def count_tokens(self, payload: dict[str, Any], request_id: str) -> int | None:
         """The prompt's exact token count from the backend's tokenizer endpoint, if it has one.
@@ -122,110 +131,208 @@ class UpstreamClient:
         the caller falls back to an estimate.
         """
         tokenizer = self.config.dialect.tokenizer
-        root = self.config.url.removesuffix("/v1")
-        headers = {**self.headers, "X-Request-ID": request_id}
         request = {k: payload[k] for k in ("model", "messages", "tools") if k in payload}
         try:
             if self.config.protocol == "anthropic":
-                counted = self._call(self.url + "/count_tokens", payload, headers)
+                counted = self._call(
+                    self.config.url + "/messages/count_tokens", payload, request_id
+                )
                 return int(counted["input_tokens"])
             if tokenizer == "vllm":
-                return int(self._call(root + "/tokenize", request, headers)["count"])
+                return int(self._call(self.root + "/tokenize", request, request_id)["count"])
             if tokenizer == "llamacpp":
-                prompt = self._call(root + "/apply-template", request, headers)["prompt"]
-                tokens = self._call(root + "/tokenize", {"content": prompt}, headers)["tokens"]
-                return len(tokens)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+                applied = self._call(self.root + "/apply-template", request, request_id)
+                content = {"content": applied["prompt"]}
+                return len(self._call(self.root + "/tokenize", content, request_id)["tokens"])
+        except (GatewayError, ValueError, KeyError, TypeError) as exc:
             log.warning("backend %s tokenizer failed (%s); estimating", self.name, _short(str(exc)))
         return None
 
-    def _call(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> Any:
-        response = self.pool.request(
-            "POST",
-            urlsplit(url).path,
-            header_block(headers),
-            jsonc.dumps(body),
-            timeout=min(self.config.read_timeout, 30.0),
-        )
-        if response.status >= 300:
-            response.close()
-            raise ValueError(f"HTTP {response.status}")
-        return jsonc.loads(response.read())
+    def models(self) -> list[dict[str, Any]]:
+        """The backend's own ``GET /models`` list (OpenAI's shape: ``{"data": [{"id"…}]}``)."""
+        response = self._send(self.list_request, None, None, read_timeout=READY_TIMEOUT)
+        listed = self.read_json(response, limit=1 << 20)
+        data = listed.get("data") if isinstance(listed, dict) else None
+        return [m for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+
+    def ready(self) -> bool:
+        """The backend answers HTTP through the configured TLS and proxy settings: any status
+        below 500 (a 401 or 404 says the server is up; a 503 says it is still loading)."""
+        try:
+            response = self.transport.send(
+                self.list_request.request(None), stream=True, read_timeout=READY_TIMEOUT
+            )
+        except BODY_ERRORS:
+            return False
+        response.close()
+        return 200 <= response.status_code < 500
+
+    def _call(self, url: str, body: dict[str, Any], request_id: str) -> Any:
+        template = self.transport.prepare(url, self.headers)
+        read_timeout = min(self.config.read_timeout, 30.0)
+        response = self._send(template, body, request_id, read_timeout=read_timeout)
+        return self.read_json(response, limit=16 << 20)
 
     def close(self) -> None:
-        self.pool.close()
+        self.transport.adapter.close()
 
     # --- reading ---------------------------------------------------------------------------------
 
-    def read_body(self, response: Response) -> bytes:
-        """A whole response body; transport failures as gateway errors."""
+    def read_body(self, response: requests.Response, limit: int | None = None) -> bytes:
+        """A whole response body, decompressed, up to ``limit`` (``max_response_bytes``)."""
+        limit = limit or self.config.max_response_bytes
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            response.close()
+            raise self._too_large(limit)
+        parts: list[bytes] = []
+        size = 0
         try:
-            return response.read()
-        except BackendHTTPError as exc:
-            raise self._transport_error(exc) from None
+            for piece in response.iter_content(READ_SIZE):
+                size += len(piece)
+                if size > limit:
+                    raise self._too_large(limit)
+                parts.append(piece)
+        except BODY_ERRORS as exc:
+            raise self.transport_error(exc) from None
+        finally:
+            response.close()  # pooled again if the body was read to its end, else closed
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _read_json(self, response: Response) -> dict[str, Any]:
-        body = self.read_body(response)
+    def read_json(self, response: requests.Response, limit: int | None = None) -> Any:
+        body = self.read_body(response, limit)
         try:
             return jsonc.loads(body.strip())
         except jsonc.JSONDecodeError:
             excerpt = body[:200].decode("utf-8", "replace")
             raise UpstreamError(f"backend {self.name} returned invalid JSON: {excerpt}") from None
 
+    def chunks(self, response: requests.Response) -> Iterator[bytes]:
+        """A streamed body as it arrives: requests' ``iter_content`` yields each chunk of a
+        chunked body as it comes; a body without chunked framing (close-delimited) is read
+        with urllib3's ``read1``, because ``iter_content`` waits for whole pieces of its size
+        there and would hold events back."""
+        if response.raw.chunked:
+            return response.iter_content(READ_SIZE)
+        return iter(partial(response.raw.read1, READ_SIZE, decode_content=True), b"")
+
+    def _too_large(self, limit: int) -> UpstreamError:
+        return UpstreamError(f"backend {self.name} sent a body larger than {limit} bytes")
+
+    # --- sending ---------------------------------------------------------------------------------
+
     def _post(
         self,
+        template: Template,
         payload: dict[str, Any],
         request_id: str,
         *,
-        stream: bool,
         extra: Mapping[str, str] | None = None,
-    ) -> Response:
-        head = self.stream_head if stream else self.json_head
-        if extra:
-            try:
-                head += header_block(extra)
-            except ValueError as exc:
-                raise InvalidRequest(str(exc)) from None
-        # Request ids are ours or checked against a strict pattern (app.ops.access_log).
-        head += b"X-Request-ID: " + request_id.encode("ascii") + b"\r\n"
+    ) -> requests.Response:
+        return self._send(
+            template, payload, request_id, read_timeout=self.first_byte_timeout, extra=extra
+        )
+
+    def _send(
+        self,
+        template: Template,
+        payload: dict[str, Any] | None,
+        request_id: str | None,
+        *,
+        read_timeout: float,
+        extra: Mapping[str, str] | None = None,
+    ) -> requests.Response:
+        """One request, answered 2xx, its body still to read (the caller reads it whole, or
+        streams it); any other answer raises its gateway error."""
+        headers = dict(extra or {})
+        if request_id:  # ours, or checked against a strict pattern (app.ops.access_log)
+            headers["X-Request-ID"] = request_id
+        body = None if payload is None else jsonc.dumps(payload)
         try:
-            response = self.pool.request(
-                "POST", self.path, head, jsonc.dumps(payload), timeout=self.first_byte_timeout
+            response = self.transport.send(
+                template.request(body, headers), stream=True, read_timeout=read_timeout
             )
-        except BackendHTTPError as exc:
-            raise self._transport_error(exc) from None
-        if response.status < 300:
+        except BODY_ERRORS as exc:
+            raise self.transport_error(exc) from None
+        _check_framing(response, self.name)
+        status = response.status_code
+        if 200 <= status < 300:
             return response
         raise self._status_error(response, payload)
 
-    def _status_error(self, response: Response, payload: dict[str, Any]) -> Exception:
+    def _status_error(
+        self, response: requests.Response, payload: dict[str, Any] | None
+    ) -> Exception:
+        status = response.status_code
+        if status < 200 or 300 <= status < 400:
+            response.close()  # the connection speaks something else now, or nothing useful
+            return self._not_an_answer(response)
         try:  # bounded: an error body has no business being large
-            body = response.read(ERROR_BODY_LIMIT)
-        except BackendHTTPError:  # a broken error body still leaves the status to report
+            body = response.raw.read(ERROR_BODY_LIMIT, decode_content=True)
+        except BODY_ERRORS:  # a broken error body still leaves the status to report
             body = b""
-        if (
-            response.status in (400, 422)
-            and "stream_options" in payload
-            and b"stream_options" in body
-        ):
-            return _StreamOptionsRejected()
-        return error_from_status(response.status, body, response.headers, self.name)
+        response.close()
+        if status in (400, 422) and payload and "stream_options" in payload:
+            if b"stream_options" in body:
+                return _StreamOptionsRejected()
+        return error_from_status(status, body, response.headers, self.name)
 
-    def _transport_error(self, exc: BackendHTTPError) -> GatewayError:
-        """Connection failures are retryable (nothing was answered); timeouts are not: the
-        backend may still be working on the request."""
-        if isinstance(exc, ConnectFailed):
-            if exc.refused:
-                message = f"cannot connect to backend {self.name}: connection refused"
-                return UpstreamError(message, status=502, retryable=True)
-            if exc.timed_out:
-                return UpstreamTimeout(
-                    f"timed out connecting to backend {self.name}", retryable=True
-                )
-        elif isinstance(exc, ReadTimedOut):
+    def _not_an_answer(self, response: requests.Response) -> GatewayError:
+        """A 1xx the HTTP layer did not skip, or a redirect: the backend's URL is wrong (or it
+        is not an HTTP API), which is the operator's to fix, so the client gets a 502."""
+        status = response.status_code
+        if status < 200:
+            what = f"HTTP {status} {response.reason or ''}".strip() + ", not a final answer"
+        else:
+            location = urlsplit(response.headers.get("location", ""))
+            where = (
+                f" to {location.scheme}://{location.netloc}{location.path}"
+                if location.netloc
+                else ""
+            )
+            log.warning("backend %s redirects (HTTP %d%s); fix its url", self.name, status, where)
+            what = f"a redirect (HTTP {status}); the gateway follows none"
+        return UpstreamError(f"backend {self.name} answered with {what}", status=502)
+
+    def transport_error(self, exc: BaseException) -> GatewayError:
+        """The gateway error for a failure below HTTP. A connection never made is retryable
+        and never reached the backend; a timeout after the request went out is not retried,
+        because the backend may still be working on it."""
+        cause = _cause(exc)
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            message = f"timed out connecting to backend {self.name}"
+            return UpstreamTimeout(message, retryable=True, reached=False)
+        if _has(exc, requests.exceptions.ProxyError, urllib3.exceptions.ProxyError):
+            message = f"the proxy to backend {self.name} failed: {_short(str(cause))}"
+            return UpstreamError(message, status=502, retryable=True, reached=False)
+        if _has(exc, ssl.SSLError, urllib3.exceptions.SSLError):
+            message = f"TLS with backend {self.name} failed: {_short(str(cause))}"
+            return UpstreamError(message, status=502, retryable=True, reached=False)
+        # (urllib3's NewConnectionError is a kind of its TimeoutError: asked before it.)
+        if _has(exc, urllib3.exceptions.NewConnectionError, ConnectionRefusedError):
+            refused = _has(exc, ConnectionRefusedError)
+            reason = "connection refused" if refused else _short(str(cause))
+            message = f"cannot connect to backend {self.name}: {reason}"
+            return UpstreamError(message, status=502, retryable=True, reached=False)
+        if _has(exc, TimeoutError, urllib3.exceptions.TimeoutError):
             return UpstreamTimeout(f"backend {self.name} did not answer in time")
-        message = f"connection to backend {self.name} failed: {_short(str(exc))}"
+        message = f"connection to backend {self.name} failed: {_short(str(cause))}"
         return UpstreamError(message, status=502, retryable=True)
+
+
+def _check_framing(response: requests.Response, name: str) -> None:
+    """A body whose end cannot be told is refused, and its connection closed: a
+    Content-Length that is not a number (urllib3 would read to the connection's end, which a
+    keep-alive backend never closes) or one beside chunked framing (RFC 9112 section 6.3:
+    "ought to be handled as an error")."""
+    length = response.headers.get("content-length")
+    if length is None:
+        return
+    values = {v.strip() for v in length.split(",")}
+    if len(values) == 1 and values.pop().isdigit() and not response.raw.chunked:
+        return
+    response.close()
+    raise UpstreamError(f"backend {name} sent a body with invalid framing", status=502)
 
 
 class _StreamOptionsRejected(Exception):
@@ -238,18 +345,34 @@ def _first_byte_timeout(config: Upstream) -> float:
     return config.read_timeout
 
 
-def _proxy_for(config: Upstream) -> str | None:
-    """With ``trust_env`` the environment's proxy settings apply, as they would with curl."""
-    if not config.trust_env:
-        return None
-    parts = urlsplit(config.url)
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
-        return proxy
-    return None
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what caused it, through requests' and urllib3's wrappers (which keep the
+    cause as an argument, or as ``reason``), innermost last."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        inner = [a for a in current.args if isinstance(a, BaseException)]
+        reason = getattr(current, "reason", None)
+        if inner:
+            current = inner[0]
+        elif isinstance(reason, BaseException):
+            current = reason
+        else:
+            current = current.__cause__ or current.__context__
 
 
-def _display_name(url: str) -> str:
+def _cause(exc: BaseException) -> BaseException:
+    """The innermost error: what a message should name."""
+    return list(_chain(exc))[-1]
+
+
+def _has(exc: BaseException, *kinds: type[BaseException]) -> bool:
+    return any(isinstance(e, kinds) for e in _chain(exc))
+
+
+def display_name(url: str) -> str:
     """host:port of the backend for messages, without any credentials in the URL."""
     parts = urlsplit(url)
     host = parts.hostname or url
@@ -259,82 +382,3 @@ def _display_name(url: str) -> str:
 
 def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
-
-
-class BodyReader:
-    """A streamed response body, read straight off the backend's socket.
-
-    The relay must wake up while the backend is silent (for pings, deadlines and shutdown), so
-    reads time out after ``wake`` seconds and a timeout here is just a moment of silence, not
-    an error. A backend stream's chunks come one by one and are usually read whole, so after
-    a read that emptied the socket the next one waits for data first (app.backend_http
-    Connection.recv). A body read to its end gives the connection back to the pool; any other
-    end closes it, which tells the backend to stop generating.
-    """
-
-    def __init__(self, client: UpstreamClient, response: Response, wake: float) -> None:
-        connection = response.connection
-        assert connection is not None, "the body of this response was already consumed"
-        self.client = client
-        self.response = response
-        self.connection = connection
-        self.framing = BodyFraming(response)
-        self.complete = self.framing.complete
-        connection.timeout = wake
-        self.pending = connection.take_buffer()  # body bytes that came with the head
-        self.drained = False  # the last read emptied the socket's buffer
-
-    def read(self) -> bytes | None:
-        """The next body bytes; b"" at the end of the body; None after ``wake`` of silence."""
-        while not self.complete:
-            data, self.pending = (self.pending, b"") if self.pending else (self._recv(), b"")
-            if data is None:
-                return None
-            if not data:
-                return self._at_eof()
-            body = self._decode(data)
-            if body:
-                return body
-        return b""
-
-    def _recv(self) -> bytes | None:
-        try:
-            data = self.connection.recv(wait_first=self.drained)
-        except TimeoutError:
-            return None
-        except OSError as exc:
-            raise UpstreamError(f"connection to backend {self.client.name} broke: {exc}") from None
-        self.drained = len(data) < READ_SIZE
-        return data
-
-    def _decode(self, data: bytes) -> bytes:
-        try:
-            body = self.framing.feed(data)
-        except ProtocolFailure as exc:
-            raise UpstreamError(f"backend {self.client.name} sent a bad body: {exc}") from None
-        self.complete = self.framing.complete
-        return body
-
-    def _at_eof(self) -> bytes:
-        try:
-            self.framing.end()
-        except ProtocolFailure:
-            message = f"backend {self.client.name} closed the stream before the answer was complete"
-            raise UpstreamError(message) from None
-        self.complete = True
-        return b""
-
-    def drain(self, seconds: float) -> None:
-        """After [DONE]: read to the body's end (normally already here) so it can be reused."""
-        self.connection.timeout = seconds
-        try:
-            while self.read():
-                pass
-        except GatewayError:
-            pass
-
-    def close(self) -> None:
-        if self.complete:
-            self.response.release()  # pooled again unless the body was close-delimited
-        else:
-            self.response.close()

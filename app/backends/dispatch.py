@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.backends.balancer import Balancer
-from app.backends.client import UpstreamClient
+from app.backends.client import BackendClient
 from app.backends.routing import backend_model
 from app.config import Route, Settings, Target
 from app.errors import GatewayError, Overloaded
@@ -32,7 +32,7 @@ class Attempt:
     """A backend that accepted the request, and what it answered."""
 
     target: Target
-    client: UpstreamClient
+    client: BackendClient
     model: str  # the model name the backend was asked for
     result: Any  # a parsed body, or an open streamed response
     headers: dict[str, str] = field(default_factory=dict)  # x-gateway-* response headers
@@ -43,7 +43,7 @@ class Dispatcher:
     def __init__(
         self,
         settings: Settings,
-        clients: Mapping[str, UpstreamClient],
+        clients: Mapping[str, BackendClient],
         balancer: Balancer,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:

@@ -38,14 +38,17 @@ class JSONFormatter(logging.Formatter):
         return jsonc.dumps_str(entry)
 
 
+class GatewayHandler(logging.StreamHandler):
+    """The gateway's own stderr handler, told apart from any other by its class."""
+
+
 def configure_logging(level: str) -> None:
     """Route the ``gateway`` loggers to stderr (the journal under systemd), once per process."""
     logger = logging.getLogger("gateway")
     logger.setLevel(level.upper())
-    if not any(getattr(h, "_gateway", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, GatewayHandler) for h in logger.handlers):
+        handler = GatewayHandler(sys.stderr)
         handler.setFormatter(JSONFormatter())
-        handler._gateway = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.propagate = False
     # Nothing here logs thread or multiprocessing names; not looking them up for every record
@@ -98,7 +101,7 @@ def _access_route() -> Any:
     ):
         return _LOGGING
     handler = parent.handlers[0]
-    if not getattr(handler, "_gateway", False) or handler.filters:
+    if not isinstance(handler, GatewayHandler) or handler.filters:
         return _LOGGING
     return handler if handler.level <= logging.INFO else None
 

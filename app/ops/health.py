@@ -1,32 +1,32 @@
-"""Readiness: is at least one backend reachable? Checked with a TCP connect, cached briefly.
+"""Readiness: does at least one backend answer? Asked through the backend's own client (its
+session, TLS and proxy settings), and remembered briefly.
 
-A TCP connect says the backend's server is up without costing it a request or a token; the
-answer is cached so that a load balancer polling /readyz does not turn into connection churn.
+The question is one ``GET /models`` per backend, which costs the backend no tokens; the
+answer is kept for a few seconds so that a load balancer polling /readyz does not turn into a
+stream of requests to the backends.
 """
 
 from __future__ import annotations
 
-import socket
 import time
-from urllib.parse import urlsplit
+from collections.abc import Callable
 
 CACHE_SECONDS = 5.0
-CONNECT_TIMEOUT = 1.0
-
-_cache: dict[str, tuple[float, bool]] = {}
 
 
-def reachable(url: str, now: float | None = None) -> bool:
-    now = time.monotonic() if now is None else now
-    cached = _cache.get(url)
-    if cached and now - cached[0] < CACHE_SECONDS:
-        return cached[1]
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname or "", port), timeout=CONNECT_TIMEOUT):
-            ok = True
-    except OSError:
-        ok = False
-    _cache[url] = (now, ok)
-    return ok
+class Readiness:
+    """Each backend's last answer to ``ready()``, asked again once it is older than
+    ``CACHE_SECONDS``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.answers: dict[str, tuple[float, bool]] = {}
+
+    def check(self, name: str, ask: Callable[[], bool]) -> bool:
+        now = self.clock()
+        cached = self.answers.get(name)
+        if cached and now - cached[0] < CACHE_SECONDS:
+            return cached[1]
+        ok = ask()
+        self.answers[name] = (self.clock(), ok)
+        return ok

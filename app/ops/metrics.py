@@ -20,28 +20,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
-from prometheus_client import multiprocess as _multiprocess
-from prometheus_client import values as _values
-
-# In multiprocess mode every sample update asks the kernel for the process id (to notice a
-# fork); a request updates several samples, so that was a system call each. The id is
-# remembered instead and refreshed in the child of every fork, which is what the check is for.
-_pid = os.getpid()
-
-
-def _refresh_pid() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-def _process_id() -> int:
-    return _pid
-
-
-if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.register_at_fork(after_in_child=_refresh_pid)
-    _values.ValueClass = _values.MultiProcessValue(process_identifier=_process_id)
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
@@ -146,7 +126,7 @@ def render() -> tuple[bytes, str]:
     """The exposition text; in multiprocess mode merged from every worker's files."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        _multiprocess.MultiProcessCollector(registry)
+        multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
     return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, request
 
 from app import ids, jsonc
 from app.auth import bearer_token
@@ -30,9 +30,10 @@ from app.errors import (
 )
 from app.ops import metrics
 from app.ops.access_log import log_access
-from app.ops.health import reachable
+from app.ops.health import Readiness
 from app.serving.catalog import find_model, models_page
 from app.serving.relay import StreamOutcome, relay
+from app.serving.state import RequestState, current
 from app.translate.passthrough import PassthroughStream
 from app.translate.request import check_request, stop_sequences, translate_request
 from app.translate.response import translate_response
@@ -46,13 +47,14 @@ JSON = "application/json"
 
 def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
     bp = Blueprint("messages", __name__)
+    readiness = Readiness()
 
     @bp.post("/v1/messages")
     def create_message() -> Response:
         body = _json_body()
         check_request(body)
         route = resolve(settings, body["model"])
-        state = g._get_current_object()  # one context lookup, not one per attribute
+        state = _state()
         access = state.access
         access.update(model=body["model"], route=route.name)
         attempt = dispatcher.send(route, body, state.request_id, request.headers)
@@ -88,13 +90,14 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
         target = (dispatcher.balancer.plan(route) or list(route.targets))[0]
         client = dispatcher.clients[target.backend]
         model = backend_model(target, body["model"])
-        g.access.update(model=body["model"], route=route.name, backend=target.backend)
+        state = _state()
+        state.access.update(model=body["model"], route=route.name, backend=target.backend)
         if client.config.protocol == "anthropic":
             dropped = ("max_tokens", "stream")  # not part of a count_tokens body
             payload = {k: v for k, v in body.items() if k not in dropped} | {"model": model}
         else:
             payload = translate_request(body, backend_model=model, dialect=client.config.dialect)
-        count = client.count_tokens(payload, g.request_id)
+        count = client.count_tokens(payload, state.request_id)
         how = "estimate" if count is None else "exact"
         if count is None:
             count = estimate_prompt_tokens(payload)
@@ -121,8 +124,10 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
 
     @bp.get("/readyz")
     def readyz() -> Response:
-        """The config is loaded and at least one backend accepts connections."""
-        backends = {name: reachable(c.config.url) for name, c in dispatcher.clients.items()}
+        """The config is loaded and at least one backend answers HTTP."""
+        backends = {
+            name: readiness.check(name, client.ready) for name, client in dispatcher.clients.items()
+        }
         ready = any(backends.values())
         body = {"status": "ready" if ready else "unavailable", "backends": backends}
         return Response(jsonc.dumps(body), status=200 if ready else 503, mimetype=JSON)
@@ -133,6 +138,13 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
         return Response(data, content_type=content_type)
 
     return bp
+
+
+def _state() -> RequestState:
+    """The request's state with its access entry (every /v1/ request has both)."""
+    state = current()
+    assert state is not None and state.access is not None
+    return state
 
 
 def _json_body() -> Any:
@@ -226,9 +238,9 @@ def _stream(
             stop_sequences=stop_sequences(body),
             think_tags=config.dialect.think_tags,
         )
-    state = g._get_current_object()
+    state = _state()
     entry, started = state.access, state.started
-    lease = state.get("lease")  # the key's concurrency slot, held until the stream is over
+    lease = state.lease  # the key's concurrency slot, held until the stream is over
     deadline = started + config.total_timeout if config.total_timeout else None
     in_flight = metrics.streams_in_flight(attempt.target.backend)
     in_flight.inc()

@@ -2,12 +2,13 @@
 
 A plain generator (no Flask request context inside), so gunicorn writes each piece as soon as it
 is yielded, and ``close()`` on client disconnect lands in the ``finally`` that closes the
-backend connection and so stops generation there.
+backend response and so stops generation there.
 
-The backend body is read with a short socket timeout (app.backends.client.BodyReader), so the relay
-wakes up while the backend is silent: to send ``ping`` events (which keep proxies from timing
-the stream out and reveal a client that went away), to enforce the idle and total timeouts,
-and to end the stream cleanly when the worker is shutting down.
+The backend body is iterated by requests in a pump (app.serving.pump), so the relay can wait
+on it with a timeout: it wakes while the backend is silent to send ``ping`` events (which keep
+proxies from timing the stream out and reveal a client that went away), to enforce the idle and
+total timeouts, and to end the stream cleanly when the worker is shutting down. Pieces that
+arrived together are translated together and leave in one write.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
-from app.backend_http import Response
-from app.backends.client import BodyReader, UpstreamClient
+import requests
+
+from app.backends.client import BackendClient
 from app.errors import GatewayError, Overloaded, UpstreamError, UpstreamTimeout
 from app.serving import lifecycle
+from app.serving.pump import END, Pump
 from app.translate.passthrough import PassthroughStream
 from app.translate.sse import DONE, SSEDecoder, encode, encode_all
 from app.translate.stream import PING, StreamTranslator
@@ -29,8 +32,6 @@ Translator = StreamTranslator | PassthroughStream
 PING_BYTES = encode(PING)
 # The longest the relay sleeps in a silent stream: how late it can notice a shutdown.
 MAX_WAKE = 1.0
-# A moment of backend silence with no ping due (``_items``): nothing to translate.
-SILENCE = b""
 # After [DONE], how long to wait for the body's end so the connection can be pooled again.
 DRAIN_WAIT = 1.0
 
@@ -77,8 +78,8 @@ class StreamBody:
 
 
 def relay(
-    client: UpstreamClient,
-    response: Response,
+    client: BackendClient,
+    response: requests.Response,
     translator: Translator,
     on_end: Callable[[StreamOutcome], None],
     *,
@@ -93,74 +94,103 @@ def relay(
 
 def _relay(
     stream: StreamBody,
-    client: UpstreamClient,
-    response: Response,
+    client: BackendClient,
+    response: requests.Response,
     translator: Translator,
     deadline: float | None,
     ping_interval: float,
 ) -> Iterator[bytes]:
     outcome = stream.outcome
-    idle = client.idle_timeout
-    wake = min(t for t in (ping_interval, idle, MAX_WAKE) if t)
-    body = BodyReader(client, response, wake)
+    pump = Pump(client.chunks(response), lambda: _stop_reading(response))
     try:
         head = encode_all(translator.start())
-        if head and not body.pending:  # the backend is still thinking: tell the client now
+        if head:  # message_start at once: the backend may think for a while
             outcome.bytes_out += len(head)
             yield head
-            head = b""
-        # Else body bytes came with the backend's head: message_start goes out with whatever
-        # they translate to, in one write, and alone if that is nothing (a role-only chunk).
-        items = _items(body, client.name, ping_interval, idle, deadline)
-        for piece in _translate(items, translator, outcome):
-            if head:
-                piece, head = head + piece, b""
-            if piece:
-                outcome.bytes_out += len(piece)
-                yield piece
-        if head:
-            outcome.bytes_out += len(head)
-            yield head
+        items = _items(pump, client, ping_interval, deadline)
+        decoder = SSEDecoder(client.config.max_line_bytes)
+        for piece in _translate(items, decoder, translator, outcome):
+            outcome.bytes_out += len(piece)
+            yield piece
         outcome.completed = True
-        if translator.stop_reason is not None and not body.complete:
-            body.drain(DRAIN_WAIT)
+        if translator.stop_reason is not None:
+            _await_end(pump, DRAIN_WAIT)
     finally:
-        body.close()
+        pump.close()
+        response.close()
         stream.end()
 
 
+def _stop_reading(response: requests.Response) -> None:
+    """Make a read blocked on the backend's socket return (urllib3's ``shutdown``)."""
+    try:
+        response.raw.shutdown()
+    except (ValueError, RuntimeError, OSError):
+        pass  # no socket any more: the body was read to its end, or it is closed
+
+
+def _await_end(pump: Pump, seconds: float) -> None:
+    """After the answer's end ([DONE]): let the body's last bytes (normally here already) be
+    read, so that its connection goes back to the pool instead of being closed."""
+    deadline = time.monotonic() + seconds
+    while not pump.done and (left := deadline - time.monotonic()) > 0:
+        pump.get(left)
+
+
 def _items(
-    body: BodyReader, name: str, ping_interval: float, idle: float, deadline: float | None
+    pump: Pump, client: BackendClient, ping_interval: float, deadline: float | None
 ) -> Iterator[bytes | None]:
-    """Body bytes as they arrive; None when a ping is due, SILENCE after a quiet ``wake``;
-    errors for timeouts and shutdown."""
+    """Body bytes as they arrive (what arrived together, joined); None when a ping is due;
+    errors for a failed read, timeouts and shutdown."""
+    name, idle = client.name, client.idle_timeout
+    wake = min(t for t in (ping_interval, idle, MAX_WAKE) if t)
     last_data = last_ping = time.monotonic()
     while True:
         if lifecycle.draining:
             raise Overloaded("the gateway is restarting; please retry the request")
-        data = body.read()
+        item = pump.get(wake)
         now = time.monotonic()
         if deadline is not None and now > deadline:
             raise UpstreamTimeout(f"backend {name} exceeded the total time allowed")
-        if data is None:
+        if item is None:
             if now - last_data >= idle:
                 raise UpstreamTimeout(f"backend {name} sent nothing for {idle:g} s")
             if ping_interval and now - last_ping >= ping_interval:
                 last_ping = now
                 yield None
-            else:
-                yield SILENCE
             continue
-        if not data:
+        if item is END:
             return
+        if isinstance(item, BaseException):
+            raise _read_error(client, item)
         last_data = last_ping = now
-        yield data
+        pieces = [item]
+        while isinstance(more := pump.ready(), bytes):
+            pieces.append(more)
+        yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if more is END:
+            return
+        if more is not None:
+            raise _read_error(client, more)
+
+
+def _read_error(client: BackendClient, exc: BaseException) -> GatewayError:
+    """A failed body read: a timeout, or a body cut short (the usual case: the connection
+    closed, reset, or broke the chunked framing, which all say the same to the client)."""
+    if isinstance(exc, GatewayError):
+        return exc
+    error = client.transport_error(exc)
+    if isinstance(error, UpstreamTimeout):
+        return error
+    return UpstreamError(f"backend {client.name} closed the stream before the answer was complete")
 
 
 def _translate(
-    items: Iterator[bytes | None], translator: Translator, outcome: StreamOutcome
+    items: Iterator[bytes | None],
+    decoder: SSEDecoder,
+    translator: Translator,
+    outcome: StreamOutcome,
 ) -> Iterator[bytes]:
-    decoder = SSEDecoder()
     saw_done = False
     try:
         for data in items:
@@ -177,8 +207,6 @@ def _translate(
                 if outcome.first_token_at is None:
                     outcome.first_token_at = time.monotonic()
                 yield encode_all(events)
-            else:
-                yield b""  # nothing to send, but the caller may hold something to flush
             if saw_done or translator.ended:
                 break
         else:

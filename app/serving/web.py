@@ -12,14 +12,16 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
+from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from app import auth, jsonc, limits
 from app.backends.balancer import Balancer
-from app.backends.client import UpstreamClient
+from app.backends.client import BackendClient
 from app.backends.dispatch import Dispatcher
+from app.backends.session import Transport, new_session
 from app.config import Settings, load_settings_or_last_good
 from app.errors import (
     AuthenticationFailed,
@@ -34,6 +36,7 @@ from app.limits import KeyState, Lease, LimitExceeded
 from app.ops import metrics
 from app.ops.access_log import configure_logging, log_access, request_id_from
 from app.serving.api import create_blueprint
+from app.serving.state import ENVIRON_KEY, RequestState, current
 
 log = logging.getLogger("gateway")
 
@@ -56,11 +59,13 @@ def build_app(settings: Settings | None = None) -> Flask:
 
 
 def build_dispatcher(settings: Settings) -> Dispatcher:
-    """One client (connection pool) per backend, and the worker's health bookkeeping."""
+    """The worker's one requests session, a client (adapter and pool) per backend on it, and
+    the worker's health bookkeeping."""
     # Keep as many backend connections as the worker can have requests in flight.
     concurrency = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "1000"))
+    session = new_session()
     clients = {
-        name: UpstreamClient(config, config.pool_size or concurrency)
+        name: BackendClient(config, Transport(session, config, config.pool_size or concurrency))
         for name, config in settings.backends.items()
     }
     limits = {name: config.max_concurrency for name, config in settings.backends.items()}
@@ -80,16 +85,15 @@ def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
     worker = os.getpid()  # the app is built in each worker, after the fork
 
     def start_request() -> None:
-        # The objects behind Flask's ``g`` and ``request`` proxies, looked up once: every
-        # attribute read through a proxy looks the context up again.
-        state, environ = g._get_current_object(), request.environ
-        state.started = started = time.monotonic()
-        state.request_id = request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID"))
+        environ = request.environ  # one lookup through the proxy, then a plain dict
+        started = time.monotonic()
+        request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID"))
+        environ[ENVIRON_KEY] = state = RequestState(started, request_id)
         path = request.path
         if path in QUIET_PATHS:
             return
         key, digest = auth.identify(keys, environ)
-        state.access = {
+        state.access = access = {
             "request_id": request_id,
             "method": environ.get("REQUEST_METHOD", "GET").upper(),
             "path": path,
@@ -100,15 +104,17 @@ def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
             "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
         }
         if keys and path.startswith("/v1/"):
-            _admit(key, digest, path, started)
+            state.lease = _admit(key, digest, path, started, access)
 
     return start_request
 
 
-def _admit(key: KeyState | None, digest: bytes | None, path: str, now: float) -> None:
+def _admit(
+    key: KeyState | None, digest: bytes | None, path: str, now: float, access: dict[str, Any]
+) -> Lease | None:
     """Refuse a request without a known key; hold a message request to its key's limits."""
     if key is None:
-        g.access["rejected"] = "unauthenticated"
+        access["rejected"] = "unauthenticated"
         # x-should-retry: false, or Claude Code retries a wrong key for minutes.
         if digest is None:
             raise AuthenticationFailed(
@@ -118,22 +124,22 @@ def _admit(key: KeyState | None, digest: bytes | None, path: str, now: float) ->
         raise AuthenticationFailed("invalid API key", should_retry=False)
     if key.limited and path == "/v1/messages":
         try:
-            g.lease = key.admit(now)
+            return key.admit(now)
         except LimitExceeded as exc:
-            g.access["rejected"] = exc.reason
+            access["rejected"] = exc.reason
             raise
+    return None
 
 
 def _finish_request(response: Response) -> Response:
-    state = g._get_current_object()
-    request_id = state.get("request_id")
-    if request_id:
-        response.headers["request-id"] = request_id
-    deferred = state.get("access_deferred")
-    lease = state.get("lease")
-    if lease is not None:
-        _limit_end(lease, response, deferred)
-    access = state.get("access")
+    state = current()
+    if state is None:
+        return response
+    response.headers["request-id"] = state.request_id
+    deferred = state.access_deferred
+    if state.lease is not None:
+        _limit_end(state.lease, response, deferred)
+    access = state.access
     if not deferred and access is not None:
         access["status"] = response.status_code
         access["bytes_out"] = response.content_length
@@ -155,11 +161,12 @@ def _limit_end(lease: Lease, response: Response, deferred: bool | None) -> None:
 
 def render(error: GatewayError) -> Response:
     """The Anthropic error envelope as an HTTP response."""
-    request_id = g.get("request_id")
-    if "access" in g:
-        g.access["error"] = error.error_type
+    state = current()
+    request_id = state.request_id if state is not None else None
+    if state is not None and state.access is not None:
+        state.access["error"] = error.error_type
         if error.status >= 500:
-            g.access["error_message"] = error.message
+            state.access["error_message"] = error.message
     response = Response(
         jsonc.dumps(error.payload(request_id)), status=error.status, mimetype="application/json"
     )
@@ -194,5 +201,6 @@ def _http_error(error: HTTPException) -> Response:
 
 
 def _unexpected_error(error: Exception) -> Response:
-    log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+    state = current()
+    log.exception("unhandled error", extra={"request_id": state and state.request_id})
     return render(UpstreamError("internal gateway error"))

@@ -10,8 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from app import jsonc
+from app.errors import UpstreamError
 
 DONE = b"[DONE]"
+# The longest line a decoder takes unless told otherwise (app.config: max_line_bytes).
+MAX_LINE = 4 * 1024 * 1024
+
+
+class LineTooLong(UpstreamError):
+    """A backend stream line grew past the decoder's limit: the stream cannot go on."""
 
 
 class SSEDecoder:
@@ -21,17 +28,24 @@ class SSEDecoder:
     one line, and some omit the blank separator line, so dispatching per line is both cheaper
     and more forgiving than waiting for the blank line. Comments, ``event:``, ``id:`` and
     ``retry:`` lines carry nothing the translation needs and are skipped.
+
+    A line that arrives in many reads is kept as a list of its pieces and joined once, when
+    it ends, so a long line costs time in proportion to its length (appending to one bytes
+    object would copy it again on every read: a 30 MB line took seconds). A line longer than
+    ``max_line`` raises ``LineTooLong`` instead of growing further.
     """
 
-    __slots__ = ("_buffer", "_pending_cr")
+    __slots__ = ("_parts", "_size", "_pending_cr", "max_line")
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self._parts: list[bytes] = []  # the pieces of the line not yet ended
+        self._size = 0
         self._pending_cr = False
+        self.max_line = max_line
 
     def feed(self, chunk: bytes) -> list[bytes]:
         if (  # the usual read of a backend stream: one whole ``data:`` line and a blank line
-            not self._buffer
+            not self._parts
             and not self._pending_cr
             and chunk.startswith(b"data:")
             and chunk.find(b"\n") == len(chunk) - 2
@@ -47,13 +61,35 @@ class SSEDecoder:
                 chunk = chunk[:-1]
                 self._pending_cr = True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        lines = (self._buffer + chunk).split(b"\n") if self._buffer else chunk.split(b"\n")
-        self._buffer = lines.pop()
+        end = chunk.find(b"\n")
+        if end < 0:
+            self._keep(chunk)
+            return []
+        if self._parts:
+            self._parts.append(chunk)
+            chunk = b"".join(self._parts)
+            self._parts = []
+            self._size = 0
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        if rest:
+            self._keep(rest)
         return [_payload(line) for line in lines if line.startswith(b"data:")]
+
+    def _keep(self, piece: bytes) -> None:
+        """Hold the start of a line that has not ended yet; refuse it past ``max_line``."""
+        self._size += len(piece)
+        if self._size > self.max_line:
+            self._parts = []
+            self._size = 0
+            raise LineTooLong(f"backend sent a stream line longer than {self.max_line} bytes")
+        if piece:
+            self._parts.append(piece)
 
     def close(self) -> list[bytes]:
         """Whatever complete line the stream ended on without a final newline."""
-        line, self._buffer, self._pending_cr = self._buffer, b"", False
+        line = b"".join(self._parts)
+        self._parts, self._size, self._pending_cr = [], 0, False
         return [_payload(line)] if line.startswith(b"data:") else []
 
 

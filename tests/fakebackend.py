@@ -21,6 +21,7 @@ import copy
 import json
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 from collections import deque
@@ -32,6 +33,9 @@ from urllib.parse import urlsplit
 
 __all__ = [
     "AutoReply",
+    "EchoReply",
+    "HugeLineReply",
+    "WireReply",
     "FakeBackend",
     "HangReply",
     "JSONReply",
@@ -274,6 +278,70 @@ class AutoReply(Reply):
         StreamReply(events).send(handler, request)
 
 
+@dataclass
+class EchoReply(Reply):
+    """Answers with the text of the request's last message, streamed or not: each client can
+    check that the answer it got is its own."""
+
+    def send(self, handler: _Handler, request: Recorded) -> None:
+        AutoReply(content=last_text(request)).send(handler, request)
+
+
+def last_text(request: Recorded) -> str:
+    body = request.json if isinstance(request.json, dict) else {}
+    messages = body.get("messages") or [{}]
+    content = messages[-1].get("content", "")
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return str(content)
+
+
+@dataclass
+class WireReply(Reply):
+    """Exactly these bytes on the wire, status line included: answers no HTTP server should
+    give (a 101 to a POST, a second response nobody asked for). ``then`` is written
+    ``then_after`` seconds later, on the same connection; ``close`` ends it afterwards."""
+
+    data: bytes
+    then: bytes = b""
+    then_after: float = 0.0
+    close: bool = False
+
+    def send(self, handler: _Handler, request: Recorded) -> None:
+        try:
+            handler.write(self.data)
+            if self.then:
+                if self.then_after and not handler.pause(self.then_after):
+                    return
+                handler.write(self.then)
+        except OSError:
+            handler.close_connection = True
+            return
+        handler.close_connection = self.close
+
+
+@dataclass
+class HugeLineReply(Reply):
+    """A stream whose first event is one ``data:`` line of ``size`` bytes, written in pieces
+    of ``piece`` bytes, as a backend gone wrong might; it stops when the client hangs up."""
+
+    size: int
+    piece: int = 1 << 16
+
+    def send(self, handler: _Handler, request: Recorded) -> None:
+        headers = {"Content-Type": "text/event-stream", "Transfer-Encoding": "chunked"}
+        block = b"x" * self.piece
+        try:
+            handler.start_response(200, headers)
+            handler.write(b"%x\r\n%s\r\n" % (6, b"data: "))
+            for _ in range(self.size // self.piece):
+                handler.write(b"%x\r\n%s\r\n" % (len(block), block))
+            handler.write(b"2\r\n\n\n\r\n0\r\n\r\n")
+        except OSError:
+            handler.backend.note_closed_by_client()
+        handler.close_connection = True
+
+
 # --------------------------------------------------------------------------------------------
 # HTTP server and handler
 # --------------------------------------------------------------------------------------------
@@ -284,6 +352,21 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     backend: FakeBackend
+    tls: ssl.SSLContext | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """With TLS, the handshake happens in the connection's own thread."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        try:
+            wrapped = self.tls.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError):
+            return  # a client that does not trust us, or is not speaking TLS
+        try:
+            super().finish_request(wrapped, client_address)
+        finally:
+            wrapped.close()
 
     def server_bind(self) -> None:
         """Bind without HTTPServer's reverse-DNS lookup, which can stall in sandboxes."""
@@ -328,6 +411,9 @@ class _Handler(BaseHTTPRequestHandler):
     def start_response(self, status: int, headers: dict[str, str]) -> None:
         """Write the status line and headers in one go."""
         self.send_response(status)
+        request_id = self.headers.get("X-Request-ID")
+        if self.backend.echo_request_id and request_id:
+            self.send_header("X-Request-ID", request_id)
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
@@ -392,8 +478,16 @@ class FakeBackend:
     ``default`` answers (an AutoReply "Hello" unless set to something else or None).
     """
 
-    def __init__(self, reject_stream_options: bool = False) -> None:
+    def __init__(
+        self,
+        reject_stream_options: bool = False,
+        tls: ssl.SSLContext | None = None,
+        echo_request_id: bool = False,
+    ) -> None:
         self.reject_stream_options = reject_stream_options
+        # Answers carry the request's X-Request-ID back, as vLLM can and most proxies do.
+        self.echo_request_id = echo_request_id
+        self.tls = tls  # a server context: the backend speaks HTTPS
         self.requests: list[Recorded] = []
         self.default: Reply | None = AutoReply()
         # (method, path) -> function of the request returning a Reply: tokenizer endpoints etc.
@@ -416,6 +510,7 @@ class FakeBackend:
             raise RuntimeError("FakeBackend can only be started once")
         server = _Server(("127.0.0.1", 0), _Handler)
         server.backend = self
+        server.tls = self.tls
         self._server = server
         self._port = server.server_address[1]
         self._thread = threading.Thread(
@@ -457,7 +552,8 @@ class FakeBackend:
     @property
     def url(self) -> str:
         """Base URL as a gateway backend setting: ``http://127.0.0.1:PORT/v1``."""
-        return f"http://127.0.0.1:{self.port}/v1"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/v1"
 
     # --- scripting ---
 

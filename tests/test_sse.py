@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.translate.sse import DONE, SSEDecoder, encode, encode_all
+from app.translate.sse import DONE, LineTooLong, SSEDecoder, encode, encode_all
 
 
 def decode(*chunks: bytes) -> list[bytes]:
@@ -80,6 +80,35 @@ def test_a_line_split_over_many_feeds_is_reassembled() -> None:
     for i in range(len(line)):
         collected += decoder.feed(line[i : i + 1])
     assert collected == [line[6:-1]]
+
+
+def test_a_line_longer_than_the_limit_ends_the_stream() -> None:
+    decoder = SSEDecoder(max_line=1000)
+    assert decoder.feed(b"data: " + b"x" * 500) == []
+    with pytest.raises(LineTooLong, match="longer than 1000 bytes"):
+        for _ in range(10):
+            decoder.feed(b"x" * 100)
+    assert LineTooLong.status == 500  # an UpstreamError: the client gets an api_error event
+
+
+def test_a_line_at_the_limit_in_many_pieces_is_whole() -> None:
+    decoder = SSEDecoder(max_line=1000)
+    pieces = [b"data: "] + [b"y" * 10] * 99
+    assert all(decoder.feed(p) == [] for p in pieces)
+    assert decoder.feed(b"\n\n") == [b"y" * 990]
+    assert decoder.feed(b"data: next\n") == [b"next"]  # the limit is per line
+
+
+def test_a_long_line_is_joined_once_not_on_every_feed() -> None:
+    """Held pieces are kept as they came; only the end of the line joins them. (Joining on
+    every feed copies the line again each time: quadratic, and a 30 MB line took seconds.)"""
+    decoder = SSEDecoder()
+    piece = b"z" * 65536
+    decoder.feed(b"data: ")
+    for _ in range(16):
+        decoder.feed(piece)
+    assert [len(p) for p in decoder._parts] == [6] + [65536] * 16
+    assert decoder.feed(b"\n") == [piece * 16]
 
 
 def test_empty_feeds_change_nothing() -> None:

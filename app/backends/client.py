@@ -52,6 +52,7 @@ class BackendClient:
         self.transport = transport
         self.name = display_name(config.url)
         self.stream_usage = config.dialect.stream_usage
+        self.echoes_request_ids = False  # learnt from the answers: see _check_echo
         self.first_byte_timeout = _first_byte_timeout(config)
         self.idle_timeout = config.idle_timeout or config.read_timeout
         # No compression asked for: on a stream a decompressor holds bytes back, and a JSON
@@ -255,10 +256,32 @@ class BackendClient:
         except BODY_ERRORS as exc:
             raise self.transport_error(exc) from None
         _check_framing(response, self.name)
+        if request_id:
+            self._check_echo(response, request_id)
         status = response.status_code
         if 200 <= status < 300:
             return response
         raise self._status_error(response, payload)
+
+    def _check_echo(self, response: requests.Response, request_id: str) -> None:
+        """Refuse an answer that names another request. A backend that has echoed our
+        ``X-Request-ID`` once (vLLM with ``--enable-request-id-headers``, most proxies) is
+        expected to go on doing so; an answer carrying a different id then is one that
+        was written for someone else, such as a second, unrequested response left on a
+        kept-alive connection, and its connection is closed. (Backends that set ids of
+        their own, as OpenAI's API does, never echo ours, so they are never checked.)"""
+        echoed = response.headers.get("x-request-id")
+        if echoed is None:
+            return
+        if echoed == request_id:
+            self.echoes_request_ids = True
+        elif self.echoes_request_ids:
+            response.close()
+            log.warning("backend %s answered with another request's X-Request-ID", self.name)
+            raise UpstreamError(
+                f"backend {self.name} sent an answer to another request; its connection is closed",
+                status=502,
+            )
 
     def _status_error(
         self, response: requests.Response, payload: dict[str, Any] | None

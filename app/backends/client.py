@@ -182,10 +182,14 @@ class BackendClient:
     def read_body(self, response: requests.Response, limit: int | None = None) -> bytes:
         """A whole response body, decompressed, up to ``limit`` (``max_response_bytes``)."""
         limit = limit or self.config.max_response_bytes
-        length = response.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            response.close()
-            raise self._too_large(limit)
+        headers = response.headers
+        length = headers.get("content-length", "")
+        if length.isdigit():
+            if int(length) > limit:
+                response.close()
+                raise self._too_large(limit)
+            if "content-encoding" not in headers:  # the usual answer: its size is known
+                return self._read_sized(response)
         parts: list[bytes] = []
         size = 0
         try:
@@ -199,6 +203,15 @@ class BackendClient:
         finally:
             response.close()  # pooled again if the body was read to its end, else closed
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_sized(self, response: requests.Response) -> bytes:
+        """A body of a known length within the cap, read in one call."""
+        try:
+            return response.raw.read()
+        except BODY_ERRORS as exc:
+            raise self.transport_error(exc) from None
+        finally:
+            response.close()
 
     def read_json(self, response: requests.Response, limit: int | None = None) -> Any:
         body = self.read_body(response, limit)

@@ -75,10 +75,11 @@ class Pump:
             self.done = True
         return item
 
-    def close(self, wait: float = 1.0) -> None:
-        """Stop reading: interrupt a blocked read, free a blocked hand-over, let it finish."""
+    def close(self, wait: float = 1.0) -> bool:
+        """Stop reading: interrupt a blocked read, free a blocked hand-over, let it finish.
+        True once the thread is gone, so that the body may be closed under it."""
         if not self.thread.is_alive():
-            return
+            return True
         self.stopping = True
         self.interrupt()
         while self.ready() is not None:
@@ -86,3 +87,5 @@ class Pump:
         self.thread.join(wait)
         if self.thread.is_alive():  # pragma: no cover - a read that ignores the shutdown
             log.warning("a backend body reader did not stop within %.1f s", wait)
+            return False
+        return True

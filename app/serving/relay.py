@@ -116,8 +116,8 @@ def _relay(
         if translator.stop_reason is not None:
             _await_end(pump, DRAIN_WAIT)
     finally:
-        pump.close()
-        response.close()
+        if pump.close():  # closing the body under a read still in progress would fail
+            response.close()
         stream.end()
 
 

@@ -34,6 +34,13 @@ class GatewayError(Exception):
     # Whether the backend may have received the request: False only when it provably did
     # not (no connection was made), which is when trying the same backend again is safe.
     reached = True
+    # The failure says the backend cannot serve (no connection, no answer in time, a server
+    # error not about the request): only these count against its circuit breaker.
+    backend_fault = False
+    # Set by the dispatcher on the error it gives up with: the last backend asked, and how
+    # many attempts were made (for the access log).
+    backend: str | None = None
+    attempts = 0
 
     def __init__(
         self,
@@ -44,6 +51,7 @@ class GatewayError(Exception):
         should_retry: bool | None = None,
         retryable: bool | None = None,
         reached: bool | None = None,
+        backend_fault: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -53,6 +61,8 @@ class GatewayError(Exception):
             self.retryable = retryable
         if reached is not None:
             self.reached = reached
+        if backend_fault is not None:
+            self.backend_fault = backend_fault
         self.headers = dict(headers or {})
         if should_retry is not None:
             # The SDKs obey x-should-retry before their own status rules.

@@ -110,14 +110,44 @@ def test_503_fails_over_and_429_keeps_its_retry_after_when_all_fail(backends, ga
     assert caught.value.response.headers["retry-after"] == "0"
 
 
-def test_same_backend_retry_waits_for_its_retry_after(backends, gateway_for):
+def test_a_503_from_the_only_backend_goes_back_with_its_retry_after(backends, gateway_for):
+    """The gateway does not ask a backend that said no again: the client does, on the
+    backend's schedule (the SDK honours retry-after)."""
     only = backends()
     only.reply(JSONReply(error_body("busy"), status=503, headers={"Retry-After": "0.4"}))
     gateway = gateway_for({"a": only}, ["a"])
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        create(gateway)
+    assert caught.value.status_code == 529
+    assert caught.value.response.headers["retry-after"] == "0.4"
+    assert len(only.requests) == 1
     started = time.monotonic()
-    assert create(gateway).parse().content[0].text == "Hello"
-    assert time.monotonic() - started >= 0.4
-    assert len(only.requests) == 2
+    with gateway.client(max_retries=1) as client:
+        assert client.messages.create(model="m", max_tokens=20, messages=HI).content
+    assert len(only.requests) == 2  # one more: the SDK's own retry, not a gateway one
+    assert time.monotonic() - started < 0.3  # nothing queued: the backend answered at once
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_retries_never_multiply_the_clients_own(backends, gateway_for, status):
+    """An SDK with its default two retries against a backend that always says no: three
+    backend requests, not nine."""
+    only = backends()
+    only.default = JSONReply(error_body("no"), status=status, headers={"Retry-After": "0"})
+    gateway = gateway_for({"a": only}, ["a"])
+    with gateway.client(max_retries=2) as client, pytest.raises(anthropic.APIStatusError):
+        client.messages.create(model="m", max_tokens=20, messages=HI)
+    assert len(only.requests) == 3
+
+
+def test_a_connection_never_made_is_tried_again_after_backoff(backends, gateway_for):
+    gateway = gateway_for({"a": dead_url()}, ["a"], admin={"token": "t"})
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        create(gateway)
+    assert caught.value.status_code == 502
+    assert "connection refused" in caught.value.body["error"]["message"]
+    status = requests.get(gateway.url + "/status", headers={"x-api-key": "t"}, timeout=5).json()
+    assert status["backends"]["a"]["errors"] == 1  # three attempts, one failure counted
 
 
 def test_client_errors_are_not_retried(backends, gateway_for):
@@ -181,18 +211,57 @@ def test_breaker_takes_a_failing_backend_out_and_probes_it_back(backends, gatewa
     assert create(gateway).parse().content[0].text == "flaky is back"  # closed again
 
 
-def test_all_breakers_open_is_an_overloaded_error_with_retry_after(backends, gateway_for):
-    dead = dead_url()
+def test_the_last_backend_of_a_route_is_never_taken_out(backends, gateway_for):
+    """With its breaker open, the only backend still gets the requests (there is nowhere
+    else to send them), and its first success closes the breaker."""
+    only = backends()
+    only.default = JSONReply(error_body("down"), status=500)
     routing = {"breaker_failures": 1, "breaker_cooldown": 30, "retries": 0}
-    gateway = gateway_for({"a": dead}, ["a"], routing=routing)
-    with pytest.raises(anthropic.APIStatusError) as caught:
+    gateway = gateway_for({"a": only}, ["a"], routing=routing, admin={"token": "t"})
+    for _ in range(2):
+        with pytest.raises(anthropic.InternalServerError):
+            create(gateway)
+    status = requests.get(gateway.url + "/status", headers={"x-api-key": "t"}, timeout=5).json()
+    assert status["backends"]["a"]["breaker"] == "open"
+    only.default = JSONReply(completion("back"))
+    assert create(gateway).parse().content[0].text == "back"
+    assert len(only.requests) == 3
+    status = requests.get(gateway.url + "/status", headers={"x-api-key": "t"}, timeout=5).json()
+    assert status["backends"]["a"]["breaker"] == "closed"
+
+
+def test_rate_limits_and_refusals_never_open_the_breaker(backends, gateway_for):
+    only = backends()
+    routing = {"breaker_failures": 2, "retries": 0}
+    gateway = gateway_for({"a": only}, ["a"], routing=routing, admin={"token": "t"})
+    refusals = [
+        JSONReply(error_body("slow down"), status=429, headers={"Retry-After": "0"}),
+        JSONReply(error_body("busy"), status=503),
+        JSONReply(error_body("image input is not supported"), status=500),
+        JSONReply(error_body("tools param requires --jinja flag", code=500), status=500),
+        JSONReply(error_body("bad"), status=400),
+        JSONReply(error_body("who"), status=401),
+    ]
+    only.reply(*refusals)
+    for _ in refusals:
+        with pytest.raises(anthropic.APIStatusError):
+            create(gateway)
+    status = requests.get(gateway.url + "/status", headers={"x-api-key": "t"}, timeout=5).json()
+    assert status["backends"]["a"]["breaker"] == "closed"
+    assert status["backends"]["a"]["errors"] == 0
+    assert create(gateway).parse().content[0].text == "Hello"
+
+
+def test_a_5xx_naming_the_request_is_a_400_for_the_client(backends, gateway_for):
+    only = backends()
+    message = "image input is not supported - hint: you may need to provide the mmproj"
+    only.reply(JSONReply(error_body(message, error_type="server_error", code=500), status=500))
+    gateway = gateway_for({"a": only}, ["a"])
+    with pytest.raises(anthropic.BadRequestError) as caught:
         create(gateway)
-    assert caught.value.status_code == 502
-    with pytest.raises(anthropic.APIStatusError) as caught:
-        create(gateway)
-    assert caught.value.status_code == 529
-    assert caught.value.body["error"]["type"] == "overloaded_error"
-    assert caught.value.response.headers["retry-after"] == "30"
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    assert "image input is not supported" in caught.value.body["error"]["message"]
+    assert len(only.requests) == 1
 
 
 def test_concurrency_cap_sends_overflow_to_the_next_backend(backends, gateway_for):

@@ -156,8 +156,9 @@ ROUTE = Route("r", ("*",), (Target("a"), Target("b")))
 
 def fail(b: Balancer, backend: str, times: int) -> None:
     for _ in range(times):
-        assert b.acquire(backend)
-        b.release(backend, ok=False)
+        slot = b.acquire(backend)
+        assert slot is not None
+        slot.release(ok=False)
 
 
 def test_breaker_opens_after_consecutive_failures_and_probes_back() -> None:
@@ -167,14 +168,14 @@ def test_breaker_opens_after_consecutive_failures_and_probes_back() -> None:
     assert b.state("a") == "closed"
     fail(b, "a", 1)
     assert b.state("a") == "open"
-    assert [t.backend for t in b.plan(ROUTE)] == ["b"]
-    assert not b.acquire("a")
+    assert [t.backend for t in b.plan(ROUTE)] == ["b", "a"]  # held back, not taken out
     clock.now += 30
     assert b.state("a") == "half_open"
-    assert b.acquire("a")  # the one probe
-    assert not b.acquire("a")  # no second request while probing
-    assert [t.backend for t in b.plan(ROUTE)] == ["b"]
-    b.release("a", ok=True)
+    assert [t.backend for t in b.plan(ROUTE)] == ["a", "b"]
+    probe = b.acquire("a")
+    assert probe is not None and probe.probe
+    assert [t.backend for t in b.plan(ROUTE)] == ["b", "a"]  # one probe at a time
+    probe.release(ok=True)
     assert b.state("a") == "closed"
     assert [t.backend for t in b.plan(ROUTE)] == ["a", "b"]
 
@@ -190,28 +191,56 @@ def test_failed_probe_reopens_the_breaker() -> None:
     assert b.state("a") == "open"
 
 
+def test_a_probe_that_says_nothing_frees_the_next_probe() -> None:
+    """A probe whose client left (no verdict) must not leave the breaker stuck half-open."""
+    clock = Clock()
+    b = balancer(clock, breaker_failures=1, breaker_cooldown=10)
+    fail(b, "a", 1)
+    clock.now += 10
+    probe = b.acquire("a")
+    assert probe is not None and probe.probe
+    probe.release(ok=None)
+    assert b.snapshot()["a"]["probing"] is False
+    second = b.acquire("a")
+    assert second is not None and second.probe
+
+
+def test_a_slot_is_released_once_however_often_it_is_released() -> None:
+    b = balancer(Clock(), breaker_failures=5)
+    slot = b.acquire("a")
+    assert slot is not None
+    slot.release(ok=False)
+    slot.release(ok=False)
+    slot.release(ok=True)
+    snapshot = b.snapshot()["a"]
+    assert (snapshot["in_flight"], snapshot["errors"], snapshot["successes"]) == (0, 1, 0)
+
+
 def test_a_success_resets_the_failure_count() -> None:
     b = balancer(Clock(), breaker_failures=2)
     fail(b, "a", 1)
-    assert b.acquire("a")
-    b.release("a", ok=True)
+    slot = b.acquire("a")
+    assert slot is not None
+    slot.release(ok=True)
     fail(b, "a", 1)
     assert b.state("a") == "closed"
 
 
 def test_outcomes_without_verdict_do_not_count() -> None:
     b = balancer(Clock(), breaker_failures=1)
-    assert b.acquire("a")
-    b.release("a", ok=None)  # e.g. the client went away, or a 400
+    slot = b.acquire("a")
+    assert slot is not None
+    slot.release(ok=None)  # e.g. the client went away, or a 400
     assert b.state("a") == "closed"
 
 
 def test_concurrency_cap() -> None:
     b = balancer(Clock(), limits={"a": 1, "b": 0})
-    assert b.acquire("a")
-    assert not b.acquire("a")
-    b.release("a", ok=True)
-    assert b.acquire("a")
+    slot = b.acquire("a")
+    assert slot is not None
+    assert b.acquire("a") is None
+    slot.release(ok=True)
+    assert b.acquire("a") is not None
 
 
 def test_least_busy_orders_by_in_flight() -> None:

@@ -422,3 +422,61 @@ def test_field_error_names_the_path() -> None:
     error = field_error("messages.2.content.0.text", "must be a string")
     assert isinstance(error, errors.InvalidRequest)
     assert error.message == "messages.2.content.0.text: must be a string"
+
+
+# --- what the dispatcher reads off an error ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "retryable", "backend_fault"),
+    [
+        (429, openai_error("slow down"), True, False),  # said no: another backend may say yes
+        (503, openai_error("loading"), True, False),
+        (529, openai_error("overloaded"), True, False),
+        (500, openai_error("CUDA out of memory"), True, True),  # cannot serve
+        (502, b"<html>bad gateway</html>", True, True),
+        (504, b"", True, True),
+        (400, openai_error("bad"), False, False),
+        (401, openai_error("key"), False, False),
+        (404, openai_error("no model"), False, False),
+        (422, openai_error("n must be 1"), False, False),
+    ],
+)
+def test_only_failures_that_say_the_backend_cannot_serve_count_against_it(
+    status: int, body: Any, retryable: bool, backend_fault: bool
+) -> None:
+    error = from_status(status, body)
+    assert (error.retryable, error.backend_fault) == (retryable, backend_fault)
+
+
+@pytest.mark.parametrize(
+    ("dialect", "message"),
+    [
+        ("llamacpp", "tools param requires --jinja flag"),
+        ("llamacpp", "image input is not supported - hint: you may need to provide the mmproj"),
+        ("llamacpp", "Cannot use tools with stream"),
+        ("llamacpp", "Unsupported param: tool_choice"),
+        ("llamacpp", "Failed to parse messages: missing content"),
+        ("vllm", "NotImplementedError: logprobs with structured outputs"),
+        ("sglang", "Tool choice 'required' is not implemented"),
+        ("", "audio input is not supported"),
+    ],
+)
+def test_a_server_error_that_names_the_request_is_the_clients_400(dialect: str, message: str):
+    body = json.dumps({"error": {"code": 500, "message": message, "type": "server_error"}})
+    error = error_from_status(500, body.encode(), {}, BACKEND, dialect)
+    assert (error.status, error.error_type) == (400, "invalid_request_error")
+    assert message in error.message
+    assert not error.retryable and not error.backend_fault
+
+
+def test_a_server_error_about_the_server_stays_a_server_error() -> None:
+    body = json.dumps({"error": {"message": "CUDA error: an illegal memory access"}}).encode()
+    error = error_from_status(500, body, {}, BACKEND, "llamacpp")
+    assert error.status == 500 and error.backend_fault
+
+
+def test_an_error_inside_a_stream_counts_only_when_it_is_the_servers() -> None:
+    assert not error_from_body({"error": {"message": "rate limit exceeded"}}).backend_fault
+    assert not error_from_body({"error": {"message": "server overloaded"}}).backend_fault
+    assert error_from_body({"error": {"message": "worker crashed"}}).backend_fault

@@ -1,10 +1,23 @@
-"""Per-worker backend health: in-flight counts, a circuit breaker, and the order in which a
+"""Per-worker backend health: in-flight slots, a circuit breaker, and the order in which a
 route's targets are tried.
 
-A breaker opens after ``breaker_failures`` consecutive failures and keeps the backend out for
-``breaker_cooldown`` seconds; then one request is let through as a probe, which closes the
-breaker on success and reopens it on failure. State is per process (each gunicorn worker
-learns on its own), which keeps the hot path free of shared storage.
+Health means "can serve", not "said yes": only failures that say a backend cannot serve (no
+connection, a broken connection, no answer in time, a server error that is not about the
+request) count against it; a 429, a 503, a 4xx or a 5xx that names the request as the cause
+never do (the dispatcher decides which is which, and counts one client request at most once).
+
+A breaker opens after ``breaker_failures`` consecutive failures and keeps the backend at the
+back of every route's order for ``breaker_cooldown`` seconds; then one request is let through
+as a probe, which closes the breaker on success and reopens it on failure. A breaker only ever
+reorders: a route whose every target is held back still tries them, so the last backend that
+could serve is never taken out, and a success from it closes its breaker.
+
+Every admitted request holds a ``Slot``, whose ``release`` acts exactly once, however often
+and from wherever it is called (the dispatcher on a failed attempt, the view when the answer
+is over, the stream's end), so neither the in-flight count nor a probe can be left behind.
+
+State is per process (each gunicorn worker learns on its own), which keeps the hot path free
+of shared storage.
 """
 
 from __future__ import annotations
@@ -25,6 +38,25 @@ class Health:
     probing: bool = False  # a half-open probe is in flight
     successes: int = 0
     errors: int = 0
+
+
+class Slot:
+    """An admitted request's hold on a backend, given back by ``release`` exactly once."""
+
+    __slots__ = ("balancer", "backend", "probe", "held")
+
+    def __init__(self, balancer: Balancer, backend: str, probe: bool) -> None:
+        self.balancer = balancer
+        self.backend = backend
+        self.probe = probe
+        self.held = True
+
+    def release(self, ok: bool | None) -> None:
+        """``ok``: True served, False could not serve, None says nothing about the backend
+        (a client error, a refusal, the client leaving)."""
+        if self.held:
+            self.held = False
+            self.balancer.settle(self, ok)
 
 
 class Balancer:
@@ -52,15 +84,19 @@ class Balancer:
         return "open"
 
     def plan(self, route: Route) -> list[Target]:
-        """The route's targets in the order to try them, without those taken out."""
-        targets = [t for t in route.targets if self._available(t.backend)]
+        """Every target of the route, in the order to try them: those whose breaker lets
+        them in first, in the route's strategy order, then the held-back ones, the longest
+        held back first."""
+        ready = [t for t in route.targets if self._admits(t.backend)]
+        held = [t for t in route.targets if not self._admits(t.backend)]
         if route.strategy == "least_busy":
-            targets.sort(key=lambda t: self.health[t.backend].in_flight)
+            ready.sort(key=lambda t: self.health[t.backend].in_flight)
         elif route.strategy == "weighted":
-            targets = self._weighted_order(targets)
-        return targets
+            ready = self._weighted_order(ready)
+        held.sort(key=lambda t: self.health[t.backend].opened_at or 0.0)
+        return ready + held
 
-    def _available(self, backend: str) -> bool:
+    def _admits(self, backend: str) -> bool:
         state = self.state(backend)
         return state == "closed" or (state == "half_open" and not self.health[backend].probing)
 
@@ -78,27 +114,26 @@ class Balancer:
             pool.remove(target)
         return ordered + [t for t in targets if t.weight <= 0]
 
-    def acquire(self, backend: str) -> bool:
-        """Take an in-flight slot; False when the backend is at its concurrency cap."""
+    def acquire(self, backend: str) -> Slot | None:
+        """A slot on ``backend``; None when it is at its concurrency cap (load is shed to
+        the route's next target). A half-open backend's first request is its probe."""
         health = self.health[backend]
         limit = self.limits[backend]
         if limit and health.in_flight >= limit:
-            return False
-        state = self.state(backend)
-        if state == "open":
-            return False
-        if state == "half_open":
-            if health.probing:
-                return False
+            return None
+        probe = self.state(backend) == "half_open" and not health.probing
+        if probe:
             health.probing = True
         health.in_flight += 1
-        return True
+        return Slot(self, backend, probe)
 
-    def release(self, backend: str, *, ok: bool | None) -> None:
-        """Give the slot back; ``ok`` None means the outcome says nothing about the backend."""
+    def settle(self, slot: Slot, ok: bool | None) -> None:
+        """Only ``Slot.release`` calls this, once per slot."""
+        backend = slot.backend
         health = self.health[backend]
         health.in_flight -= 1
-        health.probing = False
+        if slot.probe:
+            health.probing = False
         if ok is True:
             was_open = health.opened_at is not None
             health.failures = 0
@@ -109,8 +144,7 @@ class Balancer:
         elif ok is False:
             health.errors += 1
             health.failures += 1
-            half_open = health.opened_at is not None
-            if half_open or health.failures >= self.policy.breaker_failures:
+            if health.opened_at is not None or health.failures >= self.policy.breaker_failures:
                 health.opened_at = self.clock()
                 if self.on_breaker:
                     self.on_breaker(backend, True)
@@ -125,6 +159,7 @@ class Balancer:
             name: {
                 "breaker": self.state(name),
                 "in_flight": h.in_flight,
+                "probing": h.probing,
                 "consecutive_failures": h.failures,
                 "successes": h.successes,
                 "errors": h.errors,

@@ -219,7 +219,8 @@ class BackendClient:
             return jsonc.loads(body.strip())
         except jsonc.JSONDecodeError:
             excerpt = body[:200].decode("utf-8", "replace")
-            raise UpstreamError(f"backend {self.name} returned invalid JSON: {excerpt}") from None
+            message = f"backend {self.name} returned invalid JSON: {excerpt}"
+            raise UpstreamError(message, backend_fault=True) from None
 
     def chunks(self, response: requests.Response) -> Iterator[bytes]:
         """A streamed body as it arrives: requests' ``iter_content`` yields each chunk of a
@@ -231,7 +232,8 @@ class BackendClient:
         return iter(partial(response.raw.read1, READ_SIZE, decode_content=True), b"")
 
     def _too_large(self, limit: int) -> UpstreamError:
-        return UpstreamError(f"backend {self.name} sent a body larger than {limit} bytes")
+        message = f"backend {self.name} sent a body larger than {limit} bytes"
+        return UpstreamError(message, backend_fault=True)
 
     # --- sending ---------------------------------------------------------------------------------
 
@@ -311,7 +313,9 @@ class BackendClient:
         if status in (400, 422) and payload and "stream_options" in payload:
             if b"stream_options" in body:
                 return _StreamOptionsRejected()
-        return error_from_status(status, body, response.headers, self.name)
+        return error_from_status(
+            status, body, response.headers, self.name, self.config.dialect.name
+        )
 
     def _not_an_answer(self, response: requests.Response) -> GatewayError:
         """A 1xx the HTTP layer did not skip, or a redirect: the backend's URL is wrong (or it
@@ -328,7 +332,8 @@ class BackendClient:
             )
             log.warning("backend %s redirects (HTTP %d%s); fix its url", self.name, status, where)
             what = f"a redirect (HTTP {status}); the gateway follows none"
-        return UpstreamError(f"backend {self.name} answered with {what}", status=502)
+        message = f"backend {self.name} answered with {what}"
+        return UpstreamError(message, status=502, retryable=True, backend_fault=True)
 
     def transport_error(self, exc: BaseException) -> GatewayError:
         """The gateway error for a failure below HTTP. A connection never made is retryable
@@ -337,23 +342,30 @@ class BackendClient:
         cause = _cause(exc)
         if isinstance(exc, requests.exceptions.ConnectTimeout):
             message = f"timed out connecting to backend {self.name}"
-            return UpstreamTimeout(message, retryable=True, reached=False)
+            return UpstreamTimeout(message, retryable=True, reached=False, backend_fault=True)
         if _has(exc, requests.exceptions.ProxyError, urllib3.exceptions.ProxyError):
             message = f"the proxy to backend {self.name} failed: {_short(str(cause))}"
-            return UpstreamError(message, status=502, retryable=True, reached=False)
+            return UpstreamError(
+                message, status=502, retryable=True, reached=False, backend_fault=True
+            )
         if _has(exc, ssl.SSLError, urllib3.exceptions.SSLError):
             message = f"TLS with backend {self.name} failed: {_short(str(cause))}"
-            return UpstreamError(message, status=502, retryable=True, reached=False)
+            return UpstreamError(
+                message, status=502, retryable=True, reached=False, backend_fault=True
+            )
         # (urllib3's NewConnectionError is a kind of its TimeoutError: asked before it.)
         if _has(exc, urllib3.exceptions.NewConnectionError, ConnectionRefusedError):
             refused = _has(exc, ConnectionRefusedError)
             reason = "connection refused" if refused else _short(str(cause))
             message = f"cannot connect to backend {self.name}: {reason}"
-            return UpstreamError(message, status=502, retryable=True, reached=False)
+            return UpstreamError(
+                message, status=502, retryable=True, reached=False, backend_fault=True
+            )
         if _has(exc, TimeoutError, urllib3.exceptions.TimeoutError):
-            return UpstreamTimeout(f"backend {self.name} did not answer in time")
+            message = f"backend {self.name} did not answer in time"
+            return UpstreamTimeout(message, backend_fault=True)
         message = f"connection to backend {self.name} failed: {_short(str(cause))}"
-        return UpstreamError(message, status=502, retryable=True)
+        return UpstreamError(message, status=502, retryable=True, backend_fault=True)
 
 
 def _check_framing(response: requests.Response, name: str) -> None:
@@ -368,7 +380,8 @@ def _check_framing(response: requests.Response, name: str) -> None:
     if len(values) == 1 and values.pop().isdigit() and not response.raw.chunked:
         return
     response.close()
-    raise UpstreamError(f"backend {name} sent a body with invalid framing", status=502)
+    message = f"backend {name} sent a body with invalid framing"
+    raise UpstreamError(message, status=502, retryable=True, backend_fault=True)
 
 
 class _StreamOptionsRejected(Exception):

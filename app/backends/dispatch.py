@@ -1,11 +1,23 @@
-"""Sending one client request to a route's backends: translation per target, retries with
-backoff and jitter, failover, and the circuit breaker's bookkeeping.
+"""Sending one client request to a route's backends: translation per target, retries,
+failover, and the breaker's bookkeeping.
 
-Retries happen only here, before the caller has sent the client a single byte: a streamed
-answer is returned once its backend has said 200, and from then on it is never retried or
-duplicated. Only failures another attempt may cure are retried (connection errors, 429, 5xx);
-moving to another backend is immediate, trying the same one again waits (backoff with full
-jitter, or the backend's ``retry-after`` when it is short enough).
+The policy (the README's table gives it whole), so that a client's own retries are never
+multiplied by the gateway's:
+
+- the same backend is asked again only when the request never reached it (no connection was
+  made), after a backoff with full jitter;
+- any other failure another backend may cure (a broken connection, a 429, a 503, a server
+  error) moves the request to the route's next target at once; with none left, the client gets
+  the last error, a 429 or 503 with its ``retry-after``, and retries on its own schedule;
+- a client error, or a timeout after the request went out (the backend may still be working
+  on it), goes back as it is;
+- a failure counts against a backend's breaker only when it says the backend cannot serve,
+  and one client request counts at most once per backend.
+
+All of it happens before the caller has sent the client a single byte: a streamed answer is
+returned once its backend has said 200, and from then on it is never retried or duplicated.
+Every slot taken on a backend is released exactly once, by this module when an attempt fails,
+and by the caller (``finish``) when the answer is over.
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.backends.balancer import Balancer
+from app.backends.balancer import Balancer, Slot
 from app.backends.client import BackendClient
 from app.backends.routing import backend_model
 from app.config import Route, Settings, Target
@@ -37,6 +49,7 @@ class Attempt:
     result: Any  # a parsed body, or an open streamed response
     headers: dict[str, str] = field(default_factory=dict)  # x-gateway-* response headers
     attempts: int = 1
+    slot: Slot | None = None  # the backend slot this answer holds until ``finish``
 
 
 class Dispatcher:
@@ -60,44 +73,53 @@ class Dispatcher:
         client_headers: Mapping[str, str],
     ) -> Attempt:
         """The first successful attempt; the caller must ``finish`` it when the answer is over."""
-        plan = self.balancer.plan(route)
-        if not plan:
-            raise Overloaded(
-                f"no healthy backend for model {body['model']!r}; try again shortly",
-                headers={"retry-after": str(int(self.settings.routing.breaker_cooldown))},
-            )
-        attempts = self.settings.routing.retries + 1
+        budget = self.settings.routing.retries + 1
+        queue = self.balancer.plan(route)
+        again: list[Target] = []  # failed before the request reached them: may be tried again
+        prepared: dict[Target, Attempt] = {}  # a retry on the same target reuses it
+        counted: set[str] = set()  # backends this request has counted a failure against
         last: GatewayError | None = None
-        prepared_for: dict[Target, Attempt] = {}  # a retry on the same target reuses it
-        for number in range(attempts):
-            target = plan[number % len(plan)]
-            # The client's own mistakes (translation errors) leave before any backend is involved.
-            prepared = prepared_for.get(target)
-            if prepared is None:
-                prepared = prepared_for[target] = self._prepare(target, body)
-            if not self.balancer.acquire(target.backend):
-                last = last or Overloaded(f"every backend for model {body['model']!r} is busy")
+        made = 0
+        while made < budget:
+            if not queue:
+                if not again:
+                    break
+                queue, again = again, []
+                self.sleep(self.balancer.retry_delay(made - 1))
+            target = queue.pop(0)
+            if target not in prepared:  # the client's own mistakes leave before any backend
+                prepared[target] = self._prepare(target, body)
+            slot = self.balancer.acquire(target.backend)
+            if slot is None:
+                last = last or _busy(body["model"])
                 continue
+            made += 1
             try:
-                attempt = self._call(prepared, body, request_id, client_headers)
+                attempt = self._call(prepared[target], body, request_id, client_headers)
             except GatewayError as exc:
-                self.balancer.release(target.backend, ok=False if exc.retryable else None)
+                slot.release(_verdict(exc, target.backend, counted))
                 metrics.backend_failed(target.backend, exc.error_type)
+                exc.backend, exc.attempts = target.backend, made
                 if not exc.retryable:
                     raise
+                log.warning("backend %s failed (attempt %d): %s", target.backend, made, exc)
                 last = exc
-                log.warning("backend %s failed (attempt %d): %s", target.backend, number + 1, exc)
-                if number + 1 < attempts:
-                    self._pause(number, exc, same=plan[(number + 1) % len(plan)] == target)
+                if not exc.reached:
+                    again.append(target)
                 continue
-            attempt.attempts = number + 1
+            except BaseException:
+                slot.release(None)
+                raise
+            attempt.slot = slot
+            attempt.attempts = made
             return attempt
-        assert last is not None
-        raise last
+        raise last or _busy(body["model"])
 
     def finish(self, attempt: Attempt, *, ok: bool | None) -> None:
-        """Give back the backend's slot, telling the breaker how it went (None: no verdict)."""
-        self.balancer.release(attempt.target.backend, ok=ok)
+        """Give back the backend's slot, telling the breaker how it went (None: no verdict).
+        Safe to call more than once: only the first call counts."""
+        if attempt.slot is not None:
+            attempt.slot.release(ok)
 
     def _prepare(self, target: Target, body: dict[str, Any]) -> Attempt:
         """The request as this target's backend takes it (``result`` holds the payload)."""
@@ -127,7 +149,7 @@ class Dispatcher:
         if client.config.protocol == "anthropic":
             result = client.messages(payload, request_id, client_headers)
         elif body.get("stream"):
-            result = client.open_stream(payload, request_id)
+            result = client.open_stream(dict(payload), request_id)
         else:
             result = client.complete(payload, request_id)
         # The constructor, not dataclasses.replace, which walks the fields (about 1% of a
@@ -140,23 +162,18 @@ class Dispatcher:
             headers=prepared.headers,
         )
 
-    def _pause(self, number: int, error: GatewayError, *, same: bool) -> None:
-        """Failing over is immediate; the same backend again gets backoff or its retry-after."""
-        if not same:
-            return
-        delay = self.balancer.retry_delay(number)
-        retry_after = _retry_after(error.headers)
-        if retry_after is not None and retry_after <= self.settings.routing.max_retry_after:
-            delay = max(delay, retry_after)
-        self.sleep(delay)
+
+def _verdict(error: GatewayError, backend: str, counted: set[str]) -> bool | None:
+    """False (a failure for the breaker) only for a failure that says the backend cannot
+    serve, and only the first time in this client request."""
+    if not error.backend_fault or backend in counted:
+        return None
+    counted.add(backend)
+    return False
 
 
-def _retry_after(headers: Mapping[str, str]) -> float | None:
-    try:
-        if "retry-after-ms" in headers:
-            return float(headers["retry-after-ms"]) / 1000
-        if "retry-after" in headers:
-            return float(headers["retry-after"])
-    except ValueError:
-        return None  # an HTTP date: not worth waiting on inside a request
-    return None
+def _busy(model: str) -> Overloaded:
+    return Overloaded(
+        f"every backend for model {model!r} is busy; try again shortly",
+        headers={"retry-after": "1"},
+    )

@@ -14,6 +14,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import requests
 from flask import Blueprint, Response, current_app, request
 
 from app import ids, jsonc
@@ -27,6 +28,7 @@ from app.errors import (
     InvalidRequest,
     NotFound,
     RequestTooLarge,
+    UpstreamError,
 )
 from app.ops import metrics
 from app.ops.access_log import log_access
@@ -56,29 +58,21 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
         route = resolve(settings, body["model"])
         state = _state()
         access = state.access
-        access.update(model=body["model"], route=route.name)
+        stream = bool(body.get("stream"))
+        access.update(model=body["model"], route=route.name, stream=stream)
         attempt = dispatcher.send(route, body, state.request_id, request.headers)
         access.update(
             backend=attempt.target.backend, backend_model=attempt.model, attempts=attempt.attempts
         )
-        if body.get("stream"):
-            access["stream"] = True
-            if _is_event_stream(attempt.result):
-                return _stream(dispatcher, attempt, body, settings.ping_interval)
-            attempt = replace(attempt, result=_read_whole(attempt))  # the backend sent JSON
         try:
-            message = _message(attempt, body)
-        except GatewayError:
-            dispatcher.finish(attempt, ok=False)
+            if stream and _is_event_stream(attempt.result):
+                return _stream(dispatcher, attempt, body, settings.ping_interval)
+            response = _whole_answer(attempt, body, access, stream)
+        except BaseException as exc:
+            _abandon(dispatcher, attempt, exc)
             raise
         dispatcher.finish(attempt, ok=True)
-        access.update(stop_reason=message.get("stop_reason"), **_tokens(message.get("usage")))
-        if body.get("stream"):
-            events = encode_all(message_events(message))
-            return Response(
-                events, mimetype="text/event-stream", headers={**SSE_HEADERS, **attempt.headers}
-            )
-        return Response(jsonc.dumps(message), mimetype=JSON, headers=attempt.headers)
+        return response
 
     @bp.post("/v1/messages/count_tokens")
     def count_tokens() -> Response:
@@ -194,6 +188,33 @@ def _read(stream: Any, most: int, step: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def _whole_answer(
+    attempt: Attempt, body: dict[str, Any], access: dict[str, Any], stream: bool
+) -> Response:
+    """A complete answer: JSON, or for a stream request (a backend that ignored ``stream``
+    answers with JSON too) the same message as a stream of events."""
+    if stream:
+        attempt = replace(attempt, result=_read_whole(attempt))
+    message = _message(attempt, body)
+    access.update(stop_reason=message.get("stop_reason"), **_tokens(message.get("usage")))
+    if stream:
+        events = encode_all(message_events(message))
+        headers = {**SSE_HEADERS, **attempt.headers}
+        return Response(events, mimetype="text/event-stream", headers=headers)
+    return Response(jsonc.dumps(message), mimetype=JSON, headers=attempt.headers)
+
+
+def _abandon(dispatcher: Dispatcher, attempt: Attempt, error: BaseException) -> None:
+    """An answer that will not reach the client: close its body if it is still open, and
+    give the backend's slot back, counting it only if the failure says the backend cannot
+    serve."""
+    result = attempt.result
+    if isinstance(result, requests.Response):
+        result.close()
+    fault = isinstance(error, GatewayError) and error.backend_fault
+    dispatcher.finish(attempt, ok=False if fault else None)
+
+
 def _is_event_stream(response: Any) -> bool:
     return "text/event-stream" in response.headers.get("content-type", "")
 
@@ -206,14 +227,15 @@ def _read_whole(attempt: Attempt) -> Any:
     except jsonc.JSONDecodeError:
         name = attempt.client.name
         message = f"backend {name} answered a stream request with neither SSE nor JSON"
-        raise GatewayError(message) from None
+        raise UpstreamError(message, backend_fault=True) from None
 
 
 def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
     if attempt.client.config.protocol == "anthropic":
         message = attempt.result
         if not isinstance(message, dict) or message.get("type") != "message":
-            raise GatewayError(f"backend {attempt.client.name} returned no message")
+            message = f"backend {attempt.client.name} returned no message"
+            raise UpstreamError(message, backend_fault=True)
         return {**message, "model": body["model"]}
     return translate_response(
         attempt.result,
@@ -243,14 +265,12 @@ def _stream(
     lease = state.lease  # the key's concurrency slot, held until the stream is over
     deadline = started + config.total_timeout if config.total_timeout else None
     in_flight = metrics.streams_in_flight(attempt.target.backend)
-    in_flight.inc()
 
     def on_end(outcome: StreamOutcome) -> None:
         in_flight.dec()
         if lease is not None:
             lease.release()
-        failed = translator.error_type is not None
-        dispatcher.finish(attempt, ok=None if not outcome.completed else not failed)
+        dispatcher.finish(attempt, ok=_stream_verdict(outcome, translator))
         entry.update(
             status=200,
             stop_reason=translator.stop_reason,
@@ -263,6 +283,9 @@ def _stream(
             entry["ttft_ms"] = round((outcome.first_token_at - started) * 1000, 1)
         log_access(entry, started)
 
+    # From here on the stream's end (StreamBody.close, which gunicorn always calls) releases
+    # the backend slot, the key's slot and the gauge, and writes the access line.
+    in_flight.inc()
     state.access_deferred = True
     body = relay(
         attempt.client,
@@ -277,6 +300,17 @@ def _stream(
     )
     response.direct_passthrough = True  # app.serving.relay.StreamBody: gunicorn iterates the relay
     return response
+
+
+def _stream_verdict(outcome: StreamOutcome, translator: Any) -> bool | None:
+    """Served (True), could not serve (False), or nothing said about the backend: the client
+    left, or the stream ended for a reason of the gateway's own (a shutdown) or the client's."""
+    if not outcome.completed:
+        return None
+    error = translator.error
+    if error is None:
+        return True
+    return False if error.backend_fault else None
 
 
 def _tokens(usage: Any) -> dict[str, int]:

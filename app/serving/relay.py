@@ -151,10 +151,12 @@ def _items(
         item = pump.get(wake)
         now = time.monotonic()
         if deadline is not None and now > deadline:
-            raise UpstreamTimeout(f"backend {name} exceeded the total time allowed")
+            message = f"backend {name} exceeded the total time allowed"
+            raise UpstreamTimeout(message, backend_fault=True)
         if item is None:
             if now - last_data >= idle:
-                raise UpstreamTimeout(f"backend {name} sent nothing for {idle:g} s")
+                message = f"backend {name} sent nothing for {idle:g} s"
+                raise UpstreamTimeout(message, backend_fault=True)
             if ping_interval and now - last_ping >= ping_interval:
                 last_ping = now
                 yield None
@@ -182,7 +184,8 @@ def _read_error(client: BackendClient, exc: BaseException) -> GatewayError:
     error = client.transport_error(exc)
     if isinstance(error, UpstreamTimeout):
         return error
-    return UpstreamError(f"backend {client.name} closed the stream before the answer was complete")
+    message = f"backend {client.name} closed the stream before the answer was complete"
+    return UpstreamError(message, backend_fault=True)
 
 
 def _translate(

@@ -165,6 +165,8 @@ def render(error: GatewayError) -> Response:
     request_id = state.request_id if state is not None else None
     if state is not None and state.access is not None:
         state.access["error"] = error.error_type
+        if error.backend is not None:
+            state.access.update(backend=error.backend, attempts=error.attempts)
         if error.status >= 500:
             state.access["error_message"] = error.message
     response = Response(

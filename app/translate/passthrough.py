@@ -13,6 +13,7 @@ from typing import Any
 from app import jsonc
 from app.errors import UpstreamError
 from app.translate.stream import TRUNCATED, Ending
+from app.translate.upstream_errors import error_from_body
 
 Event = dict[str, Any]
 
@@ -54,6 +55,7 @@ class PassthroughStream(Ending):
             self.ended = True
         elif kind == "error":
             self.error_type = (event.get("error") or {}).get("type", "api_error")
+            self.error = error_from_body(event)
             self.ended = True
 
     def finish(self, *, saw_done: bool) -> list[Event]:

@@ -20,6 +20,8 @@ MAX_LINE = 4 * 1024 * 1024
 class LineTooLong(UpstreamError):
     """A backend stream line grew past the decoder's limit: the stream cannot go on."""
 
+    backend_fault = True
+
 
 class SSEDecoder:
     """Feed raw bytes as they arrive; get back the payload of every complete ``data:`` line.

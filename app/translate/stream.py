@@ -47,6 +47,7 @@ class Ending:
 
     ended = False
     error_type: str | None = None
+    error: GatewayError | None = None  # what ended the stream, when something did
 
     def fail(self, error: GatewayError) -> list[Event]:
         """An in-band error event; it ends the stream (no message_stop follows)."""
@@ -54,6 +55,7 @@ class Ending:
             return []
         self.ended = True
         self.error_type = error.error_type
+        self.error = error
         return [error.payload()]
 
 

@@ -37,18 +37,54 @@ CONTEXT_OVERFLOW_MARKERS = (
 RETRY_HEADERS = ("retry-after", "retry-after-ms")
 EXCERPT_CHARS = 300
 
+# Server errors (5xx) whose text says the request itself is at fault: the backend can serve,
+# just not this. llama.cpp answers many of these with a 500 (it throws from parameter
+# parsing: "tools param requires --jinja flag", "image input is not supported", "Cannot use
+# tools with stream", "Unsupported param: tool_choice", "Failed to parse messages"); vLLM and
+# SGLang answer a feature they lack with a 500 from NotImplementedError.
+CLIENT_FAULT_MARKERS = (
+    "not supported",
+    "unsupported",
+    "is not allowed",
+    "requires --jinja",
+    "cannot use tools",
+    "failed to parse",
+    "must be provided",
+    "only one completion choice",
+)
+DIALECT_CLIENT_FAULT_MARKERS: dict[str, tuple[str, ...]] = {
+    "llamacpp": ("is required", "invalid type", "expected a", "content part type"),
+    "vllm": ("notimplementederror", "not implemented", "is not a valid"),
+    "sglang": ("notimplementederror", "not implemented", "is not a valid"),
+}
+
 
 def error_from_status(
-    status: int, body: bytes, headers: Mapping[str, str], backend: str
+    status: int, body: bytes, headers: Mapping[str, str], backend: str, dialect: str = ""
 ) -> GatewayError:
-    """The gateway error for a non-2xx backend answer; 429 and 5xx are marked retryable."""
-    error = _classify(status, body, headers, backend)
-    error.retryable = status == 429 or status >= 500
+    """The gateway error for a non-2xx backend answer, marked with what the dispatcher
+    needs: whether another backend may cure it (``retryable``: 429, 503, server errors) and
+    whether it says this backend cannot serve (``backend_fault``: server errors and timeouts,
+    never a 429, a 503 or a 4xx)."""
+    detail, code = _message(body)
+    if status >= 500 and status not in (503, 504, 529) and _client_fault(detail, code, dialect):
+        status = 400  # llama.cpp's 500 for "image input is not supported", and the like
+    error = _classify(status, detail, code, headers, backend)
+    error.retryable = status in (429, 503, 529) or status >= 500
+    error.backend_fault = status >= 500 and status not in (503, 529)
     return error
 
 
-def _classify(status: int, body: bytes, headers: Mapping[str, str], backend: str) -> GatewayError:
-    detail, code = _message(body)
+def _client_fault(detail: str, code: str, dialect: str) -> bool:
+    text = f"{detail} {code}".lower()
+    markers = CLIENT_FAULT_MARKERS + DIALECT_CLIENT_FAULT_MARKERS.get(dialect, ())
+    overflow = any(m in text for m in CONTEXT_OVERFLOW_MARKERS)
+    return overflow or any(m in text for m in markers)
+
+
+def _classify(
+    status: int, detail: str, code: str, headers: Mapping[str, str], backend: str
+) -> GatewayError:
     kept = {h: headers[h] for h in RETRY_HEADERS if h in headers}
     prefix = f"backend {backend} returned HTTP {status}"
     if status in (400, 422):
@@ -77,19 +113,20 @@ def _classify(status: int, body: bytes, headers: Mapping[str, str], backend: str
 
 
 def error_from_body(obj: Mapping[str, Any]) -> GatewayError:
-    """The gateway error for an error object inside a 200 answer or a stream."""
+    """The gateway error for an error object inside a 200 answer or a stream; only a
+    server-side failure counts against the backend."""
     error = obj.get("error")
     message = _from_object(obj) or "backend reported an error"
     code = error.get("code") if isinstance(error, dict) else obj.get("code")
     kind = error.get("type") if isinstance(error, dict) else obj.get("type")
     text = f"{message} {code} {kind}".lower()
-    if code in (503, 529, "503", "529") or "overload" in text:
+    if str(code) in ("503", "529") or "overload" in text:
         return Overloaded(message)
-    if code in (429, "429") or "rate limit" in text:
+    if str(code) == "429" or "rate limit" in text:
         return RateLimited(message)
-    if code in (408, 504, "408", "504") or "timeout" in text or "timed out" in text:
-        return UpstreamTimeout(message)
-    return UpstreamError(message)
+    if str(code) in ("408", "504") or "timeout" in text or "timed out" in text:
+        return UpstreamTimeout(message, backend_fault=True)
+    return UpstreamError(message, backend_fault=True)
 
 
 def _message(body: bytes) -> tuple[str, str]:

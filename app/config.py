@@ -133,6 +133,8 @@ class Settings:
     admin_token: str = field(default="", repr=False)
     # Seconds of backend silence after which a stream gets a ping event (0: never).
     ping_interval: float = 15.0
+    # Seconds a request body may take to arrive (0: no limit); nginx normally buffers it.
+    body_timeout: float = 30.0
     # Keys clients must present on /v1/ routes; none: no authentication.
     keys: tuple[ClientKey, ...] = ()
 
@@ -155,6 +157,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "GATEWAY_ADMIN_TOKEN": ("admin", "token"),
     "GATEWAY_RETRIES": ("routing", "retries"),
     "GATEWAY_PING_INTERVAL": ("", "ping_interval"),
+    "GATEWAY_BODY_TIMEOUT": ("", "body_timeout"),
 }
 TABLES = ("upstream", "models", "routing", "admin", "auth", "limits")
 LISTS = ("backends", "routes")
@@ -254,7 +257,7 @@ def _read_toml(path: str) -> dict[str, Any]:
 
 def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     """Validate a parsed config mapping; every error names the offending key."""
-    top_level = {"max_body_bytes", "log_level", "ping_interval"}
+    top_level = {"max_body_bytes", "log_level", "ping_interval", "body_timeout"}
     _reject_unknown("", raw, set(TABLES) | set(LISTS) | top_level)
     _check_tables(raw)
     backends = _build_backends(raw, env)
@@ -274,6 +277,7 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         log_level=str(raw.get("log_level", "info")).lower(),
         admin_token=_admin_token(raw.get("admin", {}), env),
         ping_interval=_number("ping_interval", raw.get("ping_interval", 15.0), float, 0),
+        body_timeout=_number("body_timeout", raw.get("body_timeout", 30.0), float, 0),
         keys=_build_keys(raw.get("auth", {}), raw.get("limits", {}), env),
     )
     if settings.log_level not in LOG_LEVELS:

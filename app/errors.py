@@ -137,3 +137,14 @@ class Overloaded(GatewayError):
 def field_error(path: str, problem: str) -> InvalidRequest:
     """An invalid_request_error that names the offending field, as the real API does."""
     return InvalidRequest(f"{path}: {problem}")
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A client's value as an error message may quote it: short, and never walked into (a
+    value can be any JSON, nested a hundred levels deep or a megabyte long)."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

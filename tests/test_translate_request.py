@@ -773,11 +773,12 @@ def test_tool_choice_none_drops_the_tools(tool_choice: dict) -> None:
     ("tool_choice", "expected"),
     [
         ({"type": "tool", "name": "launch_rockets"}, "tool_choice.name: no tool named"),
-        ({"type": "tool"}, "tool_choice.name: no tool named None"),
+        ({"type": "tool"}, "tool_choice.name: field required"),
+        ({"type": "tool", "name": {"a": 1}}, "tool_choice.name: must be the name of a tool"),
         ({"type": "sometimes"}, "tool_choice.type: must be one of"),
         ("auto", "tool_choice: must be an object"),
     ],
-    ids=["unknown_name", "missing_name", "unknown_type", "string"],
+    ids=["unknown_name", "missing_name", "name_not_a_string", "unknown_type", "string"],
 )
 def test_invalid_tool_choice_is_rejected(tool_choice: Any, expected: str) -> None:
     assert rejection(body(tools=[WEATHER_TOOL], tool_choice=tool_choice)).startswith(expected)

@@ -25,15 +25,15 @@ from app.config import Settings
 from app.errors import (
     AuthenticationFailed,
     GatewayError,
-    InvalidRequest,
     NotFound,
-    RequestTooLarge,
     UpstreamError,
 )
 from app.ops import metrics
 from app.ops.access_log import log_access
 from app.ops.health import Readiness
+from app.serving.body import parse_json, read_within
 from app.serving.catalog import find_model, models_page
+from app.serving.green import client_watch
 from app.serving.relay import StreamOutcome, relay
 from app.serving.state import RequestState, current
 from app.translate.passthrough import PassthroughStream
@@ -53,30 +53,36 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
 
     @bp.post("/v1/messages")
     def create_message() -> Response:
-        body = _json_body()
+        body = _json_body(settings)
         check_request(body)
         route = resolve(settings, body["model"])
         state = _state()
         access = state.access
         stream = bool(body.get("stream"))
         access.update(model=body["model"], route=route.name, stream=stream)
-        attempt = dispatcher.send(route, body, state.request_id, request.headers)
-        access.update(
-            backend=attempt.target.backend, backend_model=attempt.model, attempts=attempt.attempts
-        )
-        try:
-            if stream and _is_event_stream(attempt.result):
-                return _stream(dispatcher, attempt, body, settings.ping_interval)
-            response = _whole_answer(attempt, body, access, stream)
-        except BaseException as exc:
-            _abandon(dispatcher, attempt, exc)
-            raise
+        state.admit()
+        # Until the first byte goes to the client, a client that hangs up ends the request,
+        # and with it the backend's work on it.
+        with client_watch(request.environ):
+            attempt = dispatcher.send(route, body, state.request_id, request.headers)
+            access.update(
+                backend=attempt.target.backend,
+                backend_model=attempt.model,
+                attempts=attempt.attempts,
+            )
+            try:
+                if stream and _is_event_stream(attempt.result):
+                    return _stream(dispatcher, attempt, body, settings.ping_interval)
+                response = _whole_answer(attempt, body, access, stream)
+            except BaseException as exc:
+                _abandon(dispatcher, attempt, exc)
+                raise
         dispatcher.finish(attempt, ok=True)
         return response
 
     @bp.post("/v1/messages/count_tokens")
     def count_tokens() -> Response:
-        body = _json_body()
+        body = _json_body(settings)
         if isinstance(body, dict):
             body = {**body, "max_tokens": 1, "stream": False}  # not part of this request
         check_request(body)
@@ -141,51 +147,12 @@ def _state() -> RequestState:
     return state
 
 
-def _json_body() -> Any:
-    """The request body as JSON, whatever the Content-Type (some clients omit it)."""
-    data = _body_bytes()
-    if not data.strip():
-        raise InvalidRequest("request body is empty; expected a JSON object")
-    try:
-        return jsonc.loads(data)
-    except jsonc.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-
-
-def _body_bytes() -> bytes:
-    """The request body, read straight from the server's input stream (werkzeug's wrapper
-    cost more, and let a chunked body past the size limit through cut short, so that it
-    failed as invalid JSON instead of as too large)."""
+def _json_body(settings: Settings) -> Any:
+    """The request body as JSON (app.serving.body), noted as read for app.serving.web."""
     environ = request.environ
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    length = environ.get("CONTENT_LENGTH") or ""
-    if length.isdigit() and not environ.get("HTTP_TRANSFER_ENCODING"):
-        size = int(length)
-        if limit is not None and size > limit:
-            raise RequestTooLarge("request body is larger than the gateway's limit")
-        data = _read(environ["wsgi.input"], size, size)
-        if len(data) < size:
-            raise InvalidRequest("the request body ended before its Content-Length")
-        return data
-    if limit is None:
-        return request.get_data(cache=False)
-    data = _read(environ["wsgi.input"], limit + 1, 1 << 16)  # one byte past tells
-    if len(data) > limit:
-        raise RequestTooLarge("request body is larger than the gateway's limit")
-    return data
-
-
-def _read(stream: Any, most: int, step: int) -> bytes:
-    """Up to ``most`` bytes of ``stream``, fewer at its end; ``step`` bytes per read."""
-    parts: list[bytes] = []
-    total = 0
-    while total < most:
-        piece = stream.read(min(step, most - total))
-        if not piece:
-            break
-        parts.append(piece)
-        total += len(piece)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
+    data = read_within(environ, current_app.config["MAX_CONTENT_LENGTH"], settings.body_timeout)
+    _state().body_read = True
+    return parse_json(data)
 
 
 def _whole_answer(

@@ -32,11 +32,12 @@ from app.errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from app.limits import KeyState, Lease, LimitExceeded
+from app.limits import KeyState, Lease
 from app.ops import metrics
 from app.ops.access_log import configure_logging, log_access, request_id_from
 from app.serving.api import create_blueprint
 from app.serving.state import ENVIRON_KEY, RequestState, current
+from app.serving.worker import close_connection
 
 log = logging.getLogger("gateway")
 
@@ -52,6 +53,7 @@ def build_app(settings: Settings | None = None) -> Flask:
     keys = limits.key_table(settings.keys, limits.worker_count(os.environ))
     app.before_request(_request_starter(keys))
     app.after_request(_finish_request)
+    app.teardown_request(_end_request)
     app.register_error_handler(GatewayError, _gateway_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
@@ -93,6 +95,7 @@ def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
         if path in QUIET_PATHS:
             return
         key, digest = auth.identify(keys, environ)
+        state.key = key
         state.access = access = {
             "request_id": request_id,
             "method": environ.get("REQUEST_METHOD", "GET").upper(),
@@ -103,39 +106,33 @@ def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
             "key": key.name if key is not None else None,
             "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
         }
-        if keys and path.startswith("/v1/"):
-            state.lease = _admit(key, digest, path, started, access)
+        if keys and key is None and path.startswith("/v1/"):
+            _refuse(digest, access)
 
     return start_request
 
 
-def _admit(
-    key: KeyState | None, digest: bytes | None, path: str, now: float, access: dict[str, Any]
-) -> Lease | None:
-    """Refuse a request without a known key; hold a message request to its key's limits."""
-    if key is None:
-        access["rejected"] = "unauthenticated"
-        # x-should-retry: false, or Claude Code retries a wrong key for minutes.
-        if digest is None:
-            raise AuthenticationFailed(
-                "an API key is required: send it as x-api-key or Authorization: Bearer",
-                should_retry=False,
-            )
-        raise AuthenticationFailed("invalid API key", should_retry=False)
-    if key.limited and path == "/v1/messages":
-        try:
-            return key.admit(now)
-        except LimitExceeded as exc:
-            access["rejected"] = exc.reason
-            raise
-    return None
+def _refuse(digest: bytes | None, access: dict[str, Any]) -> None:
+    """A /v1/ request without a known key, refused before its body is read. (The key's
+    limits are applied once the body is in: a slow upload must not hold a key's slot.)"""
+    access["rejected"] = "unauthenticated"
+    # x-should-retry: false, or Claude Code retries a wrong key for minutes.
+    if digest is None:
+        raise AuthenticationFailed(
+            "an API key is required: send it as x-api-key or Authorization: Bearer",
+            should_retry=False,
+        )
+    raise AuthenticationFailed("invalid API key", should_retry=False)
 
 
 def _finish_request(response: Response) -> Response:
     state = current()
     if state is None:
         return response
+    state.answered = True
     response.headers["request-id"] = state.request_id
+    if not state.body_read and _has_body(request.environ):
+        close_connection(request.environ)  # rather than have gunicorn read the body to waste
     deferred = state.access_deferred
     if state.lease is not None:
         _limit_end(state.lease, response, deferred)
@@ -147,6 +144,25 @@ def _finish_request(response: Response) -> Response:
         # stay off the client's wait, and the duration covers the write.
         response.call_on_close(partial(log_access, access, state.started))
     return response
+
+
+def _has_body(environ: Mapping[str, Any]) -> bool:
+    length = environ.get("CONTENT_LENGTH") or ""
+    return bool(environ.get("HTTP_TRANSFER_ENCODING")) or (length.isdigit() and length != "0")
+
+
+def _end_request(error: BaseException | None) -> None:
+    """The last hook of every request, run also when no response left the app (the client
+    hung up while the backend worked, ``ClientGone``): what the request held goes back, and
+    it still gets its access line."""
+    state = current()
+    if state is None:
+        return
+    if state.lease is not None and not state.access_deferred:
+        state.lease.release()
+    if not state.answered and state.access is not None:
+        state.access.update(status=499, client_disconnected=True)
+        log_access(state.access, state.started)
 
 
 def _limit_end(lease: Lease, response: Response, deferred: bool | None) -> None:

@@ -1,19 +1,50 @@
-"""gunicorn's gevent worker, with the garbage collector tuned for a long-lived heap.
+"""gunicorn's gevent worker, with four changes, each through a method gunicorn's worker classes
+exist to have overridden:
 
-Everything else is the stock ``GeventWorker``: gunicorn's own request loop, keep-alive and
-shutdown. The module imports nothing of the app, because gunicorn loads worker classes in the
-master.
+- ``timeout_ctx``: the wait for a connection's next request is registered, so that on TERM or
+  HUP idle keep-alive connections close at once instead of holding the worker for the whole
+  keep-alive time (75 s; nginx keeps some open all the time), while streams still drain;
+- ``handle_request``: the app may ask for its connection to be closed after the answer
+  (``close_connection``), for a request whose body it did not read: gunicorn would otherwise
+  read and discard that body, however long, before the next request;
+- ``handle_error``: gunicorn's own error answers (a malformed request line or header, 414,
+  431, a broken chunked body) go out as Anthropic error envelopes, not HTML pages;
+- ``load_wsgi``: the garbage collector is tuned for a long-lived heap.
+
+The module imports nothing of the app, because gunicorn loads worker classes in the master.
 """
 
 from __future__ import annotations
 
 import gc
+import html
+import re
+import weakref
+from collections.abc import MutableMapping
+from typing import Any
 
+import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
 # Young objects collected after this many net allocations (CPython's default is 700), and the
 # older generations less often. See tune_gc.
 GC_THRESHOLDS = (20_000, 50, 100)
+
+# The request each connection is serving now, for close_connection.
+_serving: MutableMapping[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def close_connection(environ: MutableMapping[str, Any]) -> None:
+    """Answer this request with ``Connection: close`` and close the connection after it.
+
+    For an answer given without reading the request's body (a refused key, a body over the
+    limit, one that is malformed or too slow): keeping the connection would make gunicorn read
+    and discard the rest of that body first. Outside gunicorn's gevent worker, nothing happens.
+    """
+    sock = environ.get("gunicorn.socket")
+    request = _serving.get(sock) if sock is not None else None
+    if request is not None:
+        request.must_close = True  # gunicorn's own per-request flag (Response.should_close)
 
 
 def tune_gc() -> None:
@@ -30,7 +61,101 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+class _IdleWait:
+    """The wait for a connection's request: gunicorn's keep-alive timeout. The wait after a
+    served request (an idle keep-alive connection) is registered with the worker, so that a
+    stopping worker can end it now; a new connection's first request is always waited for."""
+
+    __slots__ = ("worker", "timeout", "greenlet", "idle")
+
+    def __init__(self, worker: GatewayWorker) -> None:
+        self.worker = worker
+        self.timeout = gevent.Timeout(worker.cfg.keepalive, False)
+        self.greenlet = gevent.getcurrent()
+        self.idle = self.greenlet in worker.served
+
+    def __enter__(self) -> gevent.Timeout:
+        if self.idle:
+            if not self.worker.alive:
+                raise StopIteration  # stopping: gunicorn closes the connection, no waiting
+            self.worker.idle[self.greenlet] = self.timeout
+        return self.timeout.__enter__()
+
+    def __exit__(self, *exc_info: Any) -> bool | None:
+        self.worker.idle.pop(self.greenlet, None)
+        return self.timeout.__exit__(*exc_info)
+
+
 class GatewayWorker(GeventWorker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle: dict[Any, gevent.Timeout] = {}  # connection greenlet -> its idle wait
+        self.served: weakref.WeakSet[Any] = weakref.WeakSet()  # have answered a request
+
     def load_wsgi(self) -> None:
         super().load_wsgi()
         tune_gc()  # in the worker, after the fork and the app's import
+
+    def timeout_ctx(self) -> _IdleWait:
+        return _IdleWait(self)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        # End every wait for a next request: the connection closes as if its keep-alive time
+        # were over (the Timeout is raised where the wait is, and swallowed by its own block).
+        for greenlet, timeout in list(self.idle.items()):
+            greenlet.kill(timeout, block=False)
+
+    def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
+        _serving[sock] = req
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            _serving.pop(sock, None)
+            self.served.add(gevent.getcurrent())
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        super().handle_error(req, _JSONErrors(client), addr, exc)
+
+
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ([^\r\n]*)\r\n")
+_MESSAGE = re.compile(rb"</h1>\s*(.*?)\s*</body>", re.DOTALL)
+_ERROR_TYPES = {403: "permission_error", 404: "not_found_error", 413: "request_too_large"}
+
+
+class _JSONErrors:
+    """The client socket as gunicorn's error answer sees it: the HTML page gunicorn writes
+    (``util.write_error``) is sent as an Anthropic error envelope with the same status
+    instead. Everything else goes to the socket unchanged."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(_as_envelope(data))
+
+
+def _as_envelope(page: bytes) -> bytes:
+    status_line = _STATUS_LINE.match(page)
+    if status_line is None or b"Content-Type: text/html" not in page[:512]:
+        return page
+    status = int(status_line.group(1))
+    reason = status_line.group(2).decode("latin-1")
+    found = _MESSAGE.search(page)
+    message = html.unescape(found.group(1).decode("utf-8", "replace")) if found else ""
+    kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    body = _json({"type": "error", "error": {"type": kind, "message": message or reason}})
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def _json(value: Any) -> bytes:
+    import json  # the app's orjson stays out of the master, which loads this module
+
+    return json.dumps(value, ensure_ascii=False).encode()

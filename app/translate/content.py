@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app import jsonc
-from app.errors import field_error
+from app.errors import field_error, shown
 from app.ids import is_gateway_signature
 from app.translate.dialect import Dialect
 
@@ -80,10 +80,10 @@ def user_messages(blocks: list[Block], ctx: Context) -> list[Message]:
                 parts.append({"type": "text", "text": text})
         elif kind in ("tool_use", "thinking", "redacted_thinking"):
             raise field_error(
-                f"{path}.type", f"'{kind}' blocks are only allowed in assistant turns"
+                f"{path}.type", f"{shown(kind)} blocks are only allowed in assistant turns"
             )
         else:
-            raise field_error(f"{path}.type", f"unsupported content block type '{kind}'")
+            raise field_error(f"{path}.type", f"unsupported content block type {shown(kind)}")
     # Images moved out of tool results and the turn's own blocks share one user message:
     # strict chat templates refuse two user messages in a row.
     if relocated or parts:
@@ -140,9 +140,10 @@ def _nested_content(
             if text is not None:
                 texts.append(text)
         elif kind == "tool_reference":
-            texts.append(f"(tool reference: {block.get('tool_name', '')})")
+            name = block.get("tool_name")
+            texts.append(f"(tool reference: {name if isinstance(name, str) else ''})")
         else:
-            raise field_error(f"{bpath}.type", f"unsupported content type '{kind}'")
+            raise field_error(f"{bpath}.type", f"unsupported content type {shown(kind)}")
     return texts, images
 
 
@@ -164,13 +165,13 @@ def _image_part(block: dict[str, Any], path: str, ctx: Context) -> dict[str, Any
                 f"{path}.source.url", "this backend takes base64 images only, not image URLs"
             )
     else:
-        raise field_error(f"{path}.source.type", f"unsupported image source type '{kind}'")
+        raise field_error(f"{path}.source.type", f"unsupported image source type {shown(kind)}")
     return {"type": "image_url", "image_url": {"url": url}}
 
 
 def _data_url(source: dict[str, Any], path: str) -> str:
     media_type = source.get("media_type")
-    if media_type not in IMAGE_MEDIA_TYPES:
+    if not isinstance(media_type, str) or media_type not in IMAGE_MEDIA_TYPES:
         allowed = ", ".join(sorted(IMAGE_MEDIA_TYPES))
         raise field_error(f"{path}.source.media_type", f"must be one of {allowed}")
     data = source.get("data")
@@ -197,12 +198,13 @@ def _document_text(block: dict[str, Any], path: str, ctx: Context) -> str | None
             raise field_error(f"{path}.source.content", "images inside documents are not supported")
         body = "\n\n".join(texts)
     elif ctx.dialect.drop_unsupported:
-        ctx.dropped.append(f"{path} (document source '{kind}')")
+        ctx.dropped.append(f"{path} (document source {shown(kind)})")
         return None
     else:
         raise field_error(
             f"{path}.source.type",
-            f"document source '{kind}' is not supported by this gateway (only text and content)",
+            f"document source {shown(kind)} is not supported by this gateway "
+            "(only text and content)",
         )
     header = [str(block[k]) for k in ("title", "context") if isinstance(block.get(k), str)]
     return "\n\n".join([*header, body])
@@ -229,7 +231,9 @@ def assistant_message(blocks: list[Block], ctx: Context) -> Message:
             ):
                 thinking.append(block["thinking"])
         elif kind not in SERVER_BLOCKS:
-            raise field_error(f"{path}.type", f"unsupported assistant content block type '{kind}'")
+            raise field_error(
+                f"{path}.type", f"unsupported assistant content block type {shown(kind)}"
+            )
     message: Message = {"role": "assistant", "content": "\n\n".join(texts)}
     if calls:
         message["tool_calls"] = calls

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.errors import field_error
+from app.errors import field_error, shown
 from app.translate.content import Context
 
 # Keys whose values are maps from names to subschemas (the names themselves are not keywords).
@@ -38,8 +38,12 @@ def add_tools(payload: dict[str, Any], body: dict[str, Any], ctx: Context) -> No
         return
     if kind == "tool":
         name = choice.get("name")
+        if name is None:
+            raise field_error("tool_choice.name", "field required")
+        if not isinstance(name, str):
+            raise field_error("tool_choice.name", "must be the name of a tool in tools")
         if name not in {f["function"]["name"] for f in functions}:
-            raise field_error("tool_choice.name", f"no tool named {name!r} in tools")
+            raise field_error("tool_choice.name", f"no tool named {shown(name)} in tools")
     if ctx.dialect.tool_choice:
         payload["tool_choice"] = _openai_choice(kind, choice.get("name"))
     if choice.get("disable_parallel_tool_use"):
@@ -60,10 +64,11 @@ def _function(tool: Any, path: str, ctx: Context) -> dict[str, Any] | None:
     kind = tool.get("type")
     if kind not in (None, "custom"):
         if ctx.dialect.drop_unsupported:
-            ctx.dropped.append(f"{path} (server tool '{kind}')")
+            ctx.dropped.append(f"{path} (server tool {shown(kind)})")
             return None
         raise field_error(
-            f"{path}.type", f"server tool '{kind}' cannot run on this backend; send custom tools"
+            f"{path}.type",
+            f"server tool {shown(kind)} cannot run on this backend; send custom tools",
         )
     name, schema = tool.get("name"), tool.get("input_schema")
     if not isinstance(name, str) or not name:

@@ -1,0 +1,71 @@
+"""What the serving side can do only in a gevent worker: bound a wait in time, and notice a
+client that left while the gateway waits for its backend.
+
+Outside gevent (the in-process test server, where nothing is monkey-patched) both are
+no-ops: a blocking read in a real thread cannot be interrupted this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import gevent
+from gevent import monkey
+
+from app.errors import GatewayError
+
+
+def patched() -> bool:
+    return monkey.is_module_patched("socket")
+
+
+class ClientGone(gevent.GreenletExit):
+    """Raised into a request's greenlet when its client hung up before any answer: a
+    ``GreenletExit``, so that it passes through every ``except Exception`` on the way (the
+    backend call, Flask's handlers), whose ``finally`` blocks close the backend connection
+    and give back what the request holds, and gunicorn's gevent worker takes it quietly."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, error: GatewayError) -> Iterator[None]:
+    """Raise ``error`` if the block takes longer than ``seconds``."""
+    if not seconds or not patched():
+        yield
+        return
+    with gevent.Timeout(seconds, error):
+        yield
+
+
+@contextlib.contextmanager
+def client_watch(environ: Mapping[str, Any]) -> Iterator[None]:
+    """While the block runs (the backend is working, nothing has been sent to the client),
+    raise ``ClientGone`` into it as soon as the client's connection closes.
+
+    Behind nginx this is what a client hanging up looks like (nginx closes its connection to
+    the gateway); without it, a backend keeps generating for an absent client until its
+    answer is complete or ``read_timeout`` (600 s) runs out. A client that pipelines its next
+    request instead is left alone: its connection is readable, but not closed.
+    """
+    sock = environ.get("gunicorn.socket")
+    if sock is None or isinstance(sock, ssl.SSLSocket) or not patched():
+        yield
+        return
+    watcher = gevent.spawn(_watch, sock, gevent.getcurrent())
+    try:
+        yield
+    finally:
+        watcher.kill(block=False)
+
+
+def _watch(sock: Any, request: Any) -> None:
+    try:
+        gevent.socket.wait_read(sock.fileno())
+        if sock.recv(1, socket.MSG_PEEK):
+            return  # a pipelined request, not a hang-up
+    except (OSError, ValueError):
+        pass  # reset or closed under us: gone as well
+    request.kill(ClientGone(), block=False)

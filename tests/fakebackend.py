@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import select
 import socket
 import socketserver
 import ssl
@@ -34,6 +35,7 @@ from urllib.parse import urlsplit
 __all__ = [
     "AutoReply",
     "EchoReply",
+    "HoldReply",
     "HugeLineReply",
     "WireReply",
     "FakeBackend",
@@ -318,6 +320,25 @@ class WireReply(Reply):
             handler.close_connection = True
             return
         handler.close_connection = self.close
+
+
+@dataclass
+class HoldReply(Reply):
+    """Take the request and answer nothing, for up to ``seconds``: a model that thinks. When
+    the gateway hangs up meanwhile, that is counted in ``closed_by_client`` at once."""
+
+    seconds: float
+
+    def send(self, handler: _Handler, request: Recorded) -> None:
+        conn = handler.connection
+        readable, _, _ = select.select([conn], [], [], self.seconds)
+        try:
+            gone = bool(readable) and not conn.recv(1, socket.MSG_PEEK)
+        except OSError:
+            gone = True
+        if gone:
+            handler.backend.note_closed_by_client()
+        handler.close_connection = True
 
 
 @dataclass

@@ -287,3 +287,21 @@ def test_shutdown_ends_a_long_stream_with_an_error_event_not_a_cut(module_backen
     assert json.loads(last.split(b"data: ", 1)[1])["error"]["type"] == "overloaded_error"
     assert b"event: message_stop" not in rest
     assert module_backend.wait_closed(before + 1, timeout=5)
+
+
+def test_term_with_an_idle_keep_alive_connection_stops_at_once(module_backend, tmp_path):
+    """nginx always holds idle keep-alive connections to the gateway: TERM must not wait
+    for them to time out (75 s), only for the requests in flight (none here)."""
+    env = {"GATEWAY_UPSTREAM_URL": module_backend.url, "GATEWAY_GRACEFUL_TIMEOUT": "60"}
+    server = Gunicorn(env, tmp_path / "gunicorn.log")
+    idle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        idle.request("POST", "/v1/messages", json.dumps(BODY), {"Content-Type": "application/json"})
+        assert idle.getresponse().read()  # served; the connection now waits for its next request
+        started = time.monotonic()
+        server.process.terminate()
+        server.process.wait(timeout=30)
+        assert time.monotonic() - started < 5
+    finally:
+        idle.close()
+        server.stop()

@@ -457,3 +457,26 @@ def test_gateway_down_answers_an_overloaded_error(nginx_bin):
         },
         "request_id": "down-request-0001",
     }
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"GET /" + b"a" * 20000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", (414,)),
+        # nginx answers 494 (headers too large) as a 400 or, where error_page 494 applies, 431
+        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20000 + b"\r\n\r\n", (400, 431)),
+        (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: -4\r\n\r\n", (400,)),
+    ],
+    ids=["uri_too_long", "header_too_large", "bad_request"],
+)
+def test_nginx_rejects_broken_http_in_anthropic_format(nginx, tls, raw, code):
+    with socket.create_connection(("127.0.0.1", nginx.config.https_port), timeout=10) as plain:
+        with tls.wrap_socket(plain, server_hostname="localhost") as conn:
+            conn.sendall(raw)
+            answer = b""
+            while piece := conn.recv(65536):
+                answer += piece
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert int(head.split(b" ")[1]) in code, head
+    assert b"application/json" in head
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"

@@ -30,6 +30,7 @@ from app import jsonc
 from app.backends.session import Template, Transport
 from app.config import Upstream
 from app.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
+from app.translate.redact import redact
 from app.translate.upstream_errors import error_from_status
 
 log = logging.getLogger("gateway")
@@ -218,7 +219,7 @@ class BackendClient:
         try:
             return jsonc.loads(body.strip())
         except jsonc.JSONDecodeError:
-            excerpt = body[:200].decode("utf-8", "replace")
+            excerpt = _short(body[:200].decode("utf-8", "replace"))
             message = f"backend {self.name} returned invalid JSON: {excerpt}"
             raise UpstreamError(message, backend_fault=True) from None
 
@@ -430,4 +431,6 @@ def display_name(url: str) -> str:
 
 
 def _short(text: str, limit: int = 200) -> str:
+    """Text from below HTTP (urllib3, the TLS library, a proxy) as a message may quote it."""
+    text = redact(text)
     return text if len(text) <= limit else text[:limit] + "…"

@@ -8,12 +8,15 @@ back. Failures are raised as ``GatewayError`` and rendered by the app-level hand
 
 from __future__ import annotations
 
+import gc
 import hmac
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
+import greenlet
 import requests
 from flask import Blueprint, Response, current_app, request
 
@@ -28,6 +31,7 @@ from app.errors import (
     NotFound,
     UpstreamError,
 )
+from app.limits import KeyState
 from app.ops import metrics
 from app.ops.access_log import log_access
 from app.ops.health import Readiness
@@ -47,7 +51,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON = "application/json"
 
 
-def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
+def create_blueprint(
+    settings: Settings, dispatcher: Dispatcher, keys: Mapping[bytes, KeyState]
+) -> Blueprint:
     bp = Blueprint("messages", __name__)
     readiness = Readiness()
 
@@ -115,7 +121,7 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher) -> Blueprint:
     @bp.get("/status")
     def status() -> Response:
         _require_admin(settings)
-        return Response(jsonc.dumps(_status(settings, dispatcher)), mimetype=JSON)
+        return Response(jsonc.dumps(_status(settings, dispatcher, keys)), mimetype=JSON)
 
     @bp.get("/healthz")
     def healthz() -> Response:
@@ -300,7 +306,9 @@ def _require_admin(settings: Settings) -> None:
         raise AuthenticationFailed("admin token required")
 
 
-def _status(settings: Settings, dispatcher: Dispatcher) -> dict[str, Any]:
+def _status(
+    settings: Settings, dispatcher: Dispatcher, keys: Mapping[bytes, KeyState]
+) -> dict[str, Any]:
     health = dispatcher.balancer.snapshot()
     backends = {
         name: {
@@ -322,4 +330,19 @@ def _status(settings: Settings, dispatcher: Dispatcher) -> dict[str, Any]:
         }
         for route in (*settings.routes, *(r for r in (settings.default_route,) if r))
     ]
-    return {"worker_pid": os.getpid(), "time": time.time(), "backends": backends, "routes": routes}
+    return {
+        "worker_pid": os.getpid(),
+        "time": time.time(),
+        "backends": backends,
+        "routes": routes,
+        "keys": {key.name: {"in_flight": key.in_flight} for key in keys.values()},
+        "process": _process(),
+    }
+
+
+def _process() -> dict[str, int]:
+    """What a leak would show first: open file descriptors and live greenlets (counted by
+    walking the heap, which is fine for an admin endpoint and nowhere else)."""
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
+    greenlets = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet))
+    return {"open_fds": fds, "greenlets": greenlets}

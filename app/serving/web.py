@@ -38,6 +38,7 @@ from app.ops.access_log import configure_logging, log_access, request_id_from
 from app.serving.api import create_blueprint
 from app.serving.state import ENVIRON_KEY, RequestState, current
 from app.serving.worker import close_connection
+from app.translate.redact import redact
 
 log = logging.getLogger("gateway")
 
@@ -45,12 +46,13 @@ log = logging.getLogger("gateway")
 def build_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings_or_last_good()
     configure_logging(settings.log_level)
+    redact.set_secrets(secrets_of(settings))
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     dispatcher = build_dispatcher(settings)
     app.extensions["gateway.dispatcher"] = dispatcher
-    app.register_blueprint(create_blueprint(settings, dispatcher))
     keys = limits.key_table(settings.keys, limits.worker_count(os.environ))
+    app.register_blueprint(create_blueprint(settings, dispatcher, keys))
     app.before_request(_request_starter(keys))
     app.after_request(_finish_request)
     app.teardown_request(_end_request)
@@ -58,6 +60,18 @@ def build_app(settings: Settings | None = None) -> Flask:
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """What must never appear in a relayed or logged backend text: the backends' keys and
+    the values of headers sent to them, and the admin token."""
+    found = [settings.admin_token]
+    for backend in settings.backends.values():
+        found.append(backend.api_key)
+        found.extend(backend.headers.values())
+        if "@" in backend.proxy:  # credentials in the proxy URL
+            found.append(backend.proxy.split("://", 1)[-1].rsplit("@", 1)[0])
+    return [s for s in found if s]
 
 
 def build_dispatcher(settings: Settings) -> Dispatcher:

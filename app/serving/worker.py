@@ -6,7 +6,9 @@ exist to have overridden:
   keep-alive time (75 s; nginx keeps some open all the time), while streams still drain;
 - ``handle_request``: the app may ask for its connection to be closed after the answer
   (``close_connection``), for a request whose body it did not read: gunicorn would otherwise
-  read and discard that body, however long, before the next request;
+  read and discard that body, however long, before the next request. The close lingers, as
+  nginx's does: a bounded part of the rest is read and dropped first, so that the client is
+  not answered with a reset before it has read the answer;
 - ``handle_error``: gunicorn's own error answers (a malformed request line or header, 414,
   431, a broken chunked body) go out as Anthropic error envelopes, not HTML pages;
 - ``load_wsgi``: the garbage collector is tuned for a long-lived heap.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import gc
 import html
 import re
+import socket
 import weakref
 from collections.abc import MutableMapping
 from typing import Any
@@ -30,8 +33,15 @@ from gunicorn.workers.ggevent import GeventWorker
 # older generations less often. See tune_gc.
 GC_THRESHOLDS = (20_000, 50, 100)
 
-# The request each connection is serving now, for close_connection.
+# A closing connection's unread bytes read and dropped first, at most this many and for at
+# most this long, so that the client reads the answer instead of a reset (nginx lingers 5 s).
+LINGER_BYTES = 1 << 20
+LINGER_SECONDS = 2.0
+
+# The request each connection is serving now, for close_connection; and the connections to
+# close, lingering, after their answer.
 _serving: MutableMapping[Any, Any] = weakref.WeakKeyDictionary()
+_lingering: MutableMapping[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def close_connection(environ: MutableMapping[str, Any]) -> None:
@@ -45,6 +55,28 @@ def close_connection(environ: MutableMapping[str, Any]) -> None:
     request = _serving.get(sock) if sock is not None else None
     if request is not None:
         request.must_close = True  # gunicorn's own per-request flag (Response.should_close)
+        _lingering[sock] = True
+
+
+def linger(sock: Any, most: int = LINGER_BYTES, seconds: float = LINGER_SECONDS) -> None:
+    """Half-close, then read and drop what the client still sends, within bounds, yielding
+    to the other greenlets between reads."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    buffer = bytearray(1 << 16)
+    left = most
+    with gevent.Timeout(seconds, False):
+        while left > 0:
+            try:
+                got = sock.recv_into(buffer)
+            except OSError:
+                return
+            if not got:
+                return
+            left -= got
+            gevent.sleep(0)
 
 
 def tune_gc() -> None:
@@ -113,6 +145,8 @@ class GatewayWorker(GeventWorker):
         finally:
             _serving.pop(sock, None)
             self.served.add(gevent.getcurrent())
+            if _lingering.pop(sock, False):
+                linger(sock)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
         super().handle_error(req, _JSONErrors(client), addr, exc)

@@ -12,6 +12,7 @@ from typing import Any
 
 from app import jsonc
 from app.errors import UpstreamError
+from app.translate.redact import redact
 from app.translate.stream import TRUNCATED, Ending
 from app.translate.upstream_errors import error_from_body
 
@@ -54,7 +55,12 @@ class PassthroughStream(Ending):
             self.finish_reason = "message_stop"
             self.ended = True
         elif kind == "error":
-            self.error_type = (event.get("error") or {}).get("type", "api_error")
+            error = event.get("error")
+            if isinstance(error, dict) and isinstance(error.get("message"), str):
+                error["message"] = redact(error["message"])  # relayed: no secrets in it
+            self.error_type = (
+                error.get("type", "api_error") if isinstance(error, dict) else "api_error"
+            )
             self.error = error_from_body(event)
             self.ended = True
 

@@ -24,6 +24,7 @@ from app.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from app.translate.redact import redact
 
 CONTEXT_OVERFLOW_MARKERS = (
     "context_length_exceeded",
@@ -156,5 +157,6 @@ def _from_object(obj: Mapping[str, Any]) -> str:
 
 
 def _excerpt(text: str) -> str:
-    text = " ".join(text.split())
+    """Backend text as a message may quote it: one line, bounded, without secrets."""
+    text = redact(" ".join(text.split()))
     return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "…"

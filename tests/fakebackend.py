@@ -310,8 +310,13 @@ class WireReply(Reply):
     close: bool = False
 
     def send(self, handler: _Handler, request: Recorded) -> None:
+        data = self.data
+        request_id = request.headers.get("x-request-id")
+        if handler.backend.echo_request_id and request_id and data.startswith(b"HTTP/"):
+            line, _, rest = data.partition(b"\r\n")  # the answer echoes it; ``then`` never
+            data = line + b"\r\nX-Request-ID: " + request_id.encode() + b"\r\n" + rest
         try:
-            handler.write(self.data)
+            handler.write(data)
             if self.then:
                 if self.then_after and not handler.pause(self.then_after):
                     return

@@ -59,7 +59,7 @@ class Gunicorn:
 
     def access_lines(self) -> list[dict]:
         lines = []
-        for line in self.log_path.read_text().splitlines():
+        for line in self.log_path.read_text().split("\n"):  # not splitlines: U+2028 is data
             if line.startswith("{") and '"request_id"' in line:
                 lines.append(json.loads(line))
         return lines

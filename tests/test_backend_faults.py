@@ -18,7 +18,17 @@ from pathlib import Path
 import anthropic
 import pytest
 import requests
-from fakebackend import EchoReply, FakeBackend, HugeLineReply, RawReply, WireReply
+from fakebackend import (
+    EchoReply,
+    FakeBackend,
+    HugeLineReply,
+    JSONReply,
+    RawReply,
+    StreamReply,
+    WireReply,
+    chunks,
+    error_body,
+)
 from proxyserver import ForwardProxy
 from servers import Gunicorn, ThrowawayCA
 from test_backend_client import gzip_bomb
@@ -166,8 +176,12 @@ def test_a_backend_behind_an_http_proxy(sdk, world):
     assert any("/v1/chat/completions" in line for line in world["proxy"].seen)
 
 
-def answer_then(text: str, stray: bytes, after: float = 0.0) -> WireReply:
-    return WireReply(wire_answer(completion_bytes(text)), then=stray, then_after=after)
+def answer_then(text: str, stray: bytes, after: float | None = None) -> WireReply:
+    """The answer, and a stray response: in the same write, or ``after`` seconds later."""
+    answer = wire_answer(completion_bytes(text))
+    if after is None:
+        return WireReply(answer + stray)
+    return WireReply(answer, then=stray, then_after=after)
 
 
 def ask_for(sdk, text: str) -> str:
@@ -177,7 +191,9 @@ def ask_for(sdk, text: str) -> str:
 
 def test_bytes_after_an_answer_never_reach_another_client(sdk, world):
     """An unrequested second response, written with the first or just after it: urllib3
-    finds it on the connection before reusing it, and the connection is retired."""
+    finds it on the connection before reusing it, and the connection is retired. (The
+    stray carries no X-Request-ID: this backend echoes ids, and a stray without one is
+    refused even when it is not found before reuse.)"""
     plain, text = world["plain"], next(MARKERS)
     stray = wire_answer(completion_bytes("LEAKED"))
     plain.reply(answer_then(text, stray))
@@ -191,8 +207,8 @@ def test_bytes_after_an_answer_never_reach_another_client(sdk, world):
 
 
 def test_a_late_stray_answer_naming_another_request_is_refused(sdk, world):
-    """A stray that arrives only after the next request went out on the connection: if the
-    backend echoes request ids, the stray names another request and is refused."""
+    """A stray that arrives only after the next request went out on the connection: the
+    backend echoes request ids, and the stray names another request, so it is refused."""
     plain, text = world["plain"], next(MARKERS)
     stray = wire_answer(completion_bytes("LEAKED"), extra="X-Request-ID: req_someone_else\r\n")
     plain.reply(answer_then(text, stray, after=0.3))
@@ -252,6 +268,37 @@ def test_a_302_is_a_502_naming_the_backend(sdk, world):
     assert error["type"] == "api_error"
     assert f"backend 127.0.0.1:{world['plain'].port} answered with a redirect" in error["message"]
     serves_the_next_request(sdk)
+
+
+def test_rate_limits_and_overload_go_back_with_retry_after_and_leave_it_healthy(sdk, world):
+    for backend_status, code in ((429, 429), (503, 529)):
+        world["plain"].reply(
+            JSONReply(error_body("later"), status=backend_status, headers={"Retry-After": "7"})
+        )
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            ask(sdk)
+        assert caught.value.status_code == code
+        assert caught.value.response.headers["retry-after"] == "7"
+        serves_the_next_request(sdk)
+    assert status(world)["backends"]["plain"]["breaker"] == "closed"
+
+
+def test_server_errors_and_a_stream_cut_midway_leave_it_serving(sdk, world):
+    plain = world["plain"]
+    plain.reply(JSONReply(error_body("tools param requires --jinja flag", code=500), status=500))
+    with pytest.raises(anthropic.BadRequestError):
+        ask(sdk)
+    plain.reply(JSONReply(error_body("kaput", error_type="server_error"), status=500))
+    with pytest.raises(anthropic.InternalServerError):
+        ask(sdk)
+    plain.reply(StreamReply(chunks(["half", " an", " answer"]), cut_after=2))
+    with pytest.raises(anthropic.APIStatusError, match="before the answer was complete"):
+        ask(sdk, stream=True)
+    plain.reply(RawReply(b"<html>not an answer</html>", headers={"Content-Type": "text/html"}))
+    with pytest.raises(anthropic.APIStatusError, match="neither SSE nor JSON"):
+        ask(sdk, stream=True)
+    for _ in range(3):
+        serves_the_next_request(sdk)
 
 
 def test_afterwards_nothing_is_in_flight(sdk, world):

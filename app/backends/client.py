@@ -280,24 +280,28 @@ class BackendClient:
         raise self._status_error(response, payload)
 
     def _check_echo(self, response: requests.Response, request_id: str) -> None:
-        """Refuse an answer that names another request. A backend that has echoed our
-        ``X-Request-ID`` once (vLLM with ``--enable-request-id-headers``, most proxies) is
-        expected to go on doing so; an answer carrying a different id then is one that
-        was written for someone else, such as a second, unrequested response left on a
-        kept-alive connection, and its connection is closed. (Backends that set ids of
-        their own, as OpenAI's API does, never echo ours, so they are never checked.)"""
+        """Refuse an answer that is not for this request. HTTP/1.1 cannot tell by itself: a
+        second, unrequested response that a backend writes onto a kept-alive connection
+        after the next request went out on it reads as that request's answer. A backend
+        that has echoed our ``X-Request-ID`` once (vLLM with ``--enable-request-id-headers``,
+        most proxies) is expected to go on doing so; from then on a successful answer that
+        names another request, or none, was written for someone else, and its connection
+        is closed. (Backends that set ids of their own, as OpenAI's API does, never echo
+        ours, so they are never checked.)"""
         echoed = response.headers.get("x-request-id")
-        if echoed is None:
-            return
         if echoed == request_id:
             self.echoes_request_ids = True
-        elif self.echoes_request_ids:
-            response.close()
-            log.warning("backend %s answered with another request's X-Request-ID", self.name)
-            raise UpstreamError(
-                f"backend {self.name} sent an answer to another request; its connection is closed",
-                status=502,
-            )
+            return
+        if not self.echoes_request_ids or (echoed is None and response.status_code >= 300):
+            return
+        response.close()
+        log.warning("backend %s answered with another request's X-Request-ID", self.name)
+        raise UpstreamError(
+            f"backend {self.name} sent an answer to another request; its connection is closed",
+            status=502,
+            retryable=True,
+            backend_fault=True,
+        )
 
     def _status_error(
         self, response: requests.Response, payload: dict[str, Any] | None

@@ -341,8 +341,10 @@ def _status(
 
 
 def _process() -> dict[str, int]:
-    """What a leak would show first: open file descriptors and live greenlets (counted by
-    walking the heap, which is fine for an admin endpoint and nowhere else)."""
+    """What a leak would show first: open file descriptors and live greenlets (found by a
+    collection and a walk of the heap, which is fine for an admin endpoint and nowhere else;
+    the hub and the objects frozen at start are not among them)."""
     fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
-    greenlets = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet))
-    return {"open_fds": fds, "greenlets": greenlets}
+    gc.collect()
+    live = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead)
+    return {"open_fds": fds, "greenlets": live}

@@ -40,6 +40,9 @@ def deadline(seconds: float, error: GatewayError) -> Iterator[None]:
         yield
 
 
+READ = 1  # libev's EV_READ, the event gevent's own sockets watch for
+
+
 @contextlib.contextmanager
 def client_watch(environ: Mapping[str, Any]) -> Iterator[None]:
     """While the block runs (the backend is working, nothing has been sent to the client),
@@ -49,23 +52,45 @@ def client_watch(environ: Mapping[str, Any]) -> Iterator[None]:
     the gateway); without it, a backend keeps generating for an absent client until its
     answer is complete or ``read_timeout`` (600 s) runs out. A client that pipelines its next
     request instead is left alone: its connection is readable, but not closed.
+
+    An event-loop watcher on the client's socket does the watching (a few microseconds a
+    request); only when it fires does a greenlet look at what arrived.
     """
     sock = environ.get("gunicorn.socket")
     if sock is None or isinstance(sock, ssl.SSLSocket) or not patched():
         yield
         return
-    watcher = gevent.spawn(_watch, sock, gevent.getcurrent())
+    watch = _Watch(sock, gevent.getcurrent())
     try:
         yield
     finally:
-        watcher.kill(block=False)
+        watch.stop()
 
 
-def _watch(sock: Any, request: Any) -> None:
-    try:
-        gevent.socket.wait_read(sock.fileno())
-        if sock.recv(1, socket.MSG_PEEK):
-            return  # a pipelined request, not a hang-up
-    except (OSError, ValueError):
-        pass  # reset or closed under us: gone as well
-    request.kill(ClientGone(), block=False)
+class _Watch:
+    __slots__ = ("sock", "request", "watcher", "active")
+
+    def __init__(self, sock: Any, request: Any) -> None:
+        self.sock = sock
+        self.request = request
+        self.active = True
+        self.watcher = gevent.get_hub().loop.io(sock.fileno(), READ)
+        self.watcher.start(self._readable)
+
+    def _readable(self) -> None:
+        self.watcher.stop()  # one look is enough
+        gevent.spawn(self._look)
+
+    def _look(self) -> None:
+        try:
+            if self.sock.recv(1, socket.MSG_PEEK):
+                return  # a pipelined request, not a hang-up
+        except (OSError, ValueError):
+            pass  # reset or closed under us: gone as well
+        if self.active:
+            self.request.kill(ClientGone(), block=False)
+
+    def stop(self) -> None:
+        self.active = False
+        self.watcher.stop()
+        self.watcher.close()

@@ -19,6 +19,7 @@ import zlib
 from collections.abc import Callable
 
 import pytest
+from proxyserver import ForwardProxy
 from servers import ThrowawayCA
 
 from app.backends.client import BackendClient
@@ -471,29 +472,21 @@ def test_passthrough_header_values_that_would_split_the_head_are_refused(server)
     assert srv.requests == []
 
 
-def test_a_streamed_body_is_handed_over_as_it_arrives(server):
+@pytest.mark.parametrize(
+    ("head", "first", "second"),
+    [
+        (b"Transfer-Encoding: chunked\r\n", b"5\r\nfirst\r\n", b"6\r\nsecond\r\n0\r\n\r\n"),
+        (b"", b"first", b"second"),  # no framing: the body ends when the connection does
+    ],
+    ids=["chunked", "close_delimited"],
+)
+def test_a_streamed_body_is_handed_over_as_it_arrives(server, head, first, second):
     def handler(conn, srv):
         read_request(conn)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")  # fmt: skip
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + head + b"\r\n")
+        conn.sendall(first)
         time.sleep(0.3)
-        conn.sendall(b"6\r\nsecond\r\n0\r\n\r\n")
-
-    srv = server(handler)
-    client = client_for(srv)
-    response = client.open_stream({"model": "m"}, "req_test0001")
-    started = time.monotonic()
-    seen = [(piece, time.monotonic() - started < 0.2) for piece in client.chunks(response)]
-    response.close()
-    assert seen == [(b"first", True), (b"second", False)]
-
-
-def test_a_close_delimited_stream_is_handed_over_as_it_arrives(server):
-    def handler(conn, srv):
-        read_request(conn)
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\nfirst")
-        time.sleep(0.3)
-        conn.sendall(b"second")
+        conn.sendall(second)
 
     srv = server(handler)
     client = client_for(srv)
@@ -590,33 +583,10 @@ def test_mutual_tls_with_the_configured_client_certificate(server, ca):
 
 def test_https_through_a_proxy_tunnels_with_connect(server, ca):
     backend = server(serving(lambda n: OK), wrap=tls_server_context(ca))
-    seen: list[bytes] = []
-
-    def proxy(conn, srv):
-        request = read_request(conn)
-        seen.append(request)
-        upstream = socket.create_connection(("127.0.0.1", backend.port))
-        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        pipe = threading.Thread(target=_copy, args=(upstream, conn), daemon=True)
-        pipe.start()
-        _copy(conn, upstream)
-
-    proxy_server = server(proxy)
-    client = make_client(
-        f"https://localhost:{backend.port}/v1",
-        proxy=f"http://127.0.0.1:{proxy_server.port}",
-        ca_bundle=str(ca.cert),
-    )
-    assert complete(client) == {"ok": True}
-    assert seen[0].startswith(f"CONNECT localhost:{backend.port} HTTP/1.".encode())
+    with ForwardProxy() as proxy:
+        client = make_client(
+            f"https://localhost:{backend.port}/v1", proxy=proxy.url, ca_bundle=str(ca.cert)
+        )
+        assert complete(client) == {"ok": True}
+    assert proxy.seen[0].startswith(f"CONNECT localhost:{backend.port} HTTP/1.")
     assert b"POST /v1/chat/completions" in backend.requests[0]
-
-
-def _copy(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-    except OSError:
-        pass
-    finally:
-        sink.close()

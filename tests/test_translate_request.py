@@ -1099,3 +1099,23 @@ def test_a_call_without_result_gets_a_placeholder_result() -> None:
 def test_tool_result_without_matching_tool_use_is_refused(messages: list[dict]) -> None:
     message = rejection(body(messages=messages))
     assert "tool_use_id" in message and "does not answer" in message
+
+
+def _nested(levels: int) -> dict:
+    """An input_schema ``levels`` deep (the schema itself is level 1)."""
+    schema: dict = {}
+    inner = schema
+    for _ in range(levels - 1):
+        inner["items"] = {}
+        inner = inner["items"]
+    return schema
+
+
+def test_nesting_up_to_the_limit_is_accepted_and_beyond_it_named() -> None:
+    from app.translate.request import MAX_NESTING, check_request
+
+    ok = body(tools=[{"name": "t", "input_schema": _nested(MAX_NESTING - 3)}])
+    check_request(ok)  # body -> tools -> tool -> schema: three levels above the schema
+    deep = body(tools=[{"name": "t", "input_schema": _nested(MAX_NESTING - 2)}])
+    assert rejection(deep).startswith("tools.0.input_schema.items.items")
+    assert rejection(deep).endswith(f"nests deeper than {MAX_NESTING} levels")

@@ -126,17 +126,8 @@ def check_nesting(body: Any, limit: int = MAX_NESTING) -> None:
     """Refuse a body nested deeper than ``limit``, naming where. Walked a level at a time
     (one comprehension per level, about 100 µs for a 60 KB Claude Code request), so the
     usual shallow body costs little and a deep one is found without recursion."""
-    level = [body] if type(body) in _CONTAINERS else []
-    for _ in range(limit):
-        level = [
-            v
-            for c in level
-            for v in (c.values() if type(c) is dict else c)
-            if type(v) in _CONTAINERS
-        ]
-        if not level:
-            return
-    raise field_error(_deep_path(body, limit), f"nests deeper than {limit} levels")
+    if _depth_at_least(body, limit):
+        raise field_error(_deep_path(body, limit), f"nests deeper than {limit} levels")
 
 
 def _deep_path(body: Any, limit: int) -> str:
@@ -154,7 +145,8 @@ def _deep_path(body: Any, limit: int) -> str:
 
 
 def _depth_at_least(value: Any, levels: int) -> bool:
-    level = [value]
+    """Whether containers nest ``levels`` levels below ``value`` (the walk of check_nesting)."""
+    level = [value] if type(value) in _CONTAINERS else []
     for _ in range(levels):
         level = [
             v

@@ -33,6 +33,7 @@ class Gunicorn:
             "GATEWAY_BIND": f"127.0.0.1:{self.port}",
             "GATEWAY_WORKERS": "1",
             "GATEWAY_GRACEFUL_TIMEOUT": "5",
+            "GATEWAY_STATE_DIR": str(log_path.with_suffix(".state")),
             **env,
         }
         self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
@@ -123,3 +124,49 @@ class ThrowawayCA:
 
 def _openssl(*args: object) -> None:
     subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, with no persistence, for one test module
+    (CI installs redis-server; locally the tests that need it skip without it)."""
+
+    def __init__(self, directory: Path) -> None:
+        import shutil
+
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.directory = directory
+        self.command = [
+            binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(directory), "--protected-mode", "yes",
+        ]  # fmt: skip
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.process = None
+
+
+def redis_available() -> bool:
+    import shutil
+
+    return shutil.which("redis-server") is not None or Path("/usr/bin/redis-server").exists()

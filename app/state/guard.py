@@ -1,0 +1,133 @@
+"""The store as the gateway uses it: what a request gets when the store cannot answer, and how
+the gateway finds its way back to it.
+
+``on_failure = "open"`` (the default) lets requests through unlimited and drops their usage
+records, with a warning in the log every ``WARN_EVERY`` seconds while it lasts; ``"closed"``
+refuses them with a 503 ``overloaded_error``. Either way the worker never crashes over it: the
+store is opened lazily (a Redis that is down when the gateway starts is found later), and after a
+failure it is left alone for ``HOLD_OFF`` seconds, then asked again, so the gateway recovers by
+itself when the store returns, without hammering it while it is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from app.errors import Overloaded
+from app.state.store import (
+    THREAD_NOT_FOUND,
+    Ask,
+    Settlement,
+    Store,
+    StoreUnavailable,
+    UsageRow,
+    Verdict,
+)
+
+log = logging.getLogger("gateway")
+T = TypeVar("T")
+HOLD_OFF = 1.0
+WARN_EVERY = 10.0
+ON_FAILURE = ("open", "closed")
+
+
+class GuardedStore:
+    def __init__(
+        self,
+        opener: Callable[[], Store],
+        on_failure: str = "open",
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.opener = opener
+        self.on_failure = on_failure
+        self.clock = clock
+        self.on_change = on_change  # told when the store goes (False) and comes back (True)
+        self.store: Store | None = None
+        self.down_until = 0.0
+        self.warned_at = -WARN_EVERY
+        self.up = True
+
+    def admit(self, ask: Ask) -> Verdict:
+        return self._call(lambda s: s.admit(ask), lambda: Verdict(admitted=True))
+
+    def settle(self, settlement: Settlement) -> None:
+        # Never refused: the request is over. Lost, its lease expires by itself (lease_ttl).
+        self._call(lambda s: s.settle(settlement), lambda: None, refuse=False)
+
+    def usage(self, since: str, until: str, key: str | None, model: str | None) -> list[UsageRow]:
+        """For the admin view and the report: an unreachable store is an error there."""
+        return self._call(lambda s: s.usage(since, until, key, model), None)
+
+    def in_flight(self, keys: list[str]) -> dict[str, int]:
+        return self._call(lambda s: s.in_flight(keys), None)
+
+    def put_thread(self, thread_id: str, owner: str, body: bytes, ttl: float) -> None:
+        self._call(lambda s: s.put_thread(thread_id, owner, body, ttl), lambda: None, refuse=False)
+
+    def claim_thread(self, thread_id: str, owner: str, hold: float) -> tuple[str, bytes | None]:
+        # Failing open, a thread that cannot be read is a lost one: the SDK replays it whole.
+        return self._call(
+            lambda s: s.claim_thread(thread_id, owner, hold), lambda: (THREAD_NOT_FOUND, None)
+        )
+
+    def finish_thread(
+        self, previous_id: str, thread_id: str, owner: str, body: bytes, ttl: float
+    ) -> None:
+        self._call(
+            lambda s: s.finish_thread(previous_id, thread_id, owner, body, ttl),
+            lambda: None,
+            refuse=False,
+        )
+
+    def release_thread(self, thread_id: str) -> None:
+        self._call(lambda s: s.release_thread(thread_id), lambda: None, refuse=False)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+
+    def _call(
+        self, work: Callable[[Store], T], fallback: Callable[[], T] | None, refuse: bool = True
+    ) -> T:
+        """``work`` on the store; if it cannot answer, ``fallback`` (None: an error), unless
+        the store fails closed and ``refuse`` says this call lets a request in."""
+        now = self.clock()
+        try:
+            if now < self.down_until:
+                raise StoreUnavailable("the state store failed a moment ago")
+            if self.store is None:
+                self.store = self.opener()
+            result = work(self.store)
+        except StoreUnavailable as exc:
+            return self._failed(exc, now, fallback, refuse)
+        if not self.up:
+            self.up = True
+            log.warning("state store is back")
+            if self.on_change:
+                self.on_change(True)
+        return result
+
+    def _failed(
+        self, exc: StoreUnavailable, now: float, fallback: Callable[[], T] | None, refuse: bool
+    ) -> T:
+        if now >= self.down_until:
+            self.down_until = now + HOLD_OFF
+        if self.up:
+            self.up = False
+            if self.on_change:
+                self.on_change(False)
+        if now - self.warned_at >= WARN_EVERY:
+            self.warned_at = now
+            how = "letting requests through unlimited" if self.on_failure == "open" else "refusing"
+            log.error("state store unavailable, %s: %s", how, exc)
+        if fallback is None or (refuse and self.on_failure == "closed"):
+            raise Overloaded(
+                "the gateway's state store is unavailable; try again shortly",
+                status=503,
+                headers={"retry-after": "1"},
+            )
+        return fallback()

@@ -1,0 +1,297 @@
+"""The embedded engine: one SQLite file in the state directory, shared by every worker on the
+host.
+
+WAL mode lets readers work beside the one writer; every operation is one short ``BEGIN
+IMMEDIATE`` transaction, so two workers admitting for the same key see each other's writes in
+order. SQLite's own busy handler would sleep inside the C library and stall a gevent worker's
+whole event loop, so the busy timeout is zero and a locked database is waited for here, with
+``time.sleep`` (gevent's, in a worker), for at most ``LOCK_WAIT`` seconds in all.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from app.state.store import (
+    THREAD_ALREADY_CONTINUED,
+    THREAD_FOUND,
+    THREAD_IN_FLIGHT,
+    THREAD_NOT_FOUND,
+    Ask,
+    Settlement,
+    Store,
+    StoreUnavailable,
+    UsageRow,
+    Verdict,
+    budget_standing,
+    standing,
+    take,
+)
+
+T = TypeVar("T")
+FILE = "gateway.sqlite3"
+LOCK_WAIT = 2.0
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS buckets (
+    key TEXT NOT NULL, name TEXT NOT NULL, tat REAL NOT NULL, PRIMARY KEY (key, name));
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY, key TEXT NOT NULL, expires REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS leases_by_key ON leases (key, expires);
+CREATE TABLE IF NOT EXISTS budgets (
+    key TEXT NOT NULL, period TEXT NOT NULL, used INTEGER NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (key, period));
+CREATE TABLE IF NOT EXISTS usage (
+    day TEXT NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0, cached_tokens INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, key, model));
+CREATE TABLE IF NOT EXISTS threads (
+    id TEXT PRIMARY KEY, owner TEXT NOT NULL, body BLOB NOT NULL, expires REAL NOT NULL,
+    continued INTEGER NOT NULL DEFAULT 0, claimed_until REAL NOT NULL DEFAULT 0);
+"""
+
+
+class SQLiteStore(Store):
+    def __init__(self, directory: str, clock: Callable[[], float] = time.time) -> None:
+        self.path = os.path.join(directory, FILE)
+        self.clock = clock
+        self.lock = threading.Lock()  # one connection per process; gevent's lock in a worker
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self.db = sqlite3.connect(
+                self.path, timeout=0, isolation_level=None, check_same_thread=False
+            )
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._retry(lambda: self.db.executescript(SCHEMA))
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"cannot open the state store {self.path}: {exc}") from None
+
+    # --- limits -----------------------------------------------------------------------------
+
+    def admit(self, ask: Ask) -> Verdict:
+        return self._transaction(lambda db: self._admit(db, ask, self.clock()))
+
+    def _admit(self, db: sqlite3.Connection, ask: Ask, now: float) -> Verdict:
+        verdict = Verdict(admitted=True)
+        updates: list[tuple[str, float]] = []
+        for bucket, cost in ask.takes:
+            row = db.execute(
+                "SELECT tat FROM buckets WHERE key = ? AND name = ?", (ask.key, bucket.name)
+            ).fetchone()
+            tat = row[0] if row else 0.0
+            new, wait = take(tat, now, bucket, cost)
+            verdict.standing[bucket.name] = standing(new if new is not None else tat, now, bucket)
+            if new is None:
+                return _refused(verdict, bucket.name, wait)
+            updates.append((bucket.name, new))
+        if ask.spends:
+            db.execute("DELETE FROM budgets WHERE key = ? AND expires <= ?", (ask.key, now))
+        for budget, cost in ask.spends:
+            row = db.execute(
+                "SELECT used FROM budgets WHERE key = ? AND period = ?", (ask.key, budget.period)
+            ).fetchone()
+            used = row[0] if row else 0
+            if used + cost > budget.limit:
+                verdict.standing[budget.name] = budget_standing(budget, used)
+                wait = None if cost > budget.limit else budget.ends_in
+                return _refused(verdict, budget.name, wait)
+            verdict.standing[budget.name] = budget_standing(budget, used + cost)
+        if ask.max_concurrent:
+            db.execute("DELETE FROM leases WHERE key = ? AND expires <= ?", (ask.key, now))
+            (held,) = db.execute("SELECT COUNT(*) FROM leases WHERE key = ?", (ask.key,)).fetchone()
+            if held >= ask.max_concurrent:
+                return _refused(verdict, "concurrent", 1.0)
+            verdict.lease = secrets.token_hex(8)
+            db.execute(
+                "INSERT INTO leases (id, key, expires) VALUES (?, ?, ?)",
+                (verdict.lease, ask.key, now + ask.lease_ttl),
+            )
+        for name, tat in updates:
+            db.execute(
+                "INSERT INTO buckets (key, name, tat) VALUES (?, ?, ?) "
+                "ON CONFLICT (key, name) DO UPDATE SET tat = excluded.tat",
+                (ask.key, name, tat),
+            )
+        for budget, cost in ask.spends:
+            _add_to_budget(db, ask.key, budget.period, cost, now + budget.keep)
+        return verdict
+
+    def settle(self, settlement: Settlement) -> None:
+        self._transaction(lambda db: self._settle(db, settlement, self.clock()))
+
+    def _settle(self, db: sqlite3.Connection, settlement: Settlement, now: float) -> None:
+        key = settlement.key
+        if settlement.lease is not None:
+            db.execute("DELETE FROM leases WHERE id = ?", (settlement.lease,))
+        for bucket, units in settlement.corrections:
+            # Give back (or take more of) what the admission reserved: ``tat`` moves by it,
+            # from now if the bucket has been whole again since.
+            db.execute(
+                "UPDATE buckets SET tat = MAX(tat, ?) - ? WHERE key = ? AND name = ?",
+                (now, units * bucket.per, key, bucket.name),
+            )
+        for budget, tokens in settlement.budget_corrections:
+            _add_to_budget(db, key, budget.period, tokens, now + budget.keep)
+        usage = settlement.usage
+        if usage is not None:
+            db.execute(
+                "INSERT INTO usage (day, key, model, requests, input_tokens, output_tokens, "
+                "cached_tokens, errors) VALUES (?, ?, ?, 1, ?, ?, ?, ?) "
+                "ON CONFLICT (day, key, model) DO UPDATE SET requests = requests + 1, "
+                "input_tokens = input_tokens + excluded.input_tokens, "
+                "output_tokens = output_tokens + excluded.output_tokens, "
+                "cached_tokens = cached_tokens + excluded.cached_tokens, "
+                "errors = errors + excluded.errors",
+                (
+                    usage.day,
+                    usage.key,
+                    usage.model,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    usage.cached_tokens,
+                    int(usage.error),
+                ),
+            )
+
+    def usage(self, since: str, until: str, key: str | None, model: str | None) -> list[UsageRow]:
+        query = "SELECT * FROM usage WHERE day >= ? AND day <= ?"
+        args: list[Any] = [since, until]
+        if key is not None:
+            query += " AND key = ?"
+            args.append(key)
+        if model is not None:
+            query += " AND model = ?"
+            args.append(model)
+        query += " ORDER BY day, key, model"
+        rows = self._locked(lambda: self.db.execute(query, args).fetchall())
+        return [UsageRow(*row) for row in rows]
+
+    def in_flight(self, keys: list[str]) -> dict[str, int]:
+        now = self.clock()
+        query = "SELECT key, COUNT(*) FROM leases WHERE expires > ? GROUP BY key"
+        found = dict(self._locked(lambda: self.db.execute(query, (now,)).fetchall()))
+        return {key: found.get(key, 0) for key in keys}
+
+    # --- threads ----------------------------------------------------------------------------
+
+    def put_thread(self, thread_id: str, owner: str, body: bytes, ttl: float) -> None:
+        now = self.clock()
+
+        def put(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM threads WHERE expires <= ?", (now,))
+            _insert_thread(db, thread_id, owner, body, now + ttl)
+
+        self._transaction(put)
+
+    def claim_thread(self, thread_id: str, owner: str, hold: float) -> tuple[str, bytes | None]:
+        now = self.clock()
+
+        def claim(db: sqlite3.Connection) -> tuple[str, bytes | None]:
+            row = db.execute(
+                "SELECT owner, body, expires, continued, claimed_until FROM threads WHERE id = ?",
+                (thread_id,),
+            ).fetchone()
+            if row is None or row[0] != owner or row[2] <= now:
+                return THREAD_NOT_FOUND, None
+            if row[3]:
+                return THREAD_ALREADY_CONTINUED, None
+            if row[4] > now:
+                return THREAD_IN_FLIGHT, None
+            db.execute("UPDATE threads SET claimed_until = ? WHERE id = ?", (now + hold, thread_id))
+            return THREAD_FOUND, bytes(row[1])
+
+        return self._transaction(claim)
+
+    def finish_thread(
+        self, previous_id: str, thread_id: str, owner: str, body: bytes, ttl: float
+    ) -> None:
+        now = self.clock()
+
+        def finish(db: sqlite3.Connection) -> None:
+            db.execute(
+                "UPDATE threads SET continued = 1, claimed_until = 0 WHERE id = ?", (previous_id,)
+            )
+            _insert_thread(db, thread_id, owner, body, now + ttl)
+
+        self._transaction(finish)
+
+    def release_thread(self, thread_id: str) -> None:
+        self._transaction(
+            lambda db: db.execute("UPDATE threads SET claimed_until = 0 WHERE id = ?", (thread_id,))
+        )
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        self._locked(lambda: self.db.execute("SELECT 1").fetchone())
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        def run() -> T:
+            with self._begun():
+                return work(self.db)
+
+        return self._locked(run)
+
+    @contextmanager
+    def _begun(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _locked(self, work: Callable[[], T]) -> T:
+        with self.lock:
+            return self._retry(work)
+
+    def _retry(self, work: Callable[[], T]) -> T:
+        """Run ``work``, waiting (cooperatively) while another process holds the write lock."""
+        deadline = time.monotonic() + LOCK_WAIT
+        pause = 0.0005
+        while True:
+            try:
+                return work()
+            except sqlite3.OperationalError as exc:
+                locked = "locked" in str(exc) or "busy" in str(exc)
+                if not locked or time.monotonic() > deadline:
+                    raise StoreUnavailable(f"state store {self.path}: {exc}") from None
+            except sqlite3.Error as exc:
+                raise StoreUnavailable(f"state store {self.path}: {exc}") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+
+def _refused(verdict: Verdict, name: str, wait: float | None) -> Verdict:
+    verdict.admitted = False
+    verdict.refused = name
+    verdict.retry_after = None if wait is None or wait == float("inf") else wait
+    return verdict
+
+
+def _add_to_budget(db: sqlite3.Connection, key: str, period: str, tokens: int, expires: float):
+    db.execute(
+        "INSERT INTO budgets (key, period, used, expires) VALUES (?, ?, MAX(?, 0), ?) "
+        "ON CONFLICT (key, period) DO UPDATE SET used = MAX(used + ?, 0), expires = ?",
+        (key, period, tokens, expires, tokens, expires),
+    )
+
+
+def _insert_thread(db: sqlite3.Connection, thread_id: str, owner: str, body: bytes, expires: float):
+    db.execute(
+        "INSERT OR REPLACE INTO threads (id, owner, body, expires) VALUES (?, ?, ?, ?)",
+        (thread_id, owner, body, expires),
+    )

@@ -1,0 +1,192 @@
+"""The state every worker and host shares: what a store does, and what it is asked.
+
+Two engines implement it: SQLite in a state directory (the embedded default: every worker on
+the host shares one file, in WAL mode) and Redis (several hosts behind one load balancer). Each
+operation is one round trip and atomic: admission checks every limit of a key and takes what
+the request needs, or nothing; settlement gives back what was reserved and too much, takes what
+was too little, releases the request's slot and adds its usage.
+
+The limits are kept as GCRA buckets (the generic cell rate algorithm: a token bucket kept as one
+number, the theoretical arrival time ``tat`` of the next unit if the key used its rate exactly).
+A request of ``cost`` units at ``now`` fits when ``max(tat, now) + cost * per - now`` is within
+the bucket's capacity (``capacity * per`` seconds); taking it moves ``tat`` on by ``cost * per``.
+A rested key may spend its whole capacity at once, then ``1 / per`` units a second.
+
+The engines share this module's arithmetic where they can (SQLite runs it in the transaction;
+Redis runs the same steps in Lua), and one test suite runs against both.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+EPSILON = 1e-9
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A GCRA bucket of one key: ``per`` seconds per unit, ``capacity`` units at most."""
+
+    name: str  # "requests", "input_tokens" or "output_tokens"
+    per: float
+    capacity: float
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A key's token allowance for one calendar period (UTC): ``period`` names it."""
+
+    name: str  # "tokens_per_day" or "tokens_per_month"
+    period: str  # "2026-12-01" or "2026-12"
+    limit: int
+    ends_in: float  # seconds until the period ends (its count is kept a day longer)
+
+    @property
+    def keep(self) -> float:
+        return self.ends_in + 86400.0
+
+
+@dataclass
+class Ask:
+    """What a request needs of its key's limits."""
+
+    key: str
+    takes: list[tuple[Bucket, float]] = field(default_factory=list)
+    spends: list[tuple[Budget, int]] = field(default_factory=list)
+    max_concurrent: int = 0
+    lease_ttl: float = 900.0
+
+
+@dataclass
+class Standing:
+    """A bucket's or budget's state as the key sees it after the admission."""
+
+    limit: float
+    remaining: float
+    reset: float  # seconds until it is whole again (for a budget: until the period ends)
+
+
+@dataclass
+class Verdict:
+    admitted: bool
+    lease: str | None = None
+    refused: str | None = None  # the limit that refused: a bucket's or budget's name, "concurrent"
+    retry_after: float | None = None  # None: waiting will never help (the cost exceeds the limit)
+    standing: dict[str, Standing] = field(default_factory=dict)
+
+
+@dataclass
+class Usage:
+    """One request's use, for the key × model × day record."""
+
+    day: str
+    key: str
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    error: bool = False
+
+
+@dataclass
+class Settlement:
+    """The end of a request: its slot back, its reservations corrected, its usage added."""
+
+    key: str
+    lease: str | None
+    # Units given back to a bucket (+) or taken more (-); tokens more (+) or fewer (-) spent.
+    corrections: list[tuple[Bucket, float]] = field(default_factory=list)
+    budget_corrections: list[tuple[Budget, int]] = field(default_factory=list)
+    usage: Usage | None = None
+
+
+@dataclass
+class UsageRow:
+    day: str
+    key: str
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    errors: int
+
+
+# What continuing a stored thread can find (the SDK reacts to these error codes).
+THREAD_FOUND = "found"
+THREAD_NOT_FOUND = "thread_not_found"
+THREAD_ALREADY_CONTINUED = "thread_already_continued"
+THREAD_IN_FLIGHT = "thread_continue_in_flight"
+
+
+class Store(ABC):
+    """One engine. Every method is one round trip; each raises ``StoreUnavailable`` when the
+    store cannot answer."""
+
+    @abstractmethod
+    def admit(self, ask: Ask) -> Verdict: ...
+
+    @abstractmethod
+    def settle(self, settlement: Settlement) -> None: ...
+
+    @abstractmethod
+    def usage(self, since: str, until: str, key: str | None, model: str | None) -> list[UsageRow]:
+        """Usage records for the days ``since`` to ``until`` (ISO dates, both included)."""
+
+    @abstractmethod
+    def in_flight(self, keys: list[str]) -> dict[str, int]:
+        """The requests each key has in flight (live leases), for the admin view."""
+
+    @abstractmethod
+    def put_thread(self, thread_id: str, owner: str, body: bytes, ttl: float) -> None:
+        """Keep a conversation under the id of its last reply."""
+
+    @abstractmethod
+    def claim_thread(self, thread_id: str, owner: str, hold: float) -> tuple[str, bytes | None]:
+        """Take a stored conversation to continue it: ``THREAD_FOUND`` and its body, or why
+        not. A claim keeps other continues of it out for ``hold`` seconds, or until
+        ``finish_thread`` or ``release_thread``."""
+
+    @abstractmethod
+    def finish_thread(
+        self, previous_id: str, thread_id: str, owner: str, body: bytes, ttl: float
+    ) -> None:
+        """The continue succeeded: keep the longer conversation, and mark the one it continued
+        as continued (a second continue of it is refused)."""
+
+    @abstractmethod
+    def release_thread(self, thread_id: str) -> None:
+        """The continue failed: its conversation may be continued again."""
+
+    @abstractmethod
+    def ping(self) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def take(tat: float, now: float, bucket: Bucket, cost: float) -> tuple[float | None, float]:
+    """GCRA: the bucket's new ``tat`` if ``cost`` fits (else None), and the seconds to wait
+    until it would fit (infinite if it never can)."""
+    if cost > bucket.capacity + EPSILON:
+        return None, float("inf")
+    new = max(tat, now) + cost * bucket.per
+    over = new - now - bucket.capacity * bucket.per
+    if over > EPSILON:
+        return None, over
+    return new, 0.0
+
+
+def standing(tat: float, now: float, bucket: Bucket) -> Standing:
+    backlog = max(tat - now, 0.0)
+    remaining = max(bucket.capacity - backlog / bucket.per, 0.0)
+    return Standing(bucket.capacity, remaining, backlog)
+
+
+def budget_standing(budget: Budget, used: int) -> Standing:
+    return Standing(budget.limit, max(budget.limit - used, 0), budget.ends_in)

@@ -1,0 +1,183 @@
+"""The state store's two engines, against the same expectations: SQLite in a temporary state
+directory, and a real redis-server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from servers import RedisServer, redis_available
+
+from app.state.redis_store import RedisStore
+from app.state.sqlite_store import SQLiteStore
+from app.state.store import (
+    THREAD_ALREADY_CONTINUED,
+    THREAD_FOUND,
+    THREAD_IN_FLIGHT,
+    THREAD_NOT_FOUND,
+    Ask,
+    Bucket,
+    Budget,
+    Settlement,
+    Store,
+    Usage,
+)
+
+REQUESTS = Bucket("requests", per=0.5, capacity=3)  # 120 a minute, three at once
+TOKENS = Bucket("output_tokens", per=60 / 6000, capacity=6000)  # 6000 a minute
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    if not redis_available():
+        pytest.skip("redis-server is not installed (apt-get install redis-server); CI runs these")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        engine: Store = SQLiteStore(str(tmp_path))
+    else:
+        server = request.getfixturevalue("redis_server")
+        engine = RedisStore(server.url, prefix=f"test:{time.monotonic_ns()}:")
+    yield engine
+    engine.close()
+
+
+def test_a_rested_key_gets_its_burst_then_waits(store):
+    for _ in range(3):
+        assert store.admit(Ask("k", takes=[(REQUESTS, 1)])).admitted
+    refused = store.admit(Ask("k", takes=[(REQUESTS, 1)]))
+    assert not refused.admitted and refused.refused == "requests"
+    assert 0 < refused.retry_after <= 0.5
+    time.sleep(refused.retry_after + 0.02)
+    assert store.admit(Ask("k", takes=[(REQUESTS, 1)])).admitted
+
+
+def test_keys_are_apart(store):
+    for _ in range(3):
+        store.admit(Ask("a", takes=[(REQUESTS, 1)]))
+    assert not store.admit(Ask("a", takes=[(REQUESTS, 1)])).admitted
+    assert store.admit(Ask("b", takes=[(REQUESTS, 1)])).admitted
+
+
+def test_the_standing_says_what_is_left_and_when_it_is_whole(store):
+    verdict = store.admit(Ask("k", takes=[(REQUESTS, 1), (TOKENS, 1500)]))
+    assert verdict.standing["requests"].remaining == pytest.approx(2, abs=0.01)
+    assert verdict.standing["requests"].reset == pytest.approx(0.5, abs=0.05)
+    assert verdict.standing["output_tokens"].remaining == pytest.approx(4500, abs=5)
+    assert verdict.standing["output_tokens"].limit == 6000
+
+
+def test_a_refusal_takes_nothing_from_any_limit(store):
+    assert store.admit(Ask("k", takes=[(TOKENS, 5000)])).admitted
+    refused = store.admit(Ask("k", takes=[(REQUESTS, 1), (TOKENS, 2000)]))
+    assert refused.refused == "output_tokens"
+    assert store.admit(Ask("k", takes=[(REQUESTS, 1)] * 1)).standing["requests"].remaining == (
+        pytest.approx(2, abs=0.01)
+    )
+
+
+def test_a_cost_over_the_capacity_can_never_fit(store):
+    refused = store.admit(Ask("k", takes=[(TOKENS, 6001)]))
+    assert refused.refused == "output_tokens" and refused.retry_after is None
+
+
+def test_settling_gives_back_what_was_reserved_too_much(store):
+    assert store.admit(Ask("k", takes=[(TOKENS, 6000)])).admitted  # max_tokens reserved
+    assert not store.admit(Ask("k", takes=[(TOKENS, 100)])).admitted
+    store.settle(Settlement("k", None, corrections=[(TOKENS, 5900)]))  # only 100 were used
+    verdict = store.admit(Ask("k", takes=[(TOKENS, 100)]))
+    assert verdict.admitted
+    assert verdict.standing["output_tokens"].remaining == pytest.approx(5800, abs=10)
+
+
+def test_settling_takes_what_was_reserved_too_little(store):
+    assert store.admit(Ask("k", takes=[(TOKENS, 100)])).admitted
+    store.settle(Settlement("k", None, corrections=[(TOKENS, -5800)]))  # 5900 were used
+    refused = store.admit(Ask("k", takes=[(TOKENS, 200)]))
+    assert refused.refused == "output_tokens"
+
+
+def test_concurrency_holds_a_slot_until_settled(store):
+    first = store.admit(Ask("k", max_concurrent=1))
+    assert first.admitted and first.lease
+    refused = store.admit(Ask("k", max_concurrent=1))
+    assert refused.refused == "concurrent"
+    assert store.in_flight(["k", "other"]) == {"k": 1, "other": 0}
+    store.settle(Settlement("k", first.lease))
+    assert store.in_flight(["k"]) == {"k": 0}
+    assert store.admit(Ask("k", max_concurrent=1)).admitted
+
+
+def test_a_lease_left_behind_expires(store):
+    assert store.admit(Ask("k", max_concurrent=1, lease_ttl=0.2)).admitted
+    assert not store.admit(Ask("k", max_concurrent=1)).admitted
+    time.sleep(0.3)  # the worker holding it died: its slot comes back by itself
+    assert store.admit(Ask("k", max_concurrent=1)).admitted
+
+
+def test_a_budget_admits_until_spent_and_is_corrected_at_the_end(store):
+    day = Budget("tokens_per_day", "2026-12-01", limit=1000, ends_in=3600)
+    assert store.admit(Ask("k", spends=[(day, 800)])).admitted
+    refused = store.admit(Ask("k", spends=[(day, 300)]))
+    assert refused.refused == "tokens_per_day" and refused.retry_after == 3600
+    store.settle(Settlement("k", None, budget_corrections=[(day, -500)]))  # 300 used, not 800
+    verdict = store.admit(Ask("k", spends=[(day, 300)]))
+    assert verdict.admitted and verdict.standing["tokens_per_day"].remaining == 400
+    other_day = Budget("tokens_per_day", "2026-12-02", limit=1000, ends_in=7200)
+    assert store.admit(Ask("k", spends=[(other_day, 1000)])).admitted
+
+
+def test_usage_adds_up_per_key_model_and_day(store):
+    for key, model, tokens, error in [
+        ("alice", "m1", (10, 5, 2), False),
+        ("alice", "m1", (20, 7, 0), True),
+        ("alice", "m2", (1, 1, 0), False),
+        ("bob", "m1", (3, 4, 1), False),
+    ]:
+        usage = Usage("2026-12-01", key, model, *tokens, error=error)
+        store.settle(Settlement(key, None, usage=usage))
+    store.settle(Settlement("alice", None, usage=Usage("2026-11-30", "alice", "m1", 9, 9, 9)))
+    rows = store.usage("2026-12-01", "2026-12-01", None, None)
+    table = {
+        (r.key, r.model): (r.requests, r.input_tokens, r.output_tokens, r.cached_tokens, r.errors)
+        for r in rows
+    }
+    assert table == {
+        ("alice", "m1"): (2, 30, 12, 2, 1),
+        ("alice", "m2"): (1, 1, 1, 0, 0),
+        ("bob", "m1"): (1, 3, 4, 1, 0),
+    }
+    assert [r.day for r in store.usage("2026-11-01", "2026-12-31", "alice", "m1")] == [
+        "2026-11-30",
+        "2026-12-01",
+    ]
+
+
+def test_a_thread_is_continued_once(store):
+    store.put_thread("msg_1", "alice", b'{"messages": []}', ttl=60)
+    assert store.claim_thread("msg_1", "bob", hold=5) == (THREAD_NOT_FOUND, None)  # not theirs
+    assert store.claim_thread("msg_1", "alice", hold=5) == (THREAD_FOUND, b'{"messages": []}')
+    assert store.claim_thread("msg_1", "alice", hold=5)[0] == THREAD_IN_FLIGHT
+    store.finish_thread("msg_1", "msg_2", "alice", b'{"messages": [1]}', ttl=60)
+    assert store.claim_thread("msg_1", "alice", hold=5)[0] == THREAD_ALREADY_CONTINUED
+    assert store.claim_thread("msg_2", "alice", hold=5) == (THREAD_FOUND, b'{"messages": [1]}')
+    assert store.claim_thread("msg_9", "alice", hold=5)[0] == THREAD_NOT_FOUND
+
+
+def test_a_failed_continue_can_be_tried_again(store):
+    store.put_thread("msg_1", "alice", b"{}", ttl=60)
+    assert store.claim_thread("msg_1", "alice", hold=5)[0] == THREAD_FOUND
+    store.release_thread("msg_1")
+    assert store.claim_thread("msg_1", "alice", hold=5)[0] == THREAD_FOUND
+
+
+def test_a_thread_expires(store):
+    store.put_thread("msg_1", "alice", b"{}", ttl=0.2)
+    time.sleep(0.3)
+    assert store.claim_thread("msg_1", "alice", hold=5)[0] == THREAD_NOT_FOUND

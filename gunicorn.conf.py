@@ -3,7 +3,9 @@
 Nothing from the app or urllib3 is imported at module level: this file runs in the
 gunicorn master, which gevent never patches, and the workers must be the first to import the
 network stack (after monkey-patching). ``app.config`` is the exception: it uses the standard
-library only, and loading it here makes a bad config stop the service at start with one line.
+library only, and loading it here makes a bad config stop the service at start with one line;
+so does ``app.state.open.prepare`` (the standard library's sqlite3), which makes the state
+directory and its schema before any worker needs them.
 """
 
 import glob
@@ -11,7 +13,8 @@ import os
 import sys
 import tempfile
 
-from app.config import LAST_GOOD_ENV, validate_for_master
+from app.config import LAST_GOOD_ENV, load_settings_or_last_good, validate_for_master
+from app.state.open import prepare
 
 
 def _env_int(name: str, default: int) -> int:
@@ -31,6 +34,12 @@ if _problem and _first_start:
 if _problem:
     print(f"gateway: bad configuration, keeping the last good one: {_problem}", file=sys.stderr)
 
+# A state directory the service cannot write would leave every limit open: stop at start.
+if _first_start and not _problem:
+    _state_problem = prepare(load_settings_or_last_good(os.environ).state)
+    if _state_problem:
+        sys.exit(f"gateway: {_state_problem}")
+
 # Prometheus multiprocess mode: every worker writes its samples under this directory, and a
 # scrape of any worker merges them. Emptied at start (not on reload: live workers use it).
 if _first_start:
@@ -43,8 +52,6 @@ if _first_start:
 # Loopback by default; nginx in front terminates TLS. Never 0.0.0.0 on a shared host.
 bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:8082").split(",")
 workers = _env_int("GATEWAY_WORKERS", 2)
-# Each worker keeps 1/workers of every client key's limits (app/limits.py); it reads this.
-os.environ.setdefault("GATEWAY_WORKERS", str(workers))
 # gunicorn's gevent worker, with the garbage collector tuned (app/serving/worker.py).
 worker_class = "app.serving.worker.GatewayWorker"
 # Open streams and idle keep-alive connections each hold one slot per worker.

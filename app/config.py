@@ -15,6 +15,7 @@ import re
 import tomllib
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, date, datetime
 from typing import Any
 
 from app.translate.dialect import DIALECTS, Dialect
@@ -96,27 +97,62 @@ class Routing:
 
 @dataclass(frozen=True)
 class Limits:
-    """A client key's limits, service-wide (app/limits.py splits them over the workers).
+    """A client key's limits, for the whole service (every worker and host: app/state).
 
     0 means no limit. ``burst`` is how many requests may arrive at once; 0 means a minute's
-    worth (``requests_per_minute`` rounded up), as with Anthropic's own limits.
+    worth (``requests_per_minute`` rounded up), as with Anthropic's own limits. Token limits
+    count a request's estimated input and its ``max_tokens`` when it is admitted, and its real
+    usage once it is over.
     """
 
     requests_per_minute: float = 0.0
     burst: int = 0
     max_concurrent: int = 0
+    input_tokens_per_minute: int = 0
+    output_tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    tokens_per_month: int = 0
+
+    @property
+    def any(self) -> bool:
+        return any(getattr(self, name) for name in LIMIT_FIELDS if name != "burst")
 
 
 @dataclass(frozen=True)
 class ClientKey:
-    """A key clients may use: its name (for logs and metrics), the SHA-256 of the key and its
-    limits. The key itself is never kept, only its digest."""
+    """A key clients may use: its name (for logs, metrics and usage), the SHA-256 of the key
+    and its limits, and when it stops working (``expires``, epoch seconds; a revoked key
+    stays listed, refused). The key itself is never kept, only its digest."""
 
     name: str
     sha256: bytes = field(repr=False)
     limits: Limits = field(default_factory=Limits)
+    expires: float | None = None
+    revoked: bool = False
 
 
+@dataclass(frozen=True)
+class StateSettings:
+    """Where the shared state lives (app/state): SQLite in ``directory`` (the default, for
+    every worker on one host), or Redis at ``redis_url`` (several hosts)."""
+
+    engine: str = "sqlite"
+    directory: str = "state"  # relative to the working directory; systemd sets STATE_DIRECTORY
+    redis_url: str = field(default="", repr=False)
+    on_failure: str = "open"  # or "closed": what requests get while the store cannot answer
+    lease_seconds: float = 900.0  # how long a dead worker's concurrency slot stays taken
+
+
+@dataclass(frozen=True)
+class ThreadSettings:
+    """Message threads (the ``thread`` field of the message-threads beta)."""
+
+    enabled: bool = True
+    ttl: float = 86400.0  # seconds a conversation is kept after its last turn
+    max_bytes: int = 8 * 1024 * 1024  # a longer conversation is not kept (the SDK replays it)
+
+
+ENGINES = ("sqlite", "redis")
 STRATEGIES = ("failover", "weighted", "least_busy")
 PROTOCOLS = ("openai", "anthropic")
 
@@ -137,6 +173,8 @@ class Settings:
     body_timeout: float = 30.0
     # Keys clients must present on /v1/ routes; none: no authentication.
     keys: tuple[ClientKey, ...] = ()
+    state: StateSettings = field(default_factory=StateSettings)
+    threads: ThreadSettings = field(default_factory=ThreadSettings)
 
     @property
     def upstream(self) -> Upstream:
@@ -158,13 +196,26 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "GATEWAY_RETRIES": ("routing", "retries"),
     "GATEWAY_PING_INTERVAL": ("", "ping_interval"),
     "GATEWAY_BODY_TIMEOUT": ("", "body_timeout"),
+    "GATEWAY_STATE_DIR": ("state", "directory"),
+    "GATEWAY_REDIS_URL": ("state", "redis_url"),
+    "GATEWAY_STATE_ON_FAILURE": ("state", "on_failure"),
 }
-TABLES = ("upstream", "models", "routing", "admin", "auth", "limits")
+# Fields app/keys.py writes for the operator; the gateway ignores them.
+KEY_NOTES = ("created", "revoked_at")
+TABLES = ("upstream", "models", "routing", "admin", "auth", "limits", "state", "threads")
 LISTS = ("backends", "routes")
 # Client keys without a file: comma-separated name:sha256 pairs; they replace [[auth.keys]].
 API_KEYS_ENV = "GATEWAY_API_KEYS"
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
-LIMIT_FIELDS = ("requests_per_minute", "burst", "max_concurrent")
+LIMIT_FIELDS = (
+    "requests_per_minute",
+    "burst",
+    "max_concurrent",
+    "input_tokens_per_minute",
+    "output_tokens_per_minute",
+    "tokens_per_day",
+    "tokens_per_month",
+)
 
 
 # The last configuration the gunicorn master validated, as JSON, for its workers: a reload
@@ -215,7 +266,27 @@ def read_raw(env: Mapping[str, str]) -> dict[str, Any]:
             target[key] = env[var]
     if env.get(API_KEYS_ENV, "").strip():
         raw.setdefault("auth", {})["keys"] = _keys_from_env(env[API_KEYS_ENV])
+    elif isinstance(raw.get("auth"), dict) and raw["auth"].get("keys_file"):
+        raw["auth"]["keys"] = [*raw["auth"].get("keys", []), *read_keys_file(raw["auth"])]
     return raw
+
+
+def read_keys_file(auth: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``[[keys]]`` of the file ``auth.keys_file`` names (app/keys.py writes it): read
+    with the config, so a reload (HUP) takes the keys added or revoked since."""
+    path = str(auth["keys_file"])
+    if not os.path.exists(path):
+        return []  # no key created yet
+    try:
+        with open(path, "rb") as fh:
+            keys = tomllib.load(fh).get("keys", [])
+    except OSError as exc:
+        raise ConfigError(f"auth.keys_file: cannot read {path} ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"auth.keys_file: {path} is not valid TOML ({exc})") from None
+    if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+        raise ConfigError(f"auth.keys_file: {path} must hold [[keys]] tables")
+    return keys
 
 
 def _keys_from_env(value: str) -> list[dict[str, str]]:
@@ -279,10 +350,43 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         ping_interval=_number("ping_interval", raw.get("ping_interval", 15.0), float, 0),
         body_timeout=_number("body_timeout", raw.get("body_timeout", 30.0), float, 0),
         keys=_build_keys(raw.get("auth", {}), raw.get("limits", {}), env),
+        state=_build_state(raw.get("state", {}), env),
+        threads=_build_threads(raw.get("threads", {})),
     )
     if settings.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
     return settings
+
+
+def _build_state(raw: Mapping[str, Any], env: Mapping[str, str]) -> StateSettings:
+    _reject_unknown("state.", raw, {f.name for f in fields(StateSettings)} | {"redis_url_env"})
+    redis_url = _secret("state", raw, env, "redis_url")
+    engine = str(raw.get("engine", "redis" if redis_url else "sqlite"))
+    if engine not in ENGINES:
+        raise ConfigError(f"state.engine: must be one of {', '.join(ENGINES)}")
+    if engine == "redis" and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("state.redis_url: a redis://, rediss:// or unix:// URL is required")
+    on_failure = str(raw.get("on_failure", "open"))
+    if on_failure not in ("open", "closed"):
+        raise ConfigError("state.on_failure: must be open or closed")
+    # systemd's StateDirectory= sets STATE_DIRECTORY; otherwise ./state beside the process.
+    directory = str(raw.get("directory") or env.get("STATE_DIRECTORY", "") or "state")
+    return StateSettings(
+        engine=engine,
+        directory=directory,
+        redis_url=redis_url,
+        on_failure=on_failure,
+        lease_seconds=_number("state.lease_seconds", raw.get("lease_seconds", 900), float, 1),
+    )
+
+
+def _build_threads(raw: Mapping[str, Any]) -> ThreadSettings:
+    _reject_unknown("threads.", raw, {f.name for f in fields(ThreadSettings)})
+    return ThreadSettings(
+        enabled=_boolean("threads.enabled", raw.get("enabled", True)),
+        ttl=_number("threads.ttl", raw.get("ttl", 86400), float, 1),
+        max_bytes=_number("threads.max_bytes", raw.get("max_bytes", 8 << 20), int, 1024),
+    )
 
 
 def _admin_token(raw: Mapping[str, Any], env: Mapping[str, str]) -> str:
@@ -294,7 +398,7 @@ def _build_keys(
     auth: Mapping[str, Any], limits: Mapping[str, Any], env: Mapping[str, str]
 ) -> tuple[ClientKey, ...]:
     """``[[auth.keys]]``, each with the ``[limits]`` defaults unless it sets its own."""
-    _reject_unknown("auth.", auth, {"keys"})
+    _reject_unknown("auth.", auth, {"keys", "keys_file"})
     entries = auth.get("keys", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ConfigError("auth.keys: must be an array of tables ([[auth.keys]])")
@@ -329,13 +433,39 @@ def _build_key(
     try:
         if "key" in raw or "api_key" in raw:
             raise ConfigError(
-                f"{where}: plaintext keys are not accepted; give sha256 (python -m app.auth "
-                "hash prints it) or key_env"
+                f"{where}: plaintext keys are not accepted; give sha256 (python -m app.keys "
+                "create makes a key and its line) or key_env"
             )
-        _reject_unknown(f"{where}.", raw, {"name", "sha256", "key_env", *LIMIT_FIELDS})
-        return ClientKey(name, _key_digest(raw, where, env), _build_limits(where, raw, default))
+        known = {"name", "sha256", "key_env", "expires", "revoked", *KEY_NOTES, *LIMIT_FIELDS}
+        _reject_unknown(f"{where}.", raw, known)
+        return ClientKey(
+            name,
+            _key_digest(raw, where, env),
+            _build_limits(where, raw, default),
+            expires=parse_instant(f"{where}.expires", raw.get("expires")),
+            revoked=_boolean(f"{where}.revoked", raw.get("revoked", False)),
+        )
     except ConfigError as exc:
         raise ConfigError(f"{exc} (key {name!r})") from None
+
+
+def parse_instant(key: str, value: Any) -> float | None:
+    """A date or date and time (TOML's own, or ISO 8601 text), as epoch seconds (UTC when
+    no zone is given); a bare date means its first second."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"{key}: must be a date like 2027-01-31 (got {value!r})") from None
+    if isinstance(value, date) and not isinstance(value, datetime):
+        value = datetime(value.year, value.month, value.day)
+    if not isinstance(value, datetime):
+        raise ConfigError(f"{key}: must be a date like 2027-01-31")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
 
 
 def _key_digest(raw: Mapping[str, Any], where: str, env: Mapping[str, str]) -> bytes:
@@ -346,7 +476,7 @@ def _key_digest(raw: Mapping[str, Any], where: str, env: Mapping[str, str]) -> b
         digest = raw["sha256"]
         if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
             raise ConfigError(
-                f"{where}.sha256: must be 64 hexadecimal digits (python -m app.auth hash)"
+                f"{where}.sha256: must be 64 hexadecimal digits (python -m app.keys hash)"
             )
         return bytes.fromhex(digest)
     variable = str(raw["key_env"])
@@ -364,12 +494,11 @@ def _key_digest(raw: Mapping[str, Any], where: str, env: Mapping[str, str]) -> b
 def _build_limits(where: str, raw: Mapping[str, Any], base: Limits) -> Limits:
     """The limits ``raw`` sets, the others from ``base``."""
 
-    def value(name: str, kind: type) -> Any:
-        return _number(f"{where}.{name}", raw.get(name, getattr(base, name)), kind, 0)
-
-    return Limits(
-        value("requests_per_minute", float), value("burst", int), value("max_concurrent", int)
-    )
+    values = {}
+    for name in LIMIT_FIELDS:
+        kind = float if name == "requests_per_minute" else int
+        values[name] = _number(f"{where}.{name}", raw.get(name, getattr(base, name)), kind, 0)
+    return Limits(**values)
 
 
 def _build_backends(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Upstream]:

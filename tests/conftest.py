@@ -7,6 +7,9 @@ settings); tests that need the production server start real gunicorn with the ge
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,11 +22,19 @@ from werkzeug.serving import make_server
 from app import create_app
 from app.config import build_settings
 
+# Nothing a test starts writes state into the checkout (./state is the gateway's default).
+os.environ.setdefault("GATEWAY_STATE_DIR", tempfile.mkdtemp(prefix="gateway-test-state-"))
+
 
 class GatewayServer:
     """The Flask app from the factory, on an ephemeral loopback port, in a daemon thread."""
 
     def __init__(self, raw_settings: dict[str, Any]) -> None:
+        # Its own state (limits, usage, threads), unless the test shares one.
+        self.state_dir = tempfile.mkdtemp(prefix="gateway-state-")
+        raw_settings = {**raw_settings, "state": {"directory": self.state_dir}} | (
+            {"state": raw_settings["state"]} if "state" in raw_settings else {}
+        )
         self.settings = build_settings(raw_settings, {})
         self.app = create_app(self.settings)
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
@@ -42,6 +53,12 @@ class GatewayServer:
         self.server.server_close()
         for client in self.app.extensions["gateway.dispatcher"].clients.values():
             client.close()
+        self.app.extensions["gateway.store"].close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    @property
+    def store(self) -> Any:
+        return self.app.extensions["gateway.store"]
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""Client keys: ``[[auth.keys]]`` and GATEWAY_API_KEYS (app/config.py), the lookup (app/auth.py),
-``python -m app.auth hash``, and the official SDK against real gunicorn with keys configured."""
+"""Client keys: ``[[auth.keys]]`` and GATEWAY_API_KEYS (app/config.py), the lookup
+(app/policy/auth.py), ``python -m app.keys hash``, and the official SDK against real gunicorn
+with keys configured (the keys file and its reload: test_keys.py)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import requests
 from fakebackend import FakeBackend, StreamReply, chunks
 from servers import ROOT, Gunicorn
 
-from app import auth
 from app.config import ClientKey, ConfigError, Limits, build_settings, load_settings
-from app.limits import key_table
+from app.policy import auth
+from app.policy.limits import key_table
 
 ALICE = "sk-gw-alice-0123456789abcdef"
 BOB = "sk-gw-bob-fedcba9876543210"
@@ -217,12 +218,12 @@ def test_client_id_is_short_stable_and_not_the_key() -> None:
     assert auth.client_id(None) is None
 
 
-# --- python -m app.auth hash -----------------------------------------------------------------
+# --- python -m app.keys hash -----------------------------------------------------------------
 
 
 def run_hash(stdin: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "app.auth", "hash"],
+        [sys.executable, "-m", "app.keys", "hash"],
         cwd=ROOT,
         input=stdin,
         capture_output=True,
@@ -237,7 +238,7 @@ def test_hash_command_prints_the_config_line_that_lets_the_key_in() -> None:
     assert result.stdout == f'sha256 = "{ALICE_SHA}"\n'
     digest = result.stdout.split('"')[1]
     keys = build_settings({"auth": {"keys": [{"name": "a", "sha256": digest}]}}, {}).keys
-    key, _ = auth.identify(key_table(keys, 1), {"HTTP_X_API_KEY": ALICE})
+    key, _ = auth.identify(key_table(keys), {"HTTP_X_API_KEY": ALICE})
     assert key is not None and key.name == "a"
 
 

@@ -26,19 +26,29 @@ def test_example_config_loads_with_its_key_variable_set() -> None:
     assert model_for(settings, "claude-sonnet-4-6") == "qwen3-32b"
 
 
-def test_example_client_keys_and_limits_load_once_uncommented(tmp_path: Path) -> None:
-    """The commented [[auth.keys]] and [limits] blocks are valid as they stand."""
+def test_example_client_keys_limits_and_state_load_once_uncommented(tmp_path: Path) -> None:
+    """The commented [auth], [[auth.keys]], [limits] and [state] blocks are valid as they
+    stand, and the keys file they name is read with them."""
     text = EXAMPLE.read_text()
     start = text.index("# Client keys.")
     setting = re.compile(r"^# (\[.*\]|[a-z_0-9]+ = .*)$")
     lines = [setting.sub(r"\1", line) for line in text[start:].splitlines()]
+    keys_file = tmp_path / "keys.toml"
     digest = hashlib.sha256(b"sk-alice").hexdigest()
-    block = "\n".join(lines).replace("<64 hex digits>", digest)
-    assert "[[auth.keys]]" in block.splitlines() and "[limits]" in block.splitlines()
+    keys_file.write_text(f'[[keys]]\nname = "alice"\nsha256 = "{digest}"\n')
+    block = "\n".join(lines).replace("/etc/anthropic-gateway/keys.toml", str(keys_file))
+    for table in ("[auth]", "[[auth.keys]]", "[limits]", "[state]"):
+        assert table in block.splitlines(), table
     config = tmp_path / "gateway.toml"
     config.write_text(text[:start] + block)
     env = {"GATEWAY_CONFIG": str(config), "BACKEND_API_KEY": "k", "GATEWAY_KEY_CI": "sk-ci"}
-    alice, ci = load_settings(env).keys
+    settings = load_settings(env)
+    ci, alice = settings.keys
     assert alice.name == "alice" and alice.sha256 == hashlib.sha256(b"sk-alice").digest()
     assert alice.limits.requests_per_minute == 60 and alice.limits.max_concurrent == 4
+    assert alice.limits.output_tokens_per_minute == 40000
+    assert alice.limits.tokens_per_day == 5000000
     assert ci.limits.requests_per_minute == 600 and ci.limits.max_concurrent == 16
+    assert ci.expires is not None
+    assert settings.state.directory == "/var/lib/anthropic-gateway"
+    assert settings.state.engine == "sqlite" and settings.state.on_failure == "open"

@@ -140,6 +140,16 @@ def test_runtime_directory_holds_the_worker_heartbeats():
     assert argv[argv.index("--worker-tmp-dir") + 1] == RUNTIME_DIR
 
 
+def test_state_directory_survives_restarts_and_is_the_gateways_default():
+    # systemd makes /var/lib/anthropic-gateway for the service user and passes it as
+    # STATE_DIRECTORY, which app/config.py takes as the default state.directory.
+    assert one("StateDirectory") == "anthropic-gateway"
+    assert one("StateDirectoryMode") == "0750"
+    settings = build_settings({}, {"STATE_DIRECTORY": "/var/lib/anthropic-gateway"})
+    assert settings.state.engine == "sqlite"
+    assert settings.state.directory == "/var/lib/anthropic-gateway"
+
+
 HARDENING = {
     "NoNewPrivileges": "yes",
     "ProtectSystem": "strict",

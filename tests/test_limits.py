@@ -1,14 +1,18 @@
-"""Per-key limits: the GCRA and concurrency maths with a hand-driven clock (app/limits.py), and
-the official SDK against real gunicorn (gevent worker) with keys that have limits."""
+"""Per-key limits for the whole service: what a key's limits ask of the store and how their
+refusals read (app/policy/limits.py, pure), then the official SDK and plain HTTP against one
+real gunicorn with four gevent workers sharing the SQLite store, where every limit is exact:
+however the requests spread over workers and connections."""
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import http.client
 import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -19,8 +23,9 @@ import requests
 from fakebackend import FakeBackend, JSONReply, StreamReply, chunks, completion, error_body
 from servers import Gunicorn
 
-from app.config import ConfigError, Limits
-from app.limits import KeyState, LimitExceeded, worker_count
+from app.config import ClientKey, Limits
+from app.policy.limits import KeyPolicy, budgets, rate_headers, settlement
+from app.state.store import Standing, Verdict
 
 BODY = {
     "model": "claude-haiku-4-5",
@@ -29,180 +34,137 @@ BODY = {
 }
 
 
-def refused(state: KeyState, now: float) -> LimitExceeded:
-    with pytest.raises(LimitExceeded) as caught:
-        state.admit(now)
-    return caught.value
+def policy(**limits: Any) -> KeyPolicy:
+    return KeyPolicy(ClientKey("k", b"\0" * 32, Limits(**limits)))
 
 
-# --- the rate: GCRA with a burst -------------------------------------------------------------
+def at(text: str) -> float:
+    return calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
 
 
-def test_a_rested_key_gets_its_burst_then_one_request_per_interval() -> None:
-    state = KeyState("k", Limits(requests_per_minute=60, burst=3))  # one a second, three at once
-    for _ in range(3):
-        state.admit(100.0).release()
-    error = refused(state, 100.0)
-    assert (error.status, error.error_type, error.reason) == (
-        429,
-        "rate_limit_error",
-        "rate_limited",
+# --- what a request asks, and how a refusal reads --------------------------------------------
+
+
+def test_a_request_reserves_its_estimated_input_and_its_max_tokens() -> None:
+    key = policy(
+        requests_per_minute=60,
+        burst=5,
+        input_tokens_per_minute=10_000,
+        output_tokens_per_minute=2_000,
+        tokens_per_day=100_000,
+        max_concurrent=2,
     )
-    assert error.headers == {"retry-after": "1"}
-    assert "'k' is limited to 60 requests per minute with a burst of 3" in error.message
-    refused(state, 100.99)
-    state.admit(101.0)  # one interval later, one more
-    refused(state, 101.5)
-    state.admit(102.0)
+    ask = key.ask(300, 1_000, at("2026-12-01T10:00:00"), lease_ttl=900)
+    assert [(bucket.name, cost) for bucket, cost in ask.takes] == [
+        ("requests", 1),
+        ("input_tokens", 300),
+        ("output_tokens", 1_000),
+    ]
+    requests_bucket = ask.takes[0][0]
+    assert requests_bucket.per == 1.0 and requests_bucket.capacity == 5
+    assert [(budget.period, cost) for budget, cost in ask.spends] == [("2026-12-01", 1_300)]
+    assert ask.max_concurrent == 2 and ask.lease_ttl == 900
 
 
-def test_the_bucket_refills_at_the_rate_up_to_the_burst_and_no_further() -> None:
-    state = KeyState("k", Limits(requests_per_minute=60, burst=3))
-    for _ in range(3):
-        state.admit(0.0)
-    assert state.remaining(0.0) == 0
-    assert state.remaining(2.0) == 2
-    assert state.remaining(1000.0) == 3  # a long rest fills the burst, not more
-    for _ in range(3):
-        state.admit(1000.0)
-    refused(state, 1000.0)
+def test_budgets_are_the_utc_calendar_day_and_month() -> None:
+    limits = Limits(tokens_per_day=1, tokens_per_month=2)
+    day, month = budgets(limits, at("2026-12-31T23:59:00"))
+    assert (day.period, day.ends_in) == ("2026-12-31", 60)
+    assert (month.period, month.ends_in) == ("2026-12", 60)  # December ends with the year
+    assert day.keep == 60 + 86400  # the count outlives its period by a day
+    _, month = budgets(limits, at("2027-02-10T00:00:00"))
+    assert (month.period, month.ends_in) == ("2027-02", 19 * 86400)  # to 1 March
 
 
-def test_a_refused_request_uses_up_nothing() -> None:
-    state = KeyState("k", Limits(requests_per_minute=60, burst=1))
-    state.admit(0.0)
-    for _ in range(50):
-        refused(state, 0.5)  # a client hammering while refused does not push its wait back
-    state.admit(1.0)
-
-
-def test_retry_after_is_whole_seconds_rounded_up_and_at_least_one() -> None:
-    state = KeyState("k", Limits(requests_per_minute=6, burst=1))  # one per 10 s
-    state.admit(0.0)
-    assert refused(state, 0.0).headers["retry-after"] == "10"
-    assert refused(state, 2.5).headers["retry-after"] == "8"  # 7.5 s to wait
-    assert refused(state, 9.99).headers["retry-after"] == "1"
-
-
-def test_burst_defaults_to_a_minutes_worth() -> None:
-    state = KeyState("k", Limits(requests_per_minute=5))
-    for _ in range(5):
-        state.admit(0.0)
-    refused(state, 0.0)
-    assert refused(state, 0.0).headers["retry-after"] == "12"
-
-
-def test_fractional_rate() -> None:
-    state = KeyState("k", Limits(requests_per_minute=0.5, burst=1))  # one per two minutes
-    state.admit(0.0)
-    assert refused(state, 60.0).headers["retry-after"] == "60"
-    state.admit(120.0)
+def test_a_key_without_limits_asks_nothing() -> None:
+    key = policy()
+    assert not key.limited
+    ask = key.ask(10, 10, time.time(), 900)
+    assert ask.takes == [] and ask.spends == [] and ask.max_concurrent == 0
 
 
 @pytest.mark.parametrize(
-    ("limits", "workers", "interval", "burst", "concurrent"),
+    ("refused", "wait", "limits", "words", "retry_after"),
     [
-        (Limits(requests_per_minute=60, burst=10, max_concurrent=4), 1, 1.0, 10, 4),
-        (Limits(requests_per_minute=60, burst=10, max_concurrent=4), 2, 2.0, 5, 2),
-        (Limits(requests_per_minute=60, burst=10, max_concurrent=4), 3, 3.0, 4, 2),
-        (Limits(requests_per_minute=60, burst=1, max_concurrent=1), 4, 4.0, 1, 1),
-        (Limits(requests_per_minute=120), 4, 2.0, 30, 0),
+        ("requests", 2.2, {"requests_per_minute": 60, "burst": 2}, "60 requests per minute", "3"),
+        ("concurrent", 1.0, {"max_concurrent": 3}, "already has 3 requests in flight", "1"),
+        ("output_tokens", 5, {"output_tokens_per_minute": 100}, "100 output tokens per", "5"),
+        ("output_tokens", None, {"output_tokens_per_minute": 100}, "send a smaller one", None),
+        ("input_tokens", 1, {"input_tokens_per_minute": 900}, "900 input tokens per minute", "1"),
+        ("tokens_per_day", 3600, {"tokens_per_day": 5000}, "daily budget of 5,000", "3600"),
+        ("tokens_per_month", None, {"tokens_per_month": 10}, "monthly budget of 10", None),
     ],
-    ids=["one_worker", "two_even", "three_rounded_up", "never_below_one", "default_burst"],
 )
-def test_each_worker_holds_its_share(
-    limits: Limits, workers: int, interval: float, burst: int, concurrent: int
+def test_a_refusal_names_its_limit_and_when_to_retry(
+    refused: str, wait: float | None, limits: dict, words: str, retry_after: str | None
 ) -> None:
-    state = KeyState("k", limits, workers)
-    assert (state.interval, state.burst, state.max_concurrent) == (interval, burst, concurrent)
-    for _ in range(burst):
-        state.admit(0.0).release()
-    error = refused(state, 0.0)
-    assert error.headers["retry-after"] == str(int(interval))
-    if workers > 1:
-        assert f"this worker's 1/{workers} share" in error.message
+    error = policy(**limits).refused(Verdict(False, refused=refused, retry_after=wait), 50)
+    assert error.status == 429 and error.error_type == "rate_limit_error"
+    assert words in error.message and "'k'" in error.message
+    assert error.headers.get("retry-after") == retry_after
+    # A request that can never fit must not be retried (the SDKs honour x-should-retry).
+    assert error.headers.get("x-should-retry") == (None if retry_after else "false")
 
 
-def test_rate_headers_describe_the_answering_worker() -> None:
-    state = KeyState("k", Limits(requests_per_minute=60, burst=3))
-    state.admit(10.0)
-    state.admit(10.0)
-    wall = 1_800_000_000.2  # 2027-01-15T08:00:00.2Z
-    assert dict(state.rate_headers(10.0, wall)) == {
-        "anthropic-ratelimit-requests-limit": "3",
-        "anthropic-ratelimit-requests-remaining": "1",
-        "anthropic-ratelimit-requests-reset": "2027-01-15T08:00:03Z",  # full 2.0 s later
-    }
-    rested = dict(state.rate_headers(60.0, wall))
-    assert rested["anthropic-ratelimit-requests-remaining"] == "3"
-    assert rested["anthropic-ratelimit-requests-reset"] == "2027-01-15T08:00:01Z"
+def test_rate_headers_describe_each_family_and_tokens_is_the_scarcer() -> None:
+    wall = at("2026-12-01T10:00:00")
+    headers = dict(
+        rate_headers(
+            {
+                "requests": Standing(10, 9, 6.0),
+                "input_tokens": Standing(1000, 700, 18.2),
+                "output_tokens": Standing(500, 120, 45.0),
+                "tokens_per_day": Standing(10**6, 10**5, 50_000),
+            },
+            wall,
+        )
+    )
+    assert headers["anthropic-ratelimit-requests-limit"] == "10"
+    assert headers["anthropic-ratelimit-requests-remaining"] == "9"
+    assert headers["anthropic-ratelimit-requests-reset"] == "2026-12-01T10:00:06Z"
+    assert headers["anthropic-ratelimit-input-tokens-reset"] == "2026-12-01T10:00:19Z"  # up
+    assert headers["anthropic-ratelimit-output-tokens-remaining"] == "120"
+    assert headers["anthropic-ratelimit-tokens-remaining"] == "120"
+    assert headers["anthropic-ratelimit-tokens-limit"] == "500"
 
 
-# --- requests in flight ----------------------------------------------------------------------
+def test_settlement_gives_back_the_unused_reservation_and_takes_the_overrun() -> None:
+    key = policy(input_tokens_per_minute=1000, output_tokens_per_minute=1000, tokens_per_day=10**6)
+    ask = key.ask(100, 500, time.time(), 900)
+    reservation = key.reservation(ask, Verdict(True, lease="l1"), 100, 500)
+    settled = settlement(reservation, key, used_input=130, used_output=20, usage=None)
+    assert settled.lease == "l1"
+    assert [(b.name, units) for b, units in settled.corrections] == [
+        ("input_tokens", -30),  # 30 more than estimated: taken
+        ("output_tokens", 480),  # 480 of max_tokens unused: given back
+    ]
+    assert [tokens for _, tokens in settled.budget_corrections] == [130 + 20 - 600]
 
 
-def test_max_concurrent_holds_until_a_lease_is_released() -> None:
-    state = KeyState("k", Limits(max_concurrent=2))
-    first = state.admit(0.0)
-    state.admit(0.0)
-    error = refused(state, 0.0)
-    assert (error.reason, error.headers) == ("concurrency", {"retry-after": "1"})
-    assert "already has 2 requests in flight" in error.message
-    first.release()
-    state.admit(0.0)
-    refused(state, 0.0)
+def test_a_revoked_or_expired_key_no_longer_opens_the_door() -> None:
+    now = time.time()
+    assert KeyPolicy(ClientKey("k", b"", Limits(), revoked=True)).refusal(now) == (
+        "this API key was revoked"
+    )
+    expired = KeyPolicy(ClientKey("k", b"", Limits(), expires=now - 1))
+    assert expired.refusal(now) == "this API key has expired"
+    assert KeyPolicy(ClientKey("k", b"", Limits(), expires=now + 60)).refusal(now) is None
 
 
-def test_a_lease_is_released_once_however_often_it_is_called() -> None:
-    state = KeyState("k", Limits(max_concurrent=2))
-    lease = state.admit(0.0)
-    state.admit(0.0)
-    lease.release()
-    lease.release()  # e.g. the stream's end and the response's close both call it
-    assert state.in_flight == 1
+# --- through real gunicorn: four workers, one SQLite store -----------------------------------
 
-
-def test_a_request_refused_by_the_rate_takes_no_concurrency_slot() -> None:
-    state = KeyState("k", Limits(requests_per_minute=60, burst=1, max_concurrent=5))
-    state.admit(0.0)
-    refused(state, 0.0)
-    assert state.in_flight == 1
-
-
-def test_a_key_without_limits_is_not_limited() -> None:
-    state = KeyState("k", Limits(), 4)
-    assert not state.limited
-    assert KeyState("k", Limits(max_concurrent=1)).limited
-    assert KeyState("k", Limits(requests_per_minute=1)).limited
-
-
-@pytest.mark.parametrize(
-    ("environ", "workers"),
-    [
-        ({}, 1),
-        ({"GATEWAY_WORKERS": ""}, 1),
-        ({"GATEWAY_WORKERS": "4"}, 4),
-        ({"GATEWAY_WORKERS": "0"}, 1),
-    ],
-)
-def test_worker_count_comes_from_gateway_workers(environ: dict[str, str], workers: int) -> None:
-    assert worker_count(environ) == workers
-
-
-def test_worker_count_that_is_not_a_number_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="^GATEWAY_WORKERS: must be an integer"):
-        worker_count({"GATEWAY_WORKERS": "many"})
-
-
-# --- through real gunicorn with the official SDK ---------------------------------------------
-
+ADMIN = "admin-token-limits-0123"
 KEYS = {
     "rate": {"requests_per_minute": 60, "burst": 2},
     "retry": {"requests_per_minute": 60, "burst": 1},
+    "exact": {"requests_per_minute": 1, "burst": 5},
+    "alive": {"requests_per_minute": 1, "burst": 5},
     "stream": {"max_concurrent": 1},
-    "hangup": {"max_concurrent": 1},
+    "hangup": {"max_concurrent": 1, "output_tokens_per_minute": 1000},
     "slow": {"max_concurrent": 1},
     "failing": {"max_concurrent": 1},
+    "output": {"output_tokens_per_minute": 100},
+    "daily": {"tokens_per_day": 200},
     "free": {},
 }
 
@@ -212,7 +174,7 @@ def secret(name: str) -> str:
 
 
 def config_text(backend: FakeBackend, keys: dict[str, dict[str, Any]]) -> str:
-    lines = [f'[upstream]\nurl = "{backend.url}"\n']
+    lines = [f'[upstream]\nurl = "{backend.url}"\n[admin]\ntoken = "{ADMIN}"\n']
     for name, limits in keys.items():
         digest = hashlib.sha256(secret(name).encode()).hexdigest()
         lines.append(f'[[auth.keys]]\nname = "{name}"\nsha256 = "{digest}"\n')
@@ -231,7 +193,7 @@ def start(backend: FakeBackend, directory: Path, keys: dict, **env: str) -> Guni
 
 @pytest.fixture(scope="module")
 def server(module_backend: FakeBackend, tmp_path_factory) -> Iterator[Gunicorn]:
-    gunicorn = start(module_backend, tmp_path_factory.mktemp("limits"), KEYS)
+    gunicorn = start(module_backend, tmp_path_factory.mktemp("limits"), KEYS, GATEWAY_WORKERS="4")
     yield gunicorn
     gunicorn.stop()
 
@@ -242,22 +204,52 @@ def sdk(server: Gunicorn, name: str, **kwargs: Any) -> anthropic.Anthropic:
 
 
 def post(server: Gunicorn, name: str, **extra: Any) -> requests.Response:
-    headers = {"x-api-key": secret(name)}
+    headers = {"x-api-key": secret(name), "connection": "close"}  # a new connection each time
     return requests.post(
         server.url + "/v1/messages", json={**BODY, **extra}, headers=headers, timeout=10
     )
 
 
-def open_stream(server: Gunicorn, name: str) -> tuple[http.client.HTTPConnection, Any]:
+def open_stream(server: Gunicorn, name: str, **extra: Any) -> tuple[Any, Any]:
     """A stream under way: its first text delta has arrived."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     headers = {"Content-Type": "application/json", "x-api-key": secret(name)}
-    conn.request("POST", "/v1/messages", json.dumps({**BODY, "stream": True}), headers)
+    conn.request("POST", "/v1/messages", json.dumps({**BODY, "stream": True, **extra}), headers)
     response = conn.getresponse()
     assert response.status == 200
     while not response.readline().startswith(b"event: content_block_delta"):
         pass
     return conn, response
+
+
+def admin(server: Gunicorn, path: str) -> Any:
+    reply = requests.get(server.url + path, headers={"x-api-key": ADMIN}, timeout=10)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def usage_of(server: Gunicorn, key: str, requests: int | None = None) -> dict[str, int]:
+    """The key's usage totals, once they count ``requests`` requests if given (a stream
+    settles when it closes, a moment after its client has read it)."""
+    deadline = time.monotonic() + 5
+    while True:
+        total = admin(server, f"/admin/usage?key={key}&by=key")["total"]
+        if requests is None or total["requests"] == requests or time.monotonic() > deadline:
+            return total
+        time.sleep(0.05)
+
+
+def in_flight(server: Gunicorn, key: str) -> int:
+    return admin(server, "/status")["keys"][key]["in_flight"]
+
+
+def wait_for(check, timeout: float = 5.0) -> Any:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def rejections(server: Gunicorn, reason: str, key: str) -> float:
@@ -266,7 +258,7 @@ def rejections(server: Gunicorn, reason: str, key: str) -> float:
     return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
 
 
-def test_over_the_rate_is_a_rate_limit_error_with_retry_after(server):
+def test_over_the_rate_is_a_rate_limit_error_with_the_rate_headers(server):
     with sdk(server, "rate") as client:
         first = client.messages.with_raw_response.create(**BODY)
         assert first.headers["anthropic-ratelimit-requests-limit"] == "2"
@@ -282,7 +274,8 @@ def test_over_the_rate_is_a_rate_limit_error_with_retry_after(server):
     assert error.status_code == 429
     assert error.body["error"]["type"] == "rate_limit_error"
     assert error.response.headers["retry-after"] == "1"
-    assert "'rate' is limited to 60 requests per minute" in error.body["error"]["message"]
+    assert error.response.headers["anthropic-ratelimit-requests-remaining"] == "0"
+    assert "'rate' is over its 60 requests per minute (burst 2)" in error.body["error"]["message"]
     assert rejections(server, "rate_limited", "rate") == 1
 
 
@@ -297,6 +290,59 @@ def test_the_sdk_waits_for_retry_after_and_gets_through(server, module_backend):
     assert rejections(server, "rate_limited", "retry") == 1
 
 
+def test_the_burst_is_exact_across_four_workers_on_many_connections(server):
+    # 20 requests at once, each on its own connection, spread over the four workers: the key's
+    # burst of 5 lets exactly 5 through (no refill to speak of: one request a minute).
+    with ThreadPoolExecutor(20) as pool:
+        statuses = sorted(pool.map(lambda _: post(server, "exact").status_code, range(20)))
+    assert statuses == [200] * 5 + [429] * 15
+    lines = [line for line in server.access_lines() if line.get("key") == "exact"]
+    assert len({line["worker"] for line in lines}) > 1  # the workers really shared it
+
+
+def test_the_burst_is_exact_on_one_keep_alive_connection(server):
+    # One connection is one worker: with per-worker limits it would get a quarter of the burst.
+    with requests.Session() as session:
+        session.headers["x-api-key"] = secret("alive")
+        statuses = [
+            session.post(server.url + "/v1/messages", json=BODY, timeout=10).status_code
+            for _ in range(8)
+        ]
+    assert statuses == [200] * 5 + [429] * 3
+
+
+def test_output_tokens_reserve_max_tokens_and_settle_to_what_was_used(server, module_backend):
+    # 100 output tokens a minute; each request reserves max_tokens=60 and uses 5 (the fake
+    # backend's usage). Without settlement the second request would be refused.
+    for _ in range(4):
+        reply = post(server, "output", max_tokens=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["anthropic-ratelimit-output-tokens-limit"] == "100"
+        assert int(reply.headers["anthropic-ratelimit-output-tokens-remaining"]) < 45
+    too_big = post(server, "output", max_tokens=101)
+    assert too_big.status_code == 429
+    assert too_big.headers["x-should-retry"] == "false" and "retry-after" not in too_big.headers
+    message = too_big.json()["error"]["message"]
+    assert "100 output tokens per minute, less than this request reserves" in message
+    assert too_big.headers["anthropic-ratelimit-output-tokens-limit"] == "100"
+    assert usage_of(server, "output")["output_tokens"] == 4 * 5
+
+
+def test_a_daily_budget_is_spent_by_real_usage_then_refuses(server, module_backend):
+    # 200 tokens a day; each request reserves its estimate and max_tokens=20, and really uses
+    # 10 input and 5 output tokens: about thirteen fit in the budget, then it is spent.
+    statuses = [post(server, "daily").status_code for _ in range(20)]
+    admitted = statuses.count(200)
+    assert statuses == [200] * admitted + [429] * (20 - admitted)
+    assert 8 <= admitted <= 13
+    refused = post(server, "daily")
+    assert "daily budget of 200 tokens" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) > 0  # the day's end
+    used = usage_of(server, "daily", requests=admitted)
+    assert used["requests"] == admitted
+    assert used["input_tokens"] + used["output_tokens"] == admitted * 15 <= 200
+
+
 def test_one_open_stream_holds_the_only_slot_until_it_ends(server, module_backend):
     module_backend.reply(StreamReply(chunks([f"t{i} " for i in range(20)]), delay=0.05))
     conn, response = open_stream(server, "stream")
@@ -306,23 +352,38 @@ def test_one_open_stream_holds_the_only_slot_until_it_ends(server, module_backen
                 client.messages.create(**BODY)
         assert caught.value.response.headers["retry-after"] == "1"
         assert "already has 1 requests in flight" in caught.value.body["error"]["message"]
+        assert in_flight(server, "stream") == 1
         assert b"event: message_stop" in response.read()  # the stream runs to its end
     finally:
         conn.close()
+    assert wait_for(lambda: in_flight(server, "stream") == 0)
     assert post(server, "stream").status_code == 200  # and the slot is free again
     assert post(server, "stream", stream=True).status_code == 200
     assert post(server, "stream").status_code == 200
     assert rejections(server, "concurrency", "stream") == 1
 
 
-def test_a_client_that_hangs_up_mid_stream_frees_its_slot(server, module_backend):
+def test_a_client_that_hangs_up_mid_stream_frees_its_slot_and_settles_its_tokens(
+    server, module_backend
+):
+    # The stream carries no usage before it ends, so what the client got is what counts: its
+    # slot comes back, max_tokens=500 of reservation is settled to the text streamed so far.
     closed = module_backend.closed_by_client
-    module_backend.reply(StreamReply(chunks([f"t{i} " for i in range(400)]), delay=0.02))
-    conn, _ = open_stream(server, "hangup")
+    pieces = [f"word{i} " for i in range(400)]
+    module_backend.reply(StreamReply(chunks(pieces, usage=None), delay=0.02))
+    conn, _ = open_stream(server, "hangup", max_tokens=500)
     assert post(server, "hangup").status_code == 429
+    time.sleep(0.3)
     conn.close()  # hang up mid-stream
     assert module_backend.wait_closed(closed + 1, timeout=5)
-    assert post(server, "hangup").status_code == 200
+    assert wait_for(lambda: in_flight(server, "hangup") == 0)
+    used = usage_of(server, "hangup", requests=1)
+    assert 0 < used["output_tokens"] < 500
+    assert used["input_tokens"] > 0  # the estimate stands: the backend read the prompt
+    after = post(server, "hangup", max_tokens=20)
+    assert after.status_code == 200
+    remaining = int(after.headers["anthropic-ratelimit-output-tokens-remaining"])
+    assert 1000 - used["output_tokens"] - 20 - 5 <= remaining <= 1000 - 20
 
 
 def test_a_slow_json_request_holds_its_slot_too(server, module_backend):
@@ -337,7 +398,7 @@ def test_a_slow_json_request_holds_its_slot_too(server, module_backend):
     assert post(server, "slow").status_code == 200
 
 
-def test_a_failed_request_frees_its_slot(server, module_backend):
+def test_a_failed_request_frees_its_slot_and_counts_as_an_error(server, module_backend):
     module_backend.reply(
         JSONReply(error_body("boom"), status=500),
         StreamReply(chunks(["a", "b", "c"]), cut_after=2),
@@ -346,6 +407,8 @@ def test_a_failed_request_frees_its_slot(server, module_backend):
     broken = post(server, "failing", stream=True)  # the backend drops the stream midway
     assert broken.status_code == 200 and "event: error" in broken.text
     assert post(server, "failing").status_code == 200
+    used = usage_of(server, "failing", requests=3)
+    assert used["errors"] == 2
 
 
 def test_a_key_without_limits_is_never_limited_and_gets_no_rate_headers(server):
@@ -353,6 +416,7 @@ def test_a_key_without_limits_is_never_limited_and_gets_no_rate_headers(server):
         reply = post(server, "free")
         assert reply.status_code == 200
         assert "anthropic-ratelimit-requests-limit" not in reply.headers
+    assert usage_of(server, "free", requests=5)["requests"] == 5
 
 
 def test_limits_apply_to_messages_only(server):
@@ -362,18 +426,9 @@ def test_limits_apply_to_messages_only(server):
             assert client.models.list() is not None
 
 
-def test_every_worker_holds_its_share_of_the_limit(module_backend, tmp_path):
-    keys = {"shared": {"requests_per_minute": 60, "burst": 2}}
-    server = start(module_backend, tmp_path, keys, GATEWAY_WORKERS="2")
-    try:
-        with requests.Session() as session:  # one keep-alive connection: one worker
-            session.headers["x-api-key"] = secret("shared")
-            first = session.post(server.url + "/v1/messages", json=BODY, timeout=10)
-            second = session.post(server.url + "/v1/messages", json=BODY, timeout=10)
-    finally:
-        server.stop()
-    assert first.status_code == 200
-    assert first.headers["anthropic-ratelimit-requests-limit"] == "1"
-    assert second.status_code == 429
-    assert second.headers["retry-after"] == "2"
-    assert "this worker's 1/2 share" in second.json()["error"]["message"]
+def test_after_all_of_it_no_key_holds_a_slot(server):
+    def idle() -> bool:
+        return all(v["in_flight"] == 0 for v in admin(server, "/status")["keys"].values())
+
+    assert wait_for(idle)
+    assert set(admin(server, "/status")["keys"]) == set(KEYS)

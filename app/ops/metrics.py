@@ -74,6 +74,20 @@ BREAKER_OPEN = Gauge(
     multiprocess_mode="livemax",
 )
 
+KEY_TOKENS = Counter(
+    "gateway_key_tokens_total",
+    "Tokens used by client key, by kind (input, output, cached input read); the per-model, "
+    "per-day records are in the state store (python -m app.usage).",
+    ["key", "kind"],
+)
+STORE_UP = Gauge(
+    "gateway_state_store_up",
+    "0 while a worker cannot reach the state store (limits then fail open or closed, as "
+    "configured), else 1.",
+    multiprocess_mode="livemin",
+)
+STORE_UP.set(1)
+
 
 _children: dict[tuple[Any, ...], Any] = {}
 
@@ -101,6 +115,12 @@ def record(entry: dict[str, Any], duration: float) -> None:
         _child(TOKENS, route, backend, "input").inc(entry["input_tokens"])
     if entry.get("output_tokens"):
         _child(TOKENS, route, backend, "output").inc(entry["output_tokens"])
+    key = entry.get("key")
+    if key:
+        for kind in ("input", "output", "cached"):
+            count = entry.get(f"{kind}_tokens")
+            if count:
+                _child(KEY_TOKENS, key, kind).inc(count)
     if entry.get("client_disconnected"):
         _child(DISCONNECTS, route).inc()
     if entry.get("rejected"):
@@ -120,6 +140,10 @@ def backend_failed(backend: str, error_type: str) -> None:
 
 def breaker_changed(backend: str, is_open: bool) -> None:
     BREAKER_OPEN.labels(backend).set(1 if is_open else 0)
+
+
+def store_changed(up: bool) -> None:
+    STORE_UP.set(1 if up else 0)
 
 
 def render() -> tuple[bytes, str]:

@@ -15,16 +15,13 @@ useful either; and even learning a stored digest would not give away the key, wh
 gateway accepts. ``hmac.compare_digest`` is for comparing the secret itself, as the admin token
 check in app/api.py does.
 
-Pure: the standard library only, no Flask. ``python -m app.auth hash`` reads a key on stdin and
-prints the ``sha256 = "..."`` line for the config file.
+Pure: the standard library only, no Flask. ``python -m app.keys`` makes, lists and revokes
+keys, and prints the ``sha256 = "..."`` line of a key for the config file.
 """
 
 from __future__ import annotations
 
-import argparse
-import getpass
 import hashlib
-import sys
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -70,30 +67,3 @@ def client_id(digest: bytes | None) -> str | None:
 def config_line(key: str) -> str:
     """The ``sha256 = "..."`` line of ``[[auth.keys]]`` for ``key``."""
     return f'sha256 = "{_sha256(key.encode()).hexdigest()}"'
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m app.auth", description="Client keys for the gateway's [[auth.keys]]."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser(
-        "hash", help="read a key on stdin (not echoed on a terminal), print its sha256 line"
-    )
-    parser.parse_args(argv)
-    if sys.stdin.isatty():
-        key = getpass.getpass("key: ")
-    else:
-        key = sys.stdin.readline()
-    key = key.strip()
-    if not key or not key.isascii() or not key.isprintable():
-        print(
-            "python -m app.auth: expected one line holding a printable ASCII key", file=sys.stderr
-        )
-        return 1
-    print(config_line(key))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

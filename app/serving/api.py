@@ -1,5 +1,5 @@
 """The HTTP surface: ``POST /v1/messages`` (JSON or SSE), ``count_tokens``, ``/v1/models``,
-the admin ``/status`` and ``GET /healthz``.
+the probes and ``/metrics`` (the admin routes are in app.serving.admin).
 
 Views stay thin: parse, route, dispatch (translation happens per backend attempt), translate
 back. Failures are raised as ``GatewayError`` and rendered by the app-level handlers in
@@ -8,38 +8,28 @@ back. Failures are raised as ``GatewayError`` and rendered by the app-level hand
 
 from __future__ import annotations
 
-import gc
-import hmac
-import os
-import time
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-import greenlet
 import requests
 from flask import Blueprint, Response, current_app, request
 
 from app import ids, jsonc
-from app.auth import bearer_token
 from app.backends.dispatch import Attempt, Dispatcher
 from app.backends.routing import backend_model, resolve
 from app.config import Settings
 from app.errors import (
-    AuthenticationFailed,
     GatewayError,
-    NotFound,
     UpstreamError,
 )
-from app.limits import KeyState
 from app.ops import metrics
-from app.ops.access_log import log_access
 from app.ops.health import Readiness
 from app.serving.body import parse_json, read_within
 from app.serving.catalog import find_model, models_page
 from app.serving.green import client_watch
 from app.serving.relay import StreamOutcome, relay
 from app.serving.state import RequestState, current
+from app.state.guard import GuardedStore
 from app.translate.passthrough import PassthroughStream
 from app.translate.request import check_request, stop_sequences, translate_request
 from app.translate.response import translate_response
@@ -51,9 +41,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON = "application/json"
 
 
-def create_blueprint(
-    settings: Settings, dispatcher: Dispatcher, keys: Mapping[bytes, KeyState]
-) -> Blueprint:
+def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedStore) -> Blueprint:
     bp = Blueprint("messages", __name__)
     readiness = Readiness()
 
@@ -66,7 +54,7 @@ def create_blueprint(
         access = state.access
         stream = bool(body.get("stream"))
         access.update(model=body["model"], route=route.name, stream=stream)
-        state.admit()
+        state.admit(body)
         # Until the first byte goes to the client, a client that hangs up ends the request,
         # and with it the backend's work on it.
         with client_watch(request.environ):
@@ -117,11 +105,6 @@ def create_blueprint(
     @bp.get("/v1/models/<path:model_id>")
     def get_model(model_id: str) -> Response:
         return Response(jsonc.dumps(find_model(model_id, settings)), mimetype=JSON)
-
-    @bp.get("/status")
-    def status() -> Response:
-        _require_admin(settings)
-        return Response(jsonc.dumps(_status(settings, dispatcher, keys)), mimetype=JSON)
 
     @bp.get("/healthz")
     def healthz() -> Response:
@@ -235,14 +218,11 @@ def _stream(
         )
     state = _state()
     entry, started = state.access, state.started
-    lease = state.lease  # the key's concurrency slot, held until the stream is over
     deadline = started + config.total_timeout if config.total_timeout else None
     in_flight = metrics.streams_in_flight(attempt.target.backend)
 
     def on_end(outcome: StreamOutcome) -> None:
         in_flight.dec()
-        if lease is not None:
-            lease.release()
         dispatcher.finish(attempt, ok=_stream_verdict(outcome, translator))
         entry.update(
             status=200,
@@ -254,10 +234,11 @@ def _stream(
         )
         if outcome.first_token_at is not None:
             entry["ttft_ms"] = round((outcome.first_token_at - started) * 1000, 1)
-        log_access(entry, started)
+        state.end()
 
     # From here on the stream's end (StreamBody.close, which gunicorn always calls) releases
-    # the backend slot, the key's slot and the gauge, and writes the access line.
+    # the backend slot and the gauge, writes the access line and settles with the store
+    # (the key's slot back, its tokens as used).
     in_flight.inc()
     state.access_deferred = True
     body = relay(
@@ -293,58 +274,5 @@ def _tokens(usage: Any) -> dict[str, int]:
         "input_tokens": (usage.get("input_tokens") or 0)
         + (usage.get("cache_read_input_tokens") or 0),
         "output_tokens": usage.get("output_tokens") or 0,
+        "cached_tokens": usage.get("cache_read_input_tokens") or 0,
     }
-
-
-def _require_admin(settings: Settings) -> None:
-    """Admin routes exist only with an admin token configured, and answer only to it."""
-    if not settings.admin_token:
-        raise NotFound(f"no route for {request.method} {request.path}")
-    headers = request.headers
-    offered = bearer_token(headers.get("authorization")) or headers.get("x-api-key") or ""
-    if not hmac.compare_digest(offered.encode(), settings.admin_token.encode()):
-        raise AuthenticationFailed("admin token required")
-
-
-def _status(
-    settings: Settings, dispatcher: Dispatcher, keys: Mapping[bytes, KeyState]
-) -> dict[str, Any]:
-    health = dispatcher.balancer.snapshot()
-    backends = {
-        name: {
-            "url": client.name,
-            "protocol": client.config.protocol,
-            "dialect": client.config.dialect.name,
-            **health[name],
-        }
-        for name, client in dispatcher.clients.items()
-    }
-    routes = [
-        {
-            "name": route.name,
-            "match": list(route.match),
-            "strategy": route.strategy,
-            "targets": [
-                {"backend": t.backend, "model": t.model, "weight": t.weight} for t in route.targets
-            ],
-        }
-        for route in (*settings.routes, *(r for r in (settings.default_route,) if r))
-    ]
-    return {
-        "worker_pid": os.getpid(),
-        "time": time.time(),
-        "backends": backends,
-        "routes": routes,
-        "keys": {key.name: {"in_flight": key.in_flight} for key in keys.values()},
-        "process": _process(),
-    }
-
-
-def _process() -> dict[str, int]:
-    """What a leak would show first: open file descriptors and live greenlets (found by a
-    collection and a walk of the heap, which is fine for an admin endpoint and nowhere else;
-    the hub and the objects frozen at start are not among them)."""
-    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else -1
-    gc.collect()
-    live = sum(1 for o in gc.get_objects() if isinstance(o, greenlet.greenlet) and not o.dead)
-    return {"open_fds": fds, "greenlets": live}

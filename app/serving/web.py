@@ -11,13 +11,12 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from app import auth, jsonc, limits
+from app import jsonc
 from app.backends.balancer import Balancer
 from app.backends.client import BackendClient
 from app.backends.dispatch import Dispatcher
@@ -32,12 +31,16 @@ from app.errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from app.limits import KeyState, Lease
 from app.ops import metrics
-from app.ops.access_log import configure_logging, log_access, request_id_from
+from app.ops.access_log import configure_logging, request_id_from
+from app.policy import auth
+from app.policy.limits import KeyPolicy, key_table
+from app.serving.admin import create_admin_blueprint
 from app.serving.api import create_blueprint
 from app.serving.state import ENVIRON_KEY, RequestState, current
 from app.serving.worker import close_connection
+from app.state.guard import GuardedStore
+from app.state.open import open_store
 from app.translate.redact import redact
 
 log = logging.getLogger("gateway")
@@ -51,9 +54,12 @@ def build_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     dispatcher = build_dispatcher(settings)
     app.extensions["gateway.dispatcher"] = dispatcher
-    keys = limits.key_table(settings.keys, limits.worker_count(os.environ))
-    app.register_blueprint(create_blueprint(settings, dispatcher, keys))
-    app.before_request(_request_starter(keys))
+    store = open_store(settings.state, on_change=metrics.store_changed)
+    app.extensions["gateway.store"] = store
+    keys = key_table(settings.keys)
+    app.register_blueprint(create_blueprint(settings, dispatcher, store))
+    app.register_blueprint(create_admin_blueprint(settings, dispatcher, keys, store))
+    app.before_request(_request_starter(keys, store, settings.state.lease_seconds))
     app.after_request(_finish_request)
     app.teardown_request(_end_request)
     app.register_error_handler(GatewayError, _gateway_error)
@@ -94,9 +100,11 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
+def _request_starter(
+    keys: Mapping[bytes, KeyPolicy], store: GuardedStore, lease_ttl: float
+) -> Callable[[], None]:
     """The first hook of every request; with client keys configured it also lets in only
-    requests with a known key on /v1/ routes, within the key's limits."""
+    requests with a known, live key on /v1/ routes."""
 
     worker = os.getpid()  # the app is built in each worker, after the fork
 
@@ -104,7 +112,7 @@ def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
         environ = request.environ  # one lookup through the proxy, then a plain dict
         started = time.monotonic()
         request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID"))
-        environ[ENVIRON_KEY] = state = RequestState(started, request_id)
+        environ[ENVIRON_KEY] = state = RequestState(started, request_id, store, lease_ttl)
         path = request.path
         if path in QUIET_PATHS:
             return
@@ -120,8 +128,13 @@ def _request_starter(keys: Mapping[bytes, KeyState]) -> Callable[[], None]:
             "key": key.name if key is not None else None,
             "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
         }
-        if keys and key is None and path.startswith("/v1/"):
-            _refuse(digest, access)
+        if keys and path.startswith("/v1/"):
+            if key is None:
+                _refuse(digest, access)
+            refusal = key.refusal(time.time())
+            if refusal is not None:
+                access["rejected"] = "key_revoked" if key.revoked else "key_expired"
+                raise AuthenticationFailed(refusal, should_retry=False)
 
     return start_request
 
@@ -147,16 +160,17 @@ def _finish_request(response: Response) -> Response:
     response.headers["request-id"] = state.request_id
     if not state.body_read and _has_body(request.environ):
         close_connection(request.environ)  # rather than have gunicorn read the body to waste
-    deferred = state.access_deferred
-    if state.lease is not None:
-        _limit_end(state.lease, response, deferred)
+    if state.rate_headers:
+        response.headers.extend(state.rate_headers)
     access = state.access
-    if not deferred and access is not None:
+    if not state.access_deferred and access is not None:
         access["status"] = response.status_code
         access["bytes_out"] = response.content_length
+        state.settle()
         # Once the answer is written: the line and the metrics (a tenth of a request's CPU)
-        # stay off the client's wait, and the duration covers the write.
-        response.call_on_close(partial(log_access, access, state.started))
+        # stay off the client's wait, and the duration covers the write. A stream ends
+        # itself (its app.serving.relay.StreamBody), whether or not it ran.
+        response.call_on_close(state.end)
     return response
 
 
@@ -168,25 +182,12 @@ def _has_body(environ: Mapping[str, Any]) -> bool:
 def _end_request(error: BaseException | None) -> None:
     """The last hook of every request, run also when no response left the app (the client
     hung up while the backend worked, ``ClientGone``): what the request held goes back, and
-    it still gets its access line."""
+    it still gets its access line and its settlement."""
     state = current()
-    if state is None:
+    if state is None or state.answered or state.access is None:
         return
-    if state.lease is not None and not state.access_deferred:
-        state.lease.release()
-    if not state.answered and state.access is not None:
-        state.access.update(status=499, client_disconnected=True)
-        log_access(state.access, state.started)
-
-
-def _limit_end(lease: Lease, response: Response, deferred: bool | None) -> None:
-    """Rate headers, and the key's slot back: now, or for a stream when it is over (its
-    app.serving.relay.StreamBody ends it, whether or not the relay ever ran)."""
-    key = lease.key
-    if key.interval:
-        response.headers.extend(key.rate_headers(time.monotonic(), time.time()))
-    if not deferred:
-        lease.release()
+    state.access.update(status=499, client_disconnected=True)
+    state.end()
 
 
 def render(error: GatewayError) -> Response:

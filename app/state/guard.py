@@ -6,12 +6,15 @@ records, with a warning in the log every ``WARN_EVERY`` seconds while it lasts; 
 refuses them with a 503 ``overloaded_error``. Either way the worker never crashes over it: the
 store is opened lazily (a Redis that is down when the gateway starts is found later), and after a
 failure it is left alone for ``HOLD_OFF`` seconds, then asked again, so the gateway recovers by
-itself when the store returns, without hammering it while it is gone.
+itself when the store returns, without hammering it while it is gone. While it is gone a
+watcher (a greenlet in a worker) pings it every ``HOLD_OFF`` seconds, so the worker notices its
+return (its log line, ``gateway_state_store_up``) even with no request to make it look.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -50,6 +53,7 @@ class GuardedStore:
         self.down_until = 0.0
         self.warned_at = -WARN_EVERY
         self.up = True
+        self.closed = False
 
     def admit(self, ask: Ask) -> Verdict:
         return self._call(lambda s: s.admit(ask), lambda: Verdict(admitted=True))
@@ -86,7 +90,11 @@ class GuardedStore:
     def release_thread(self, thread_id: str) -> None:
         self._call(lambda s: s.release_thread(thread_id), lambda: None, refuse=False)
 
+    def ping(self) -> None:
+        self._call(lambda s: s.ping(), lambda: None, refuse=False)
+
     def close(self) -> None:
+        self.closed = True
         if self.store is not None:
             self.store.close()
 
@@ -120,6 +128,7 @@ class GuardedStore:
             self.up = False
             if self.on_change:
                 self.on_change(False)
+            threading.Thread(target=self._watch, name="state-store-watch", daemon=True).start()
         if now - self.warned_at >= WARN_EVERY:
             self.warned_at = now
             how = "letting requests through unlimited" if self.on_failure == "open" else "refusing"
@@ -131,3 +140,8 @@ class GuardedStore:
                 headers={"retry-after": "1"},
             )
         return fallback()
+
+    def _watch(self) -> None:
+        while not self.up and not self.closed:
+            time.sleep(HOLD_OFF)
+            self.ping()

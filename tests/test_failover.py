@@ -359,6 +359,38 @@ def test_anthropic_backend_gets_the_body_through_and_model_is_renamed(backends, 
     assert sent.headers["anthropic-beta"] == "context-1m-2025-08-07"
 
 
+def test_an_anthropic_backend_gets_whole_conversations_and_never_the_threads_beta(
+    backends, gateway_for
+):
+    # The gateway keeps the threads itself: the backend sees neither the thread field nor the
+    # beta, only the whole conversation of a continue, with the system it was created with.
+    native = backends()
+    native.routes[("POST", "/v1/messages")] = lambda req: JSONReply(
+        {**ANTHROPIC_MESSAGE, "id": f"msg_native_{len(native.requests)}"}
+    )
+    gateway = gateway_for({"native": native}, ["native"], native_extra={"protocol": "anthropic"})
+    betas = "message-threads-2026-08-12, context-1m-2025-08-07"
+    with gateway.client() as client:
+        first = client.beta.messages.create(
+            model="claude-sonnet-4-6", max_tokens=20, system="terse", messages=HI,
+            extra_body={"thread": {"type": "create"}}, extra_headers={"anthropic-beta": betas},
+        )  # fmt: skip
+        client.beta.messages.create(
+            model="claude-sonnet-4-6", max_tokens=20,
+            messages=[{"role": "user", "content": "and?"}],
+            extra_body={"thread": {"type": "continue", "previous_message_id": first.id}},
+            extra_headers={"anthropic-beta": "message-threads-2026-08-12"},
+        )  # fmt: skip
+    created, continued = native.requests[-2], native.requests[-1]
+    assert "thread" not in created.json and created.headers["anthropic-beta"] == (
+        "context-1m-2025-08-07"
+    )
+    assert "anthropic-beta" not in continued.headers
+    assert continued.json["system"] == "terse"
+    assert [m["role"] for m in continued.json["messages"]] == ["user", "assistant", "user"]
+    assert continued.json["messages"][1]["content"] == ANTHROPIC_MESSAGE["content"]
+
+
 def test_anthropic_backend_stream_is_relayed_and_renamed(backends, gateway_for):
     native = backends()
     stream = anthropic_stream_bytes()

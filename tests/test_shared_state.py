@@ -29,6 +29,7 @@ KEYS = {
     "pair": {"requests_per_minute": 1, "burst": 12},
     "solo": {"max_concurrent": 1},
     "guarded": {"requests_per_minute": 1, "burst": 2},
+    "threads": {},
 }
 
 pytestmark = pytest.mark.skipif(
@@ -136,6 +137,21 @@ def test_a_stream_on_one_host_holds_the_keys_only_slot_on_the_other(hosts, modul
     while admin(second, "/status")["keys"]["solo"]["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert post(second, "solo").status_code == 200
+
+
+def test_a_thread_created_on_one_host_is_continued_on_the_other(hosts, module_backend):
+    first, second = hosts
+    created = post(first, "threads", thread={"type": "create"})
+    assert created.status_code == 200
+    seen = len(module_backend.requests)
+    follow = {"thread": {"type": "continue", "previous_message_id": created.json()["id"]}}
+    continued = post(second, "threads", messages=[{"role": "user", "content": "more"}], **follow)
+    assert continued.status_code == 200, continued.text
+    sent = module_backend.requests[seen].json["messages"]
+    assert [m["role"] for m in sent] == ["user", "assistant", "user"]
+    again = post(first, "threads", **follow)  # the first host knows it was continued
+    assert again.status_code == 409
+    assert again.json()["error"]["details"]["error_code"] == "thread_already_continued"
 
 
 # --- Redis goes away and comes back ----------------------------------------------------------

@@ -40,6 +40,9 @@ ERROR_BODY_LIMIT = 65536
 READY_TIMEOUT = 2.0
 # Client headers an Anthropic-speaking backend should see as the client sent them.
 ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
+# Betas the gateway serves itself (app/policy/threads.py): a backend must not see them, or it
+# would look for threads of its own.
+SERVED_BETAS = ("message-threads-",)
 # What iterating or reading a streamed body can raise, from requests (iter_content) or from
 # urllib3 (read1).
 BODY_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
@@ -113,6 +116,12 @@ class BackendClient:
     ) -> dict[str, Any] | requests.Response:
         """POST the client's body to an Anthropic-speaking backend: a message, or an open stream."""
         extra = {h: client_headers[h] for h in ANTHROPIC_HEADERS if h in client_headers}
+        if "anthropic-beta" in extra:
+            betas = _without_served_betas(extra["anthropic-beta"])
+            if betas:
+                extra["anthropic-beta"] = betas
+            else:
+                del extra["anthropic-beta"]
         for item in extra.items():
             try:
                 check_header_validity(item)
@@ -438,3 +447,8 @@ def _short(text: str, limit: int = 200) -> str:
     """Text from below HTTP (urllib3, the TLS library, a proxy) as a message may quote it."""
     text = redact(text)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _without_served_betas(value: str) -> str:
+    kept = (beta.strip() for beta in value.split(","))
+    return ",".join(beta for beta in kept if beta and not beta.startswith(SERVED_BETAS))

@@ -8,6 +8,7 @@ back. Failures are raised as ``GatewayError`` and rendered by the app-level hand
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -18,18 +19,17 @@ from app import ids, jsonc
 from app.backends.dispatch import Attempt, Dispatcher
 from app.backends.routing import backend_model, resolve
 from app.config import Settings
-from app.errors import (
-    GatewayError,
-    UpstreamError,
-)
+from app.errors import GatewayError, UpstreamError
 from app.ops import metrics
 from app.ops.health import Readiness
+from app.policy.threads import ThreadTurn, begin_turn
 from app.serving.body import parse_json, read_within
 from app.serving.catalog import find_model, models_page
 from app.serving.green import client_watch
 from app.serving.relay import StreamOutcome, relay
 from app.serving.state import RequestState, current
 from app.state.guard import GuardedStore
+from app.translate.accumulate import MessageAccumulator
 from app.translate.passthrough import PassthroughStream
 from app.translate.request import check_request, stop_sequences, translate_request
 from app.translate.response import translate_response
@@ -39,6 +39,7 @@ from app.translate.tokens import estimate_prompt_tokens
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON = "application/json"
+THREAD_KINDS = ("create", "continue")
 
 
 def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedStore) -> Blueprint:
@@ -48,9 +49,23 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
     @bp.post("/v1/messages")
     def create_message() -> Response:
         body = _json_body(settings)
+        state = _state()
+        turn = None
+        if isinstance(body, dict):
+            thread = body.get("thread")
+            if isinstance(thread, dict) and thread.get("type") in THREAD_KINDS:
+                state.access["thread"] = thread["type"]  # also when the thread is refused
+            turn = begin_turn(body, state.owner, store, settings.threads)
+        try:
+            return _create_message(body, state, turn)
+        except BaseException:
+            if turn is not None:
+                turn.failed()
+            raise
+
+    def _create_message(body: Any, state: RequestState, turn: ThreadTurn | None) -> Response:
         check_request(body)
         route = resolve(settings, body["model"])
-        state = _state()
         access = state.access
         stream = bool(body.get("stream"))
         access.update(model=body["model"], route=route.name, stream=stream)
@@ -66,8 +81,8 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
             )
             try:
                 if stream and _is_event_stream(attempt.result):
-                    return _stream(dispatcher, attempt, body, settings.ping_interval)
-                response = _whole_answer(attempt, body, access, stream)
+                    return _stream(dispatcher, attempt, body, settings.ping_interval, turn)
+                response = _whole_answer(attempt, body, access, stream, turn)
             except BaseException as exc:
                 _abandon(dispatcher, attempt, exc)
                 raise
@@ -79,6 +94,7 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
         body = _json_body(settings)
         if isinstance(body, dict):
             body = {**body, "max_tokens": 1, "stream": False}  # not part of this request
+            body.pop("thread", None)  # a count is never a turn of a thread
         check_request(body)
         route = resolve(settings, body["model"])
         target = (dispatcher.balancer.plan(route) or list(route.targets))[0]
@@ -145,14 +161,21 @@ def _json_body(settings: Settings) -> Any:
 
 
 def _whole_answer(
-    attempt: Attempt, body: dict[str, Any], access: dict[str, Any], stream: bool
+    attempt: Attempt,
+    body: dict[str, Any],
+    access: dict[str, Any],
+    stream: bool,
+    turn: ThreadTurn | None,
 ) -> Response:
     """A complete answer: JSON, or for a stream request (a backend that ignored ``stream``
-    answers with JSON too) the same message as a stream of events."""
+    answers with JSON too) the same message as a stream of events. A thread keeps it before
+    the client can read it, so the client's next turn finds it."""
     if stream:
         attempt = replace(attempt, result=_read_whole(attempt))
     message = _message(attempt, body)
     access.update(stop_reason=message.get("stop_reason"), **_tokens(message.get("usage")))
+    if turn is not None:
+        turn.succeeded(message)
     if stream:
         events = encode_all(message_events(message))
         headers = {**SSE_HEADERS, **attempt.headers}
@@ -203,7 +226,11 @@ def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stream(
-    dispatcher: Dispatcher, attempt: Attempt, body: dict[str, Any], ping_interval: float
+    dispatcher: Dispatcher,
+    attempt: Attempt,
+    body: dict[str, Any],
+    ping_interval: float,
+    turn: ThreadTurn | None,
 ) -> Response:
     config = attempt.client.config
     translator: StreamTranslator | PassthroughStream
@@ -223,6 +250,8 @@ def _stream(
 
     def on_end(outcome: StreamOutcome) -> None:
         in_flight.dec()
+        if turn is not None:
+            turn.failed()  # unless its reply was kept at message_stop
         dispatcher.finish(attempt, ok=_stream_verdict(outcome, translator))
         entry.update(
             status=200,
@@ -248,12 +277,28 @@ def _stream(
         on_end,
         deadline=deadline,
         ping_interval=ping_interval,
+        observe=_thread_observer(turn) if turn is not None else None,
     )
     response = Response(
         body, mimetype="text/event-stream", headers={**SSE_HEADERS, **attempt.headers}
     )
     response.direct_passthrough = True  # app.serving.relay.StreamBody: gunicorn iterates the relay
     return response
+
+
+def _thread_observer(turn: ThreadTurn) -> Callable[[list[dict[str, Any]]], None]:
+    """Adds up the streamed reply; at ``message_stop``, before it is written, the thread
+    keeps it, so a client that continues on reading it finds it."""
+    reply = MessageAccumulator()
+
+    def observe(events: list[dict[str, Any]]) -> None:
+        reply.feed(events)
+        if reply.complete and not turn.done:
+            message = reply.message
+            if message is not None:
+                turn.succeeded(message)
+
+    return observe
 
 
 def _stream_verdict(outcome: StreamOutcome, translator: Any) -> bool | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import requests
 
@@ -29,6 +30,7 @@ from app.translate.stream import PING, StreamTranslator
 
 log = logging.getLogger("gateway")
 Translator = StreamTranslator | PassthroughStream
+Observer = Callable[[list[dict[str, Any]]], None]
 PING_BYTES = encode(PING)
 # The longest the relay sleeps in a silent stream: how late it can notice a shutdown.
 MAX_WAKE = 1.0
@@ -85,10 +87,12 @@ def relay(
     *,
     deadline: float | None = None,
     ping_interval: float = 15.0,
+    observe: Observer | None = None,
 ) -> StreamBody:
-    """``deadline`` (monotonic): past it the stream ends with a timeout error event."""
+    """``deadline`` (monotonic): past it the stream ends with a timeout error event.
+    ``observe`` sees every list of events before it is written (a thread keeps its reply)."""
     stream = StreamBody(on_end)
-    stream.pieces = _relay(stream, client, response, translator, deadline, ping_interval)
+    stream.pieces = _relay(stream, client, response, translator, deadline, ping_interval, observe)
     return stream
 
 
@@ -99,17 +103,21 @@ def _relay(
     translator: Translator,
     deadline: float | None,
     ping_interval: float,
+    observe: Observer | None,
 ) -> Iterator[bytes]:
     outcome = stream.outcome
     pump = Pump(client.chunks(response), lambda: _stop_reading(response))
     try:
-        head = encode_all(translator.start())
+        start = translator.start()
+        if observe is not None:
+            observe(start)
+        head = encode_all(start)
         if head:  # message_start at once: the backend may think for a while
             outcome.bytes_out += len(head)
             yield head
         items = _items(pump, client, ping_interval, deadline)
         decoder = SSEDecoder(client.config.max_line_bytes)
-        for piece in _translate(items, decoder, translator, outcome):
+        for piece in _translate(items, decoder, translator, outcome, observe):
             outcome.bytes_out += len(piece)
             yield piece
         outcome.completed = True
@@ -193,6 +201,7 @@ def _translate(
     decoder: SSEDecoder,
     translator: Translator,
     outcome: StreamOutcome,
+    observe: Observer | None,
 ) -> Iterator[bytes]:
     saw_done = False
     try:
@@ -209,12 +218,16 @@ def _translate(
             if events:
                 if outcome.first_token_at is None:
                     outcome.first_token_at = time.monotonic()
+                if observe is not None:
+                    observe(events)
                 yield encode_all(events)
             if saw_done or translator.ended:
                 break
         else:
             events = [e for p in decoder.close() if p != DONE for e in translator.feed_data(p)]
             if events:
+                if observe is not None:
+                    observe(events)
                 yield encode_all(events)
         final = translator.finish(saw_done=saw_done)
     except GatewayError as exc:
@@ -227,4 +240,6 @@ def _translate(
         log.exception("stream relay failed")
         final = translator.fail(UpstreamError("internal error while relaying the stream"))
     if final:
+        if observe is not None:
+            observe(final)
         yield encode_all(final)

@@ -62,6 +62,11 @@ class RequestState:
         self.ended = False
         self.settled = False
 
+    @property
+    def owner(self) -> str:
+        """Whose threads and usage this request's are: its key's name, or ``-`` without keys."""
+        return self.key.name if self.key is not None else ANONYMOUS
+
     def admit(self, body: dict[str, Any]) -> None:
         """Hold the request to its key's limits, in one store round trip: what it reserves,
         or a 429 ``rate_limit_error`` that says which limit. Either way the answer gets the
@@ -126,7 +131,7 @@ class RequestState:
         failed = bool(access.get("error")) or int(access.get("status") or 0) >= 400
         return Usage(
             time.strftime("%Y-%m-%d", time.gmtime()),
-            self.key.name if self.key is not None else ANONYMOUS,
+            self.owner,
             model,
             used_input,
             used_output,

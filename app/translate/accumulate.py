@@ -1,0 +1,81 @@
+"""The message a stream of Anthropic events adds up to, as a client's SDK would assemble it:
+for the gateway's own record of a streamed reply (a message thread keeps the conversation).
+
+Pure: fed the events the gateway sends, in order; ``message`` is the whole reply once
+``message_stop`` has gone by, and None for a stream that failed or ended before it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app import jsonc
+
+Event = dict[str, Any]
+
+
+class MessageAccumulator:
+    __slots__ = ("started", "blocks", "partial_json", "stop_reason", "complete", "failed")
+
+    def __init__(self) -> None:
+        self.started: dict[str, Any] | None = None
+        self.blocks: dict[int, dict[str, Any]] = {}
+        self.partial_json: dict[int, list[str]] = {}
+        self.stop_reason: str | None = None
+        self.complete = False
+        self.failed = False
+
+    def feed(self, events: list[Event]) -> None:
+        for event in events:
+            kind = event.get("type")
+            if kind == "content_block_delta":
+                self._delta(event.get("index", 0), event.get("delta") or {})
+            elif kind == "content_block_start":
+                self.blocks[event.get("index", 0)] = dict(event.get("content_block") or {})
+            elif kind == "content_block_stop":
+                self._close(event.get("index", 0))
+            elif kind == "message_start":
+                self.started = event.get("message") or {}
+            elif kind == "message_delta":
+                self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+            elif kind == "message_stop":
+                self.complete = not self.failed
+            elif kind == "error":
+                self.failed, self.complete = True, False
+
+    @property
+    def message(self) -> dict[str, Any] | None:
+        if not self.complete or self.started is None:
+            return None
+        return {
+            **self.started,
+            "content": [self.blocks[index] for index in sorted(self.blocks)],
+            "stop_reason": self.stop_reason,
+        }
+
+    def _delta(self, index: int, delta: dict[str, Any]) -> None:
+        block = self.blocks.get(index)
+        if block is None:
+            return
+        kind = delta.get("type")
+        if kind == "text_delta":
+            block["text"] = block.get("text", "") + delta.get("text", "")
+        elif kind == "input_json_delta":
+            self.partial_json.setdefault(index, []).append(delta.get("partial_json", ""))
+        elif kind == "thinking_delta":
+            block["thinking"] = block.get("thinking", "") + delta.get("thinking", "")
+        elif kind == "signature_delta":
+            block["signature"] = block.get("signature", "") + delta.get("signature", "")
+        elif kind == "citations_delta":
+            block.setdefault("citations", []).append(delta.get("citation"))
+
+    def _close(self, index: int) -> None:
+        pieces = self.partial_json.pop(index, None)
+        block = self.blocks.get(index)
+        if pieces is None or block is None:
+            return
+        text = "".join(pieces)
+        try:
+            block["input"] = jsonc.loads(text) if text.strip() else {}
+        except jsonc.JSONDecodeError:
+            self.failed = True  # a tool call whose arguments do not parse cannot be kept

@@ -156,6 +156,11 @@ class Bench:
         )
         if not self.args.no_auth:
             env["GATEWAY_CONFIG"] = str(self.write_config())
+        # The state store (limits, usage): its own SQLite directory per run, or a Redis of
+        # the bench's own on the loopback (a revision before the store ignores both).
+        env["GATEWAY_STATE_DIR"] = tempfile.mkdtemp(prefix="gateway-bench-state-")
+        if self.args.state == "redis":
+            env["GATEWAY_REDIS_URL"] = self.start_redis()
         env.update(item.split("=", 1) for item in self.args.env)
         self.gateway_err = open(self.gateway_log, "wb")
         self.master = subprocess.Popen(
@@ -235,18 +240,47 @@ class Bench:
     def write_config(self) -> Path:
         """Every feature on: a client key that every gateway request must carry, with a rate
         limit and a concurrency limit set far above what the bench sends, so that they are
-        checked on every request and never refuse one."""
+        checked on every request and never refuse one. ``--token-limits`` adds token limits
+        and budgets, as high (not understood by revisions before the state store)."""
         path = RESULTS / f"{self.stamp}-gateway.toml"
         digest = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
+        tokens = (
+            "input_tokens_per_minute = 6000000000\n"
+            "output_tokens_per_minute = 6000000000\n"
+            "tokens_per_day = 900000000000\n"
+            "tokens_per_month = 9000000000000\n"
+        )
         path.write_text(
             "[[auth.keys]]\n"
             'name = "bench"\n'
             f'sha256 = "{digest}"\n'
             "[limits]\n"
             "requests_per_minute = 60000000\n"
-            "max_concurrent = 100000\n"
+            "burst = 60000000\n"
+            "max_concurrent = 100000\n" + (tokens if self.args.token_limits else "")
         )
         return path
+
+    def start_redis(self) -> str:
+        binary = shutil.which("redis-server") or sys.exit("bench: --state redis needs redis-server")
+        port = free_port()
+        proc = subprocess.Popen(
+            self.pin(
+                self.core_load,
+                [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"],
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.procs.append(proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((HOST, port), timeout=0.5):
+                    return f"redis://{HOST}:{port}/0"
+            except OSError:
+                time.sleep(0.05)
+        sys.exit("bench: redis-server did not start")
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -1138,6 +1172,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="cores for the gateway and for load generator + backend (default 0 1)",
     )
     p.add_argument("--no-pin", action="store_true", help="do not use taskset")
+    p.add_argument(
+        "--state",
+        choices=("sqlite", "redis"),
+        default="sqlite",
+        help="the state store: SQLite in a fresh directory, or a Redis the bench starts on "
+        "the load generator's core (default sqlite)",
+    )
+    p.add_argument(
+        "--token-limits",
+        action="store_true",
+        help="give the key token limits and budgets too (set far above the load)",
+    )
     p.add_argument(
         "--no-auth",
         action="store_true",

@@ -103,8 +103,13 @@ max_concurrent = 100
             server.stop()
 
 
+# One kept-alive connection for every reading: a connection per reading would be counted
+# among the worker's sockets or not, depending on whether the worker had closed it yet.
+STATUS = requests.Session()
+
+
 def counters(server: Gunicorn, backend_port: int) -> dict:
-    status = requests.get(server.url + "/status", headers={"x-api-key": ADMIN}, timeout=10).json()
+    status = STATUS.get(server.url + "/status", headers={"x-api-key": ADMIN}, timeout=10).json()
     to_backend, other = sockets(status["worker_pid"], backend_port)
     return {
         "backend_in_flight": {n: b["in_flight"] for n, b in status["backends"].items()},
@@ -169,11 +174,25 @@ def hang_up_early(server: Gunicorn, stream: bool) -> None:
             conn.recv(200)
 
 
+def threaded_turns(sdk: anthropic.Anthropic, stream: bool) -> None:
+    """A message thread's create and continue (either may meet the backend's faults)."""
+    first = sdk.messages.create(**BODY, extra_body={"thread": {"type": "create"}})
+    follow = {"thread": {"type": "continue", "previous_message_id": first.id}}
+    more = {**BODY, "messages": [{"role": "user", "content": "and?"}]}
+    if stream:
+        with sdk.messages.stream(**more, extra_body=follow) as events:
+            events.get_final_message()
+    else:
+        sdk.messages.create(**more, extra_body=follow)
+
+
 def client_loop(server: Gunicorn, seed: int, until: float, tally: Counter, failures: list) -> None:
     rng = random.Random(seed)
     with anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=10) as sdk:
         while time.monotonic() < until:
-            action = rng.choice(["json", "json", "stream", "stream", "hangup", "count", "bad"])
+            action = rng.choice(
+                ["json", "json", "stream", "stream", "hangup", "count", "bad", "thread"]
+            )
             try:
                 if action == "json":
                     sdk.messages.create(**BODY)
@@ -182,6 +201,8 @@ def client_loop(server: Gunicorn, seed: int, until: float, tally: Counter, failu
                         events.get_final_message()
                 elif action == "hangup":
                     hang_up_early(server, stream=rng.random() < 0.5)
+                elif action == "thread":
+                    threaded_turns(sdk, stream=rng.random() < 0.5)
                 elif action == "count":
                     sdk.messages.count_tokens(model="m", messages=BODY["messages"])
                 else:

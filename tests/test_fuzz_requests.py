@@ -121,7 +121,12 @@ requests_bodies = st.fixed_dictionaries(
         "top_p": json_values,
         "top_k": json_values,
         "mcp_servers": json_values,
-        "thread": json_values,
+        "thread": maybe(
+            st.fixed_dictionaries(
+                {"type": maybe(st.sampled_from(["create", "continue", "fork"]))},
+                optional={"previous_message_id": maybe(st.text(max_size=8))},
+            )
+        ),
         "container": json_values,
     },
 )

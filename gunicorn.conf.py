@@ -78,6 +78,13 @@ control_socket = os.environ.get("GATEWAY_CONTROL_SOCKET", "") or None
 control_socket_disable = control_socket is None
 
 
+def worker_exit(server, worker):
+    """On a worker's way out: the usage records it has not written yet (app/state/buffer.py)."""
+    from app.state.buffer import flush_all
+
+    flush_all()
+
+
 def post_worker_init(worker):
     """In each worker, after gevent patched it: end streams cleanly when the drain time is up."""
     from app.serving import lifecycle

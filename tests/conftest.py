@@ -53,12 +53,14 @@ class GatewayServer:
         self.server.server_close()
         for client in self.app.extensions["gateway.dispatcher"].clients.values():
             client.close()
-        self.app.extensions["gateway.store"].close()
+        ledger = self.app.extensions["gateway.ledger"]
+        ledger.usage.close()
+        ledger.store.close()
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
     @property
     def store(self) -> Any:
-        return self.app.extensions["gateway.store"]
+        return self.app.extensions["gateway.ledger"].store
 
 
 @pytest.fixture

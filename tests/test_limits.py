@@ -25,6 +25,7 @@ from servers import Gunicorn
 
 from app.config import ClientKey, Limits
 from app.policy.limits import KeyPolicy, budgets, rate_headers, settlement
+from app.state.sqlite_store import SQLiteStore
 from app.state.store import Standing, Verdict
 
 BODY = {
@@ -132,7 +133,7 @@ def test_settlement_gives_back_the_unused_reservation_and_takes_the_overrun() ->
     key = policy(input_tokens_per_minute=1000, output_tokens_per_minute=1000, tokens_per_day=10**6)
     ask = key.ask(100, 500, time.time(), 900)
     reservation = key.reservation(ask, Verdict(True, lease="l1"), 100, 500)
-    settled = settlement(reservation, key, used_input=130, used_output=20, usage=None)
+    settled = settlement(reservation, key, used_input=130, used_output=20)
     assert settled.lease == "l1"
     assert [(b.name, units) for b, units in settled.corrections] == [
         ("input_tokens", -30),  # 30 more than estimated: taken
@@ -325,7 +326,7 @@ def test_output_tokens_reserve_max_tokens_and_settle_to_what_was_used(server, mo
     message = too_big.json()["error"]["message"]
     assert "100 output tokens per minute, less than this request reserves" in message
     assert too_big.headers["anthropic-ratelimit-output-tokens-limit"] == "100"
-    assert usage_of(server, "output")["output_tokens"] == 4 * 5
+    assert usage_of(server, "output", requests=4)["output_tokens"] == 4 * 5
 
 
 def test_a_daily_budget_is_spent_by_real_usage_then_refuses(server, module_backend):
@@ -432,3 +433,18 @@ def test_after_all_of_it_no_key_holds_a_slot(server):
 
     assert wait_for(idle)
     assert set(admin(server, "/status")["keys"]) == set(KEYS)
+
+
+def test_a_worker_on_its_way_out_writes_the_usage_it_has_not_written_yet(module_backend, tmp_path):
+    # Usage is written a second at a time; a gateway stopped at once still keeps all of it.
+    server = start(module_backend, tmp_path, {"free": {}}, GATEWAY_WORKERS="2")
+    try:
+        assert [post(server, "free").status_code for _ in range(7)] == [200] * 7
+    finally:
+        server.stop()
+    store = SQLiteStore(str(server.log_path.with_suffix(".state")))
+    try:
+        (row,) = store.usage("2000-01-01", "2999-12-31", "free", None)
+    finally:
+        store.close()
+    assert (row.requests, row.input_tokens, row.output_tokens) == (7, 70, 35)

@@ -140,9 +140,13 @@ def test_usage_adds_up_per_key_model_and_day(store):
         ("alice", "m2", (1, 1, 0), False),
         ("bob", "m1", (3, 4, 1), False),
     ]:
-        usage = Usage("2026-12-01", key, model, *tokens, error=error)
-        store.settle(Settlement(key, None, usage=usage))
-    store.settle(Settlement("alice", None, usage=Usage("2026-11-30", "alice", "m1", 9, 9, 9)))
+        store.add_usage([Usage("2026-12-01", key, model, *tokens, errors=int(error))])
+    store.add_usage(
+        [
+            Usage("2026-11-30", "alice", "m1", 9, 9, 9),
+            Usage("2026-11-30", "bob", "m2", 1, 1, 1, requests=4, errors=2),  # a worker's sum
+        ]
+    )
     rows = store.usage("2026-12-01", "2026-12-01", None, None)
     table = {
         (r.key, r.model): (r.requests, r.input_tokens, r.output_tokens, r.cached_tokens, r.errors)
@@ -153,6 +157,9 @@ def test_usage_adds_up_per_key_model_and_day(store):
         ("alice", "m2"): (1, 1, 1, 0, 0),
         ("bob", "m1"): (1, 3, 4, 1, 0),
     }
+    assert [
+        (r.requests, r.errors) for r in store.usage("2026-11-30", "2026-11-30", "bob", None)
+    ] == [(4, 2)]
     assert [r.day for r in store.usage("2026-11-01", "2026-12-31", "alice", "m1")] == [
         "2026-11-30",
         "2026-12-01",

@@ -19,6 +19,7 @@ passed in.
 from __future__ import annotations
 
 import calendar
+import functools
 import math
 import time
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from datetime import UTC, datetime
 
 from app.config import ClientKey, Limits
 from app.errors import RateLimited
-from app.state.store import Ask, Bucket, Budget, Settlement, Standing, Usage, Verdict
+from app.state.store import Ask, Bucket, Budget, Settlement, Standing, Verdict
 
 RESET_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 HEADER_FAMILIES = {
@@ -154,7 +155,6 @@ def settlement(
     policy: KeyPolicy,
     used_input: int,
     used_output: int,
-    usage: Usage | None,
 ) -> Settlement:
     """The correction of what ``reservation`` took, given what the request really used."""
     corrections: list[tuple[Bucket, float]] = []
@@ -164,24 +164,30 @@ def settlement(
         corrections.append((policy.output, reservation.output_tokens - used_output))
     spent = used_input + used_output - reservation.input_tokens - reservation.output_tokens
     budget_corrections = [(budget, spent) for budget in reservation.budgets]
-    return Settlement(reservation.key, reservation.lease, corrections, budget_corrections, usage)
+    return Settlement(reservation.key, reservation.lease, corrections, budget_corrections)
 
 
 def budgets(limits: Limits, now: float) -> list[Budget]:
     """The key's budgets for the calendar day and month (UTC) that ``now`` falls in."""
     found: list[Budget] = []
-    moment = datetime.fromtimestamp(now, UTC)
+    if not (limits.tokens_per_day or limits.tokens_per_month):
+        return found
+    day, day_end, month, month_end = _calendar(int(now // 86400))
     if limits.tokens_per_day:
-        end = calendar.timegm((moment.year, moment.month, moment.day, 0, 0, 0)) + 86400
-        day = moment.strftime("%Y-%m-%d")
-        found.append(Budget("tokens_per_day", day, limits.tokens_per_day, end - now))
+        found.append(Budget("tokens_per_day", day, limits.tokens_per_day, day_end - now))
     if limits.tokens_per_month:
-        year, month = divmod(moment.year * 12 + moment.month, 12)  # the next month's
-        end = calendar.timegm((year, month + 1, 1, 0, 0, 0))
-        found.append(
-            Budget("tokens_per_month", moment.strftime("%Y-%m"), limits.tokens_per_month, end - now)
-        )
+        found.append(Budget("tokens_per_month", month, limits.tokens_per_month, month_end - now))
     return found
+
+
+@functools.lru_cache(maxsize=4)
+def _calendar(day_number: int) -> tuple[str, int, str, int]:
+    """The UTC day ``day_number`` days after the epoch: its name and end, and its month's."""
+    start = day_number * 86400
+    moment = datetime.fromtimestamp(start, UTC)
+    year, month = divmod(moment.year * 12 + moment.month, 12)  # the next month's
+    month_end = calendar.timegm((year, month + 1, 1, 0, 0, 0))
+    return moment.strftime("%Y-%m-%d"), start + 86400, moment.strftime("%Y-%m"), month_end
 
 
 def rate_headers(standing: dict[str, Standing], wall: float) -> list[tuple[str, str]]:

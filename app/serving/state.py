@@ -1,5 +1,5 @@
 """What the gateway keeps about one request, from its first hook to its access line and its
-settlement.
+settlement, and the ledger it settles with (the store, and the worker's usage buffer).
 
 It lives in the WSGI environ, which every layer reaches through Flask's public
 ``request.environ``: one lookup through the request proxy, then plain attributes. ``end`` runs
@@ -11,20 +11,31 @@ gives back the key's slot and reservations and adds the request's usage.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from flask import request
 
 from app.ops.access_log import log_access
 from app.policy.limits import KeyPolicy, Reservation, rate_headers, settlement
+from app.state.buffer import UsageBuffer
 from app.state.guard import GuardedStore
-from app.state.store import Settlement, Usage
+from app.state.store import Usage
 from app.translate.tokens import estimate_request_tokens
 
 ENVIRON_KEY = "gateway.request"
 MODEL_CHARS = 100  # a usage record keeps this much of the client's model name
 ANONYMOUS = "-"  # the key of usage records when the gateway has no client keys
 SETTLED_PATH = "/v1/messages"
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Where requests are held to their limits and their use is written: one per worker."""
+
+    store: GuardedStore
+    usage: UsageBuffer
+    lease_ttl: float
 
 
 class RequestState:
@@ -40,17 +51,13 @@ class RequestState:
         "answered",
         "ended",
         "settled",
-        "store",
-        "lease_ttl",
+        "ledger",
     )
 
-    def __init__(
-        self, started: float, request_id: str, store: GuardedStore, lease_ttl: float
-    ) -> None:
+    def __init__(self, started: float, request_id: str, ledger: Ledger) -> None:
         self.started = started  # monotonic
         self.request_id = request_id
-        self.store = store
-        self.lease_ttl = lease_ttl
+        self.ledger = ledger
         # The access-log entry; None for probes and scrapes, which get no access line.
         self.access: dict[str, Any] | None = None
         self.key: KeyPolicy | None = None  # the client key, when keys are configured
@@ -79,8 +86,8 @@ class RequestState:
         estimate = estimate_request_tokens(body)
         max_tokens = int(body["max_tokens"])
         wall = time.time()
-        ask = key.ask(estimate, max_tokens, wall, self.lease_ttl)
-        verdict = self.store.admit(ask)
+        ask = key.ask(estimate, max_tokens, wall, self.ledger.lease_ttl)
+        verdict = self.ledger.store.admit(ask)
         self.rate_headers = rate_headers(verdict.standing, wall)
         if not verdict.admitted:
             error = key.refused(verdict, max_tokens)
@@ -98,9 +105,10 @@ class RequestState:
         log_access(self.access, self.started)
 
     def settle(self) -> None:
-        """Its settlement with the store, once: its slot back, its reservations corrected,
-        its usage added, in one round trip. A JSON answer settles before it is written, so a
-        client that sends its next request on reading it finds its tokens given back."""
+        """Its settlement with the store, once: its slot back and its reservations corrected,
+        in one round trip (none when it has neither), and its usage added to the buffer. A
+        JSON answer settles before it is written, so a client that sends its next request on
+        reading it finds its tokens given back."""
         access = self.access
         if self.settled or access is None or access.get("path") != SETTLED_PATH:
             return
@@ -114,11 +122,13 @@ class RequestState:
             # before the usage came): the estimate stands.
             used_input = reservation.input_tokens
         usage = self._usage(access, max(used_input, 0), used_output, cached)
+        if usage is not None:
+            self.ledger.usage.add(usage)
         key = self.key
         if reservation is not None and key is not None:
-            self.store.settle(settlement(reservation, key, used_input, used_output, usage))
-        elif usage is not None:
-            self.store.settle(Settlement(usage.key, None, usage=usage))
+            correction = settlement(reservation, key, used_input, used_output)
+            if not correction.empty:
+                self.ledger.store.settle(correction)
 
     def _usage(
         self, access: dict[str, Any], used_input: int, used_output: int, cached: int
@@ -136,7 +146,7 @@ class RequestState:
             used_input,
             used_output,
             cached,
-            error=failed,
+            errors=int(failed),
         )
 
 

@@ -37,9 +37,9 @@ from app.policy import auth
 from app.policy.limits import KeyPolicy, key_table
 from app.serving.admin import create_admin_blueprint
 from app.serving.api import create_blueprint
-from app.serving.state import ENVIRON_KEY, RequestState, current
+from app.serving.state import ENVIRON_KEY, Ledger, RequestState, current
 from app.serving.worker import close_connection
-from app.state.guard import GuardedStore
+from app.state.buffer import UsageBuffer
 from app.state.open import open_store
 from app.translate.redact import redact
 
@@ -55,11 +55,12 @@ def build_app(settings: Settings | None = None) -> Flask:
     dispatcher = build_dispatcher(settings)
     app.extensions["gateway.dispatcher"] = dispatcher
     store = open_store(settings.state, on_change=metrics.store_changed)
-    app.extensions["gateway.store"] = store
+    ledger = Ledger(store, UsageBuffer(store), settings.state.lease_seconds)
+    app.extensions["gateway.ledger"] = ledger
     keys = key_table(settings.keys)
     app.register_blueprint(create_blueprint(settings, dispatcher, store))
     app.register_blueprint(create_admin_blueprint(settings, dispatcher, keys, store))
-    app.before_request(_request_starter(keys, store, settings.state.lease_seconds))
+    app.before_request(_request_starter(keys, ledger))
     app.after_request(_finish_request)
     app.teardown_request(_end_request)
     app.register_error_handler(GatewayError, _gateway_error)
@@ -100,9 +101,7 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def _request_starter(
-    keys: Mapping[bytes, KeyPolicy], store: GuardedStore, lease_ttl: float
-) -> Callable[[], None]:
+def _request_starter(keys: Mapping[bytes, KeyPolicy], ledger: Ledger) -> Callable[[], None]:
     """The first hook of every request; with client keys configured it also lets in only
     requests with a known, live key on /v1/ routes."""
 
@@ -112,7 +111,7 @@ def _request_starter(
         environ = request.environ  # one lookup through the proxy, then a plain dict
         started = time.monotonic()
         request_id = request_id_from(environ.get("HTTP_X_REQUEST_ID"))
-        environ[ENVIRON_KEY] = state = RequestState(started, request_id, store, lease_ttl)
+        environ[ENVIRON_KEY] = state = RequestState(started, request_id, ledger)
         path = request.path
         if path in QUIET_PATHS:
             return

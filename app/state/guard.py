@@ -26,6 +26,7 @@ from app.state.store import (
     Settlement,
     Store,
     StoreUnavailable,
+    Usage,
     UsageRow,
     Verdict,
 )
@@ -61,6 +62,10 @@ class GuardedStore:
     def settle(self, settlement: Settlement) -> None:
         # Never refused: the request is over. Lost, its lease expires by itself (lease_ttl).
         self._call(lambda s: s.settle(settlement), lambda: None, refuse=False)
+
+    def add_usage(self, records: list[Usage]) -> None:
+        # Lost while the store is gone: the records of those seconds are not kept.
+        self._call(lambda s: s.add_usage(records), lambda: None, refuse=False)
 
     def usage(self, since: str, until: str, key: str | None, model: str | None) -> list[UsageRow]:
         """For the admin view and the report: an unreachable store is an error there."""

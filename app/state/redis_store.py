@@ -15,7 +15,6 @@ The keys, under a prefix (``gw:`` by default):
 from __future__ import annotations
 
 import json
-import secrets
 
 import redis
 
@@ -25,9 +24,11 @@ from app.state.store import (
     Settlement,
     Store,
     StoreUnavailable,
+    Usage,
     UsageRow,
     Verdict,
     budget_standing,
+    lease_id,
     standing,
 )
 
@@ -187,7 +188,7 @@ class RedisStore(Store):
         args.append(len(ask.spends))
         for budget, cost in ask.spends:
             args += [budget.limit, int(cost), repr(budget.keep)]
-        lease = _lease_id()
+        lease = lease_id()
         args += [ask.max_concurrent, repr(ask.lease_ttl), lease]
         reply = [_text(x) for x in self._call(lambda: self.admit_script(keys=keys, args=args))]
         return self._verdict(ask, reply, lease)
@@ -229,22 +230,30 @@ class RedisStore(Store):
         args.append(len(settlement.budget_corrections))
         for budget, tokens in settlement.budget_corrections:
             args += [int(tokens), repr(budget.keep)]
-        usage = settlement.usage
+        self._call(lambda: self.settle_script(keys=keys, args=args))
+
+    def add_usage(self, records: list[Usage]) -> None:
+        p = self.prefix
 
         def run() -> None:
             pipe = self.redis.pipeline(transaction=True)
-            self.settle_script(keys=keys, args=args, client=pipe)
-            if usage is not None:
-                day = f"{p}u:{usage.day}"
+            for usage in records:
                 field = json.dumps([usage.key, usage.model])
-                counts = (1, usage.input_tokens, usage.output_tokens, usage.cached_tokens)
-                for metric, value in zip(METRICS, (*counts, int(usage.error)), strict=True):
+                counts = (
+                    usage.requests,
+                    usage.input_tokens,
+                    usage.output_tokens,
+                    usage.cached_tokens,
+                    usage.errors,
+                )
+                for metric, value in zip(METRICS, counts, strict=True):
                     if value:
-                        pipe.hincrby(day, f"{field}|{metric}", value)
-                pipe.sadd(f"{p}days", usage.day)
+                        pipe.hincrby(f"{p}u:{usage.day}", f"{field}|{metric}", value)
+            pipe.sadd(f"{p}days", *{usage.day for usage in records})
             pipe.execute()
 
-        self._call(run)
+        if records:
+            self._call(run)
 
     def usage(self, since: str, until: str, key: str | None, model: str | None) -> list[UsageRow]:
         p = self.prefix
@@ -314,7 +323,3 @@ class RedisStore(Store):
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _lease_id() -> str:
-    return secrets.token_hex(8)

@@ -11,7 +11,6 @@ whole event loop, so the busy timeout is zero and a locked database is waited fo
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -28,9 +27,11 @@ from app.state.store import (
     Settlement,
     Store,
     StoreUnavailable,
+    Usage,
     UsageRow,
     Verdict,
     budget_standing,
+    lease_id,
     standing,
     take,
 )
@@ -38,24 +39,40 @@ from app.state.store import (
 T = TypeVar("T")
 FILE = "gateway.sqlite3"
 LOCK_WAIT = 2.0
+# WITHOUT ROWID: each table is one b-tree on its primary key (a rowid table would keep a
+# second one for the key's index), so a commit writes about half the pages.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS buckets (
-    key TEXT NOT NULL, name TEXT NOT NULL, tat REAL NOT NULL, PRIMARY KEY (key, name));
+    key TEXT NOT NULL, name TEXT NOT NULL, tat REAL NOT NULL, PRIMARY KEY (key, name)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (
-    id TEXT PRIMARY KEY, key TEXT NOT NULL, expires REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS leases_by_key ON leases (key, expires);
+    key TEXT NOT NULL, id TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (key, id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS budgets (
     key TEXT NOT NULL, period TEXT NOT NULL, used INTEGER NOT NULL, expires REAL NOT NULL,
-    PRIMARY KEY (key, period));
+    PRIMARY KEY (key, period)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS usage (
     day TEXT NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL,
     requests INTEGER NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0, cached_tokens INTEGER NOT NULL DEFAULT 0,
-    errors INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, key, model));
+    errors INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, key, model)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS threads (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, body BLOB NOT NULL, expires REAL NOT NULL,
     continued INTEGER NOT NULL DEFAULT 0, claimed_until REAL NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS threads_by_expiry ON threads (expires);
 """
+
+
+ADD_USAGE = (
+    "INSERT INTO usage (day, key, model, requests, input_tokens, output_tokens, cached_tokens, "
+    "errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, key, model) DO UPDATE SET "
+    "requests = requests + excluded.requests, "
+    "input_tokens = input_tokens + excluded.input_tokens, "
+    "output_tokens = output_tokens + excluded.output_tokens, "
+    "cached_tokens = cached_tokens + excluded.cached_tokens, errors = errors + excluded.errors"
+)
 
 
 class SQLiteStore(Store):
@@ -105,14 +122,18 @@ class SQLiteStore(Store):
                 return _refused(verdict, budget.name, wait)
             verdict.standing[budget.name] = budget_standing(budget, used + cost)
         if ask.max_concurrent:
-            db.execute("DELETE FROM leases WHERE key = ? AND expires <= ?", (ask.key, now))
-            (held,) = db.execute("SELECT COUNT(*) FROM leases WHERE key = ?", (ask.key,)).fetchone()
+            count = "SELECT COUNT(*) FROM leases WHERE key = ?"
+            (held,) = db.execute(count, (ask.key,)).fetchone()
+            if held >= ask.max_concurrent:
+                # Only at the limit are the leases of dead workers worth looking for.
+                db.execute("DELETE FROM leases WHERE key = ? AND expires <= ?", (ask.key, now))
+                (held,) = db.execute(count, (ask.key,)).fetchone()
             if held >= ask.max_concurrent:
                 return _refused(verdict, "concurrent", 1.0)
-            verdict.lease = secrets.token_hex(8)
+            verdict.lease = lease_id()
             db.execute(
-                "INSERT INTO leases (id, key, expires) VALUES (?, ?, ?)",
-                (verdict.lease, ask.key, now + ask.lease_ttl),
+                "INSERT INTO leases (key, id, expires) VALUES (?, ?, ?)",
+                (ask.key, verdict.lease, now + ask.lease_ttl),
             )
         for name, tat in updates:
             db.execute(
@@ -130,7 +151,7 @@ class SQLiteStore(Store):
     def _settle(self, db: sqlite3.Connection, settlement: Settlement, now: float) -> None:
         key = settlement.key
         if settlement.lease is not None:
-            db.execute("DELETE FROM leases WHERE id = ?", (settlement.lease,))
+            db.execute("DELETE FROM leases WHERE key = ? AND id = ?", (key, settlement.lease))
         for bucket, units in settlement.corrections:
             # Give back (or take more of) what the admission reserved: ``tat`` moves by it,
             # from now if the bucket has been whole again since.
@@ -140,26 +161,14 @@ class SQLiteStore(Store):
             )
         for budget, tokens in settlement.budget_corrections:
             _add_to_budget(db, key, budget.period, tokens, now + budget.keep)
-        usage = settlement.usage
-        if usage is not None:
-            db.execute(
-                "INSERT INTO usage (day, key, model, requests, input_tokens, output_tokens, "
-                "cached_tokens, errors) VALUES (?, ?, ?, 1, ?, ?, ?, ?) "
-                "ON CONFLICT (day, key, model) DO UPDATE SET requests = requests + 1, "
-                "input_tokens = input_tokens + excluded.input_tokens, "
-                "output_tokens = output_tokens + excluded.output_tokens, "
-                "cached_tokens = cached_tokens + excluded.cached_tokens, "
-                "errors = errors + excluded.errors",
-                (
-                    usage.day,
-                    usage.key,
-                    usage.model,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    usage.cached_tokens,
-                    int(usage.error),
-                ),
-            )
+
+    def add_usage(self, records: list[Usage]) -> None:
+        rows = [
+            (u.day, u.key, u.model, u.requests, u.input_tokens, u.output_tokens)
+            + (u.cached_tokens, u.errors)
+            for u in records
+        ]
+        self._transaction(lambda db: db.executemany(ADD_USAGE, rows))
 
     def usage(self, since: str, until: str, key: str | None, model: str | None) -> list[UsageRow]:
         query = "SELECT * FROM usage WHERE day >= ? AND day <= ?"

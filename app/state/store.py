@@ -4,7 +4,8 @@ Two engines implement it: SQLite in a state directory (the embedded default: eve
 the host shares one file, in WAL mode) and Redis (several hosts behind one load balancer). Each
 operation is one round trip and atomic: admission checks every limit of a key and takes what
 the request needs, or nothing; settlement gives back what was reserved and too much, takes what
-was too little, releases the request's slot and adds its usage.
+was too little, and releases the request's slot. Usage records are added up in each worker and
+written a second at a time (app/state/buffer.py).
 
 The limits are kept as GCRA buckets (the generic cell rate algorithm: a token bucket kept as one
 number, the theoretical arrival time ``tat`` of the next unit if the key used its rate exactly).
@@ -18,6 +19,9 @@ Redis runs the same steps in Lua), and one test suite runs against both.
 
 from __future__ import annotations
 
+import itertools
+import os
+import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -82,7 +86,7 @@ class Verdict:
 
 @dataclass
 class Usage:
-    """One request's use, for the key × model × day record."""
+    """Use to add to a key × model × day record: one request's, or a worker's few seconds'."""
 
     day: str
     key: str
@@ -90,19 +94,23 @@ class Usage:
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
-    error: bool = False
+    errors: int = 0
+    requests: int = 1
 
 
 @dataclass
 class Settlement:
-    """The end of a request: its slot back, its reservations corrected, its usage added."""
+    """The end of a request: its slot back, its reservations corrected."""
 
     key: str
     lease: str | None
     # Units given back to a bucket (+) or taken more (-); tokens more (+) or fewer (-) spent.
     corrections: list[tuple[Bucket, float]] = field(default_factory=list)
     budget_corrections: list[tuple[Budget, int]] = field(default_factory=list)
-    usage: Usage | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.lease is None and not self.corrections and not self.budget_corrections
 
 
 @dataclass
@@ -133,6 +141,10 @@ class Store(ABC):
 
     @abstractmethod
     def settle(self, settlement: Settlement) -> None: ...
+
+    @abstractmethod
+    def add_usage(self, records: list[Usage]) -> None:
+        """Add to the key × model × day records, in one round trip."""
 
     @abstractmethod
     def usage(self, since: str, until: str, key: str | None, model: str | None) -> list[UsageRow]:
@@ -190,3 +202,22 @@ def standing(tat: float, now: float, bucket: Bucket) -> Standing:
 
 def budget_standing(budget: Budget, used: int) -> Standing:
     return Standing(budget.limit, max(budget.limit - used, 0), budget.ends_in)
+
+
+class _LeaseIds:
+    """A random prefix per process (made again in a forked worker), then a counter: unique
+    across workers, hosts and restarts without a system call per request."""
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)
+
+    def reset(self) -> None:
+        self.prefix = secrets.token_hex(6)
+        self.numbers = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.numbers):x}"
+
+
+lease_id = _LeaseIds().next

@@ -24,7 +24,7 @@ from app.ops import metrics
 from app.ops.health import Readiness
 from app.policy.threads import ThreadTurn, begin_turn
 from app.serving.body import parse_json, read_within
-from app.serving.catalog import find_model, models_page
+from app.serving.catalog import Catalog
 from app.serving.green import client_watch
 from app.serving.relay import StreamOutcome, relay
 from app.serving.state import RequestState, current
@@ -114,13 +114,17 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
         headers = {"x-gateway-token-count": how}
         return Response(jsonc.dumps({"input_tokens": count}), mimetype=JSON, headers=headers)
 
+    catalog = Catalog(settings, dispatcher.clients)
+
     @bp.get("/v1/models")
     def list_models() -> Response:
-        return Response(jsonc.dumps(models_page(settings, request.args)), mimetype=JSON)
+        """The configured names and the pass-through backends' own (app.serving.catalog)."""
+        return Response(jsonc.dumps(catalog.page(request.args)), mimetype=JSON)
 
     @bp.get("/v1/models/<path:model_id>")
     def get_model(model_id: str) -> Response:
-        return Response(jsonc.dumps(find_model(model_id, settings)), mimetype=JSON)
+        """Any name ``POST /v1/messages`` would serve; 404 only for one it would refuse."""
+        return Response(jsonc.dumps(catalog.find(model_id)), mimetype=JSON)
 
     @bp.get("/healthz")
     def healthz() -> Response:

@@ -1,14 +1,22 @@
-"""Backend failures -> Anthropic errors (app/translate/upstream_errors.py, app/errors.py)."""
+"""Backend failures -> Anthropic errors (app/translate/upstream_errors.py, app/errors.py), and
+the stop a full context window makes (app/translate/response.py)."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 
 from app import errors
 from app.errors import GatewayError, field_error
+from app.translate.response import (
+    context_window_exceeded,
+    map_stop_reason,
+    translate_response,
+)
+from app.translate.stream import StreamTranslator
 from app.translate.upstream_errors import EXCERPT_CHARS, error_from_body, error_from_status
 
 BACKEND = "gpu-box:8000"
@@ -170,83 +178,6 @@ def test_error_from_status(
 
 
 @pytest.mark.parametrize(
-    ("status", "body"),
-    [
-        (
-            400,
-            openai_error(
-                "This model's maximum context length is 128000 tokens. However, your messages "
-                "resulted in 130412 tokens. Please reduce the length of the messages.",
-                type="invalid_request_error",
-                param="messages",
-                code="context_length_exceeded",
-            ),
-        ),
-        (
-            400,
-            openai_error(
-                "This model's maximum context length is 4096 tokens. However, you requested "
-                "5000 tokens (4000 in the messages, 1000 in the completion). Please reduce the "
-                "length of the messages or completion.",
-                type="BadRequestError",
-                param=None,
-                code=400,
-            ),
-        ),
-        (
-            400,
-            {
-                "object": "error",
-                "message": "This model's maximum context length is 2048 tokens. However, you "
-                "requested 2100 tokens in the messages.",
-                "type": "BadRequestError",
-                "code": 400,
-            },
-        ),
-        (
-            422,
-            openai_error("Request has too many tokens for the context window (n_ctx=4096)"),
-        ),
-    ],
-    ids=["openai", "vllm", "vllm_flat_old", "other_wording_422"],
-)
-def test_context_overflow_says_prompt_is_too_long(status: int, body: dict) -> None:
-    error = from_status(status, body)
-    assert (error.status, error.error_type) == (400, "invalid_request_error")
-    assert error.message.startswith("prompt is too long")
-    assert "maximum context length" in error.message or "context window" in error.message
-
-
-@pytest.mark.parametrize(
-    "body",
-    [
-        {
-            "error": {
-                "code": 400,
-                "message": "request (5000 tokens) exceeds the available context size "
-                "(4096 tokens), try increasing it",
-                "type": "exceed_context_size_error",
-                "n_prompt_tokens": 5000,
-                "n_ctx": 4096,
-            }
-        },
-        openai_error(
-            "Input tokens exceed the configured limit of 272000 tokens. Your messages resulted "
-            "in 300000 tokens. Please reduce the length of the messages.",
-            type="invalid_request_error",
-            param="messages",
-            code="context_length_exceeded",
-        ),
-    ],
-    ids=["llamacpp_exceed_context_size_error", "openai_code_only"],
-)
-def test_context_overflow_is_recognised_by_error_code_or_type(body: dict) -> None:
-    error = from_status(400, body)
-    assert error.error_type == "invalid_request_error"
-    assert error.message.startswith("prompt is too long")
-
-
-@pytest.mark.parametrize(
     ("status", "headers", "kept"),
     [
         (429, {"retry-after": "7", "x-ratelimit-remaining": "0"}, {"retry-after": "7"}),
@@ -287,6 +218,314 @@ def test_invalid_utf8_body_does_not_raise() -> None:
     error = from_status(500, b"\xff\xfe broken \xc3")
     assert error.error_type == "api_error"
     assert "broken" in error.message
+
+
+# --- a prompt that does not fit: in the words Claude Code acts on -----------------------------
+
+# The two patterns Claude Code 2.1 matches against an API error's message (cli.js): the first
+# starts compaction, the second a retry with a smaller max_tokens.
+CLAUDE_CODE_PROMPT_TOO_LONG = re.compile(
+    r"prompt is too long[^0-9]*(\d+)\s*tokens?\s*>\s*(\d+)", re.I
+)
+CLAUDE_CODE_MAX_TOKENS = re.compile(
+    r"input length and `max_tokens` exceed context limit: (\d+) \+ (\d+) > (\d+)"
+)
+
+
+def as_claude_code_sees_it(error: GatewayError) -> str:
+    """The SDK's APIError.message: the status, then the error body as JSON."""
+    return f"{error.status} {json.dumps(error.payload('req_1'))}"
+
+
+LLAMACPP_OVERFLOW = {
+    "error": {
+        "code": 400,
+        "message": "request (1087 tokens) exceeds the available context size (512 tokens), "
+        "try increasing it",
+        "type": "exceed_context_size_error",
+        "n_prompt_tokens": 1087,
+        "n_ctx": 512,
+    }
+}
+
+PROMPT_TOO_LONG = [
+    (LLAMACPP_OVERFLOW, (1087, 512)),
+    (
+        openai_error(
+            "This model's maximum context length is 4096 tokens. However, your request has "
+            "5000 input tokens. Please reduce the length of the input messages.",
+            type="BadRequestError",
+            param=None,
+            code=400,
+        ),
+        (5000, 4096),
+    ),
+    (
+        {
+            "object": "error",
+            "message": "This model's maximum context length is 2048 tokens. However, you "
+            "requested 2100 tokens in the messages, Please reduce the length of the messages.",
+            "type": "BadRequestError",
+            "code": 400,
+        },
+        (2100, 2048),
+    ),
+    (
+        openai_error(
+            "This model's maximum context length is 32768 tokens. However, you requested 0 "
+            "output tokens and your prompt contains at least 32769 input tokens, for a total of "
+            "at least 32769 tokens. Please reduce the length of the input prompt or the number "
+            "of requested output tokens.",
+            type="BadRequestError",
+            param="input_tokens",
+            code=400,
+        ),
+        (32769, 32768),
+    ),
+    (
+        openai_error(
+            "The decoder prompt (length 5000) is longer than the maximum model length of 4096. "
+            "Make sure that `max_model_len` is no smaller than the number of text tokens.",
+            type="BadRequestError",
+            code=400,
+        ),
+        (5000, 4096),
+    ),
+    (
+        {
+            "object": "error",
+            "message": "The input (5000 tokens) is longer than the model's context length "
+            "(4096 tokens).",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+        (5000, 4096),
+    ),
+    (
+        openai_error(
+            "This model's maximum context length is 128000 tokens. However, your messages "
+            "resulted in 130412 tokens. Please reduce the length of the messages.",
+            type="invalid_request_error",
+            param="messages",
+            code="context_length_exceeded",
+        ),
+        (130412, 128000),
+    ),
+    (
+        openai_error(
+            "Input tokens exceed the configured limit of 272000 tokens. Your messages resulted "
+            "in 300000 tokens. Please reduce the length of the messages.",
+            type="invalid_request_error",
+            param="messages",
+            code="context_length_exceeded",
+        ),
+        (300000, 272000),
+    ),
+]
+PROMPT_TOO_LONG_IDS = [
+    "llamacpp",
+    "vllm",
+    "vllm_before_0_18",
+    "vllm_0_18_prompt_alone",
+    "vllm_input_processor",
+    "sglang",
+    "openai",
+    "openai_configured_limit",
+]
+
+
+@pytest.mark.parametrize(("body", "counts"), PROMPT_TOO_LONG, ids=PROMPT_TOO_LONG_IDS)
+def test_a_prompt_over_the_context_reads_prompt_is_too_long_n_tokens_over_m(
+    body: dict, counts: tuple[int, int]
+) -> None:
+    error = from_status(400, body)
+    prompt, limit = counts
+    assert (error.status, error.error_type) == (400, "invalid_request_error")
+    assert error.message.startswith(f"prompt is too long: {prompt} tokens > {limit} maximum")
+    found = CLAUDE_CODE_PROMPT_TOO_LONG.search(as_claude_code_sees_it(error))
+    assert found is not None and found.groups() == (str(prompt), str(limit))
+    assert not error.retryable and not error.backend_fault
+
+
+@pytest.mark.parametrize(("body", "counts"), PROMPT_TOO_LONG, ids=PROMPT_TOO_LONG_IDS)
+def test_the_backends_own_words_follow_the_rewording(body: dict, counts: tuple) -> None:
+    error = from_status(400, body)
+    backend_text = body["error"]["message"] if "error" in body else body["message"]
+    assert error.message.endswith(f" (backend: {backend_text})")
+
+
+@pytest.mark.parametrize(
+    ("message", "counts"),
+    [
+        (
+            "This model's maximum context length is 4096 tokens. However, you requested 5000 "
+            "tokens (4000 in the messages, 1000 in the completion). Please reduce the length of "
+            "the messages or completion.",
+            (4000, 1000, 4096),
+        ),
+        (
+            "'max_tokens' or 'max_completion_tokens' is too large: 32000. This model's maximum "
+            "context length is 32768 tokens and your request has 2778 input tokens "
+            "(32000 > 32768 - 2778).",
+            (2778, 32000, 32768),
+        ),
+        (
+            "This model's maximum context length is 32768 tokens. However, you requested 32000 "
+            "output tokens and your prompt contains at least 769 input tokens, for a total of at "
+            "least 32769 tokens. Please reduce the length of the input prompt or the number of "
+            "requested output tokens.",
+            (769, 32000, 32768),
+        ),
+        (
+            "Requested token count exceeds the model's maximum context length of 4096 tokens. "
+            "You requested a total of 5000 tokens: 4000 tokens from the input messages and 1000 "
+            "tokens for the completion. Please reduce the number of tokens in the input messages "
+            "or the completion to fit within the limit.",
+            (4000, 1000, 4096),
+        ),
+    ],
+    ids=["vllm_before_0_18", "vllm_max_tokens_too_large", "vllm_0_18", "sglang"],
+)
+def test_a_prompt_that_fits_with_too_large_a_max_tokens_asks_for_a_smaller_one(
+    message: str, counts: tuple[int, int, int]
+) -> None:
+    error = from_status(400, openai_error(message, type="BadRequestError", code=400))
+    assert (error.status, error.error_type) == (400, "invalid_request_error")
+    found = CLAUDE_CODE_MAX_TOKENS.search(as_claude_code_sees_it(error))
+    assert found is not None and tuple(int(n) for n in found.groups()) == counts
+    assert "prompt is too long" not in error.message  # no compaction: the history fits
+
+
+def test_llamacpps_counts_in_the_error_object_are_used_over_its_text() -> None:
+    body = {
+        "error": {
+            **LLAMACPP_OVERFLOW["error"],
+            "message": "the request exceeds the "
+            "available context size, try increasing the context size or enable context shift",
+        }
+    }
+    error = from_status(400, body)
+    assert error.message.startswith("prompt is too long: 1087 tokens > 512 maximum (backend: ")
+
+
+def test_an_overflow_sent_as_a_server_error_is_the_clients_400() -> None:
+    body = openai_error(
+        "This model's maximum context length is 8192 tokens. However, your request has 9000 "
+        "input tokens. Please reduce the length of the input messages.",
+        type="InternalServerError",
+        code=500,
+    )
+    error = from_status(500, body)
+    assert (error.status, error.error_type) == (400, "invalid_request_error")
+    assert error.message.startswith("prompt is too long: 9000 tokens > 8192 maximum")
+    assert not error.retryable and not error.backend_fault
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            openai_error(
+                "Your input exceeds the context window of this model. Please adjust your input "
+                "and try again.",
+                type="invalid_request_error",
+                code="context_length_exceeded",
+            ),
+            "prompt is too long (backend: Your input exceeds the context window of this model. "
+            "Please adjust your input and try again.)",
+        ),
+        (
+            openai_error("Request has too many tokens for the context window"),
+            "prompt is too long (backend: Request has too many tokens for the context window)",
+        ),
+        (
+            openai_error("maximum context length is 4096 tokens", code="context_length_exceeded"),
+            "prompt is too long: more than 4096 tokens > 4096 maximum "
+            "(backend: maximum context length is 4096 tokens)",
+        ),
+    ],
+    ids=["no_numbers", "no_numbers_other_wording", "limit_only"],
+)
+def test_an_overflow_without_both_numbers_still_reads_prompt_is_too_long(
+    body: dict, expected: str
+) -> None:
+    error = from_status(400, body)
+    assert (error.error_type, error.message) == ("invalid_request_error", expected)
+
+
+def test_an_anthropic_backends_overflow_message_passes_unchanged() -> None:
+    message = "prompt is too long: 210000 tokens > 200000 maximum"
+    error = from_status(
+        400, {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+    )
+    assert error.message == message
+
+
+def test_an_error_that_is_not_about_the_context_is_not_reworded() -> None:
+    message = "max_tokens is too large: 32000. This model supports at most 16384 completion tokens"
+    assert from_status(400, openai_error(message)).message == message
+
+
+@pytest.mark.parametrize(
+    ("chunk", "expected"),
+    [
+        (LLAMACPP_OVERFLOW, "prompt is too long: 1087 tokens > 512 maximum (backend: "),
+        (
+            {
+                "error": {
+                    "object": "error",
+                    "message": "The input (5000 tokens) is longer than the model's context "
+                    "length (4096 tokens).",
+                    "type": "BadRequestError",
+                    "param": None,
+                    "code": 400,
+                }
+            },
+            "prompt is too long: 5000 tokens > 4096 maximum (backend: ",
+        ),
+        (
+            {
+                "type": "error",
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": "prompt is too long: 210000 tokens > 200000 maximum",
+                },
+            },
+            "prompt is too long: 210000 tokens > 200000 maximum",
+        ),
+    ],
+    ids=["llamacpp_chunk", "sglang_chunk", "anthropic_event"],
+)
+def test_an_overflow_inside_a_stream_is_the_clients_400_in_claude_codes_words(
+    chunk: dict, expected: str
+) -> None:
+    error = error_from_body(chunk)
+    assert (error.status, error.error_type) == (400, "invalid_request_error")
+    assert error.message.startswith(expected)
+    assert CLAUDE_CODE_PROMPT_TOO_LONG.search(as_claude_code_sees_it(error))
+    assert not error.backend_fault
+
+
+def test_the_translated_stream_ends_with_the_overflow_in_claude_codes_words() -> None:
+    translator = StreamTranslator(model="claude-sonnet-4-5", message_id="msg_1", stop_sequences=[])
+    translator.start()
+    events = translator.feed_data(json.dumps(LLAMACPP_OVERFLOW).encode())
+    assert events == [
+        {
+            "type": "error",
+            "error": {
+                "type": "invalid_request_error",
+                "message": error_from_body(LLAMACPP_OVERFLOW).message,
+            },
+        }
+    ]
+    assert CLAUDE_CODE_PROMPT_TOO_LONG.search(events[0]["error"]["message"])
+
+
+def test_a_non_streamed_answer_holding_the_overflow_raises_it() -> None:
+    with pytest.raises(errors.InvalidRequest, match=r"^prompt is too long: 1087 tokens > 512 "):
+        translate_response(LLAMACPP_OVERFLOW, model="m", message_id="msg_1", stop_sequences=[])
 
 
 # --- error_from_body (in-stream and in-200 errors) ---------------------------------------------
@@ -480,3 +719,114 @@ def test_an_error_inside_a_stream_counts_only_when_it_is_the_servers() -> None:
     assert not error_from_body({"error": {"message": "rate limit exceeded"}}).backend_fault
     assert not error_from_body({"error": {"message": "server overloaded"}}).backend_fault
     assert error_from_body({"error": {"message": "worker crashed"}}).backend_fault
+
+
+# --- a context that filled while the answer was written ------------------------------------------
+
+
+def llamacpp_final(predicted: int, *, verbose: dict | None = None) -> dict[str, Any]:
+    """llama.cpp's non-streamed chat answer for a LIMIT stop (tools/server/server-task.cpp)."""
+    answer: dict[str, Any] = {
+        "choices": [
+            {
+                "finish_reason": "length",
+                "index": 0,
+                "message": {"role": "assistant", "content": "x"},
+            }
+        ],
+        "object": "chat.completion",
+        "usage": {"completion_tokens": predicted, "prompt_tokens": 500, "total_tokens": 500},
+        "timings": {"cache_n": 0, "prompt_n": 500, "predicted_n": predicted},
+    }
+    if verbose is not None:
+        answer["__verbose"] = verbose
+    return answer
+
+
+def limit_stop(truncated: bool, predicted: int, n_predict: int) -> dict[str, Any]:
+    """llama.cpp's ``__verbose`` block (with ``--verbose``) for a LIMIT stop."""
+    return {
+        "truncated": truncated,
+        "stop_type": "limit",
+        "tokens_predicted": predicted,
+        "generation_settings": {"n_predict": n_predict},
+    }
+
+
+def stop_reason_of(answer: dict[str, Any], max_tokens: int | None = None) -> str | None:
+    finish = answer["choices"][0]["finish_reason"] if answer.get("choices") else None
+    full = context_window_exceeded(answer, max_tokens)
+    return map_stop_reason(finish, False, None, [], context_full=full)[0]
+
+
+@pytest.mark.parametrize(
+    ("answer", "max_tokens", "expected"),
+    [
+        (
+            llamacpp_final(11, verbose=limit_stop(True, 11, 4096)),
+            None,
+            "model_context_window_exceeded",
+        ),
+        (
+            llamacpp_final(11, verbose=limit_stop(True, 11, -1)),
+            None,
+            "model_context_window_exceeded",
+        ),
+        (
+            llamacpp_final(4096, verbose=limit_stop(True, 4096, 4096)),
+            None,
+            "max_tokens",
+        ),
+        (
+            llamacpp_final(11, verbose=limit_stop(False, 11, 4096)),
+            None,
+            "max_tokens",
+        ),
+        (llamacpp_final(11), 4096, "model_context_window_exceeded"),
+        (llamacpp_final(4096), 4096, "max_tokens"),
+        (llamacpp_final(11), None, "max_tokens"),
+    ],
+    ids=[
+        "verbose_truncated_before_n_predict",
+        "verbose_truncated_unbounded",
+        "verbose_after_a_context_shift_at_n_predict",
+        "verbose_not_truncated",
+        "timings_short_of_max_tokens",
+        "timings_at_max_tokens",
+        "timings_without_max_tokens_known",
+    ],
+)
+def test_llamacpp_length_stop_is_the_context_windows_only_when_its_answer_says_so(
+    answer: dict, max_tokens: int | None, expected: str
+) -> None:
+    assert stop_reason_of(answer, max_tokens) == expected
+
+
+@pytest.mark.parametrize("finish_reason", ["model_length", "model_context_window_exceeded"])
+def test_a_finish_reason_naming_the_full_context_maps_to_model_context_window_exceeded(
+    finish_reason: str,
+) -> None:
+    assert map_stop_reason(finish_reason, False, None, [])[0] == "model_context_window_exceeded"
+    assert context_window_exceeded({"choices": [{"finish_reason": finish_reason}]})
+
+
+def test_evidence_of_a_full_context_changes_only_a_length_stop() -> None:
+    assert map_stop_reason("length", False, None, [], context_full=True)[0] == (
+        "model_context_window_exceeded"
+    )
+    assert map_stop_reason("stop", False, None, [], context_full=True)[0] == "end_turn"
+    assert map_stop_reason("tool_calls", True, None, [], context_full=True)[0] == "tool_use"
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "length", "stop_reason": None}]},
+        {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5}},
+        {"choices": [{"delta": {"content": "x"}, "finish_reason": None}]},
+        {"choices": ["not a choice"]},
+    ],
+    ids=["vllm_finish", "usage_chunk", "content_delta", "malformed_choice"],
+)
+def test_a_plain_length_stop_stays_max_tokens(chunk: dict) -> None:
+    assert not context_window_exceeded(chunk, max_tokens=4096)

@@ -7,6 +7,7 @@ non-streaming paths cannot drift apart.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from app import ids, jsonc
@@ -143,15 +144,19 @@ def map_stop_reason(
     stop_sequences: list[str],
     *,
     refused: bool = False,
+    context_full: bool = False,
 ) -> tuple[str | None, str | None]:
     """OpenAI ``finish_reason`` -> Anthropic ``(stop_reason, stop_sequence)``.
 
     ``matched`` is vLLM's per-choice ``stop_reason``: the stop string that fired, the only way
-    to learn which one did. ``refused``: the backend sent refusal text. Returns
-    ``(None, None)`` for ``error``, which is not a stop.
+    to learn which one did. ``refused``: the backend sent refusal text. ``context_full``: the
+    answer showed that a ``length`` stop was the context window's (``context_window_exceeded``).
+    Returns ``(None, None)`` for ``error``, which is not a stop.
     """
     if finish_reason == "error":
         return None, None
+    if finish_reason in CONTEXT_FULL_REASONS or (finish_reason == "length" and context_full):
+        return "model_context_window_exceeded", None
     if finish_reason == "length":
         return "max_tokens", None
     if has_tool_calls or finish_reason in ("tool_calls", "function_call"):
@@ -161,6 +166,49 @@ def map_stop_reason(
     if isinstance(matched, str) and matched in stop_sequences:
         return "stop_sequence", matched
     return "end_turn", None
+
+
+# finish_reason values that name the full context outright: Mistral's, and Anthropic's own.
+CONTEXT_FULL_REASONS = ("model_length", "model_context_window_exceeded")
+
+
+def context_window_exceeded(obj: Mapping[str, Any], max_tokens: int | None = None) -> bool:
+    """Whether a backend's completion, or one chunk of its stream, shows that a ``length``
+    stop came from the context window filling up rather than from ``max_tokens``.
+
+    Clients act differently on the two (Claude Code says the context is full instead of
+    suggesting a larger output cap). Most backends cannot tell them apart by then: vLLM,
+    SGLang, OpenAI and DeepSeek refuse up front a request whose prompt plus ``max_tokens``
+    does not fit, Ollama shifts its context. llama.cpp only checks the prompt, then stops with
+    the same ``length`` either way; what tells it apart is its debugging block (``__verbose``,
+    ``truncated`` at a ``limit`` stop before ``n_predict`` tokens), or, given the
+    ``max_tokens`` it was sent, a ``timings`` count of fewer tokens than that. Stream callers
+    test every chunk: the two arrive in different ones. Meant for ``map_stop_reason``, which
+    heeds it only for a ``length`` stop.
+    """
+    choices = obj.get("choices")
+    if choices and isinstance(choices[0], dict):
+        if choices[0].get("finish_reason") in CONTEXT_FULL_REASONS:
+            return True
+    return _verbose_says_context_full(obj.get("__verbose")) or _stopped_short(
+        obj.get("timings"), max_tokens
+    )
+
+
+def _verbose_says_context_full(verbose: Any) -> bool:
+    if not isinstance(verbose, dict) or verbose.get("truncated") is not True:
+        return False
+    if verbose.get("stop_type") != "limit":
+        return False
+    settings = verbose.get("generation_settings")
+    budget = _int(settings.get("n_predict")) if isinstance(settings, dict) else 0
+    return budget <= 0 or _int(verbose.get("tokens_predicted")) < budget
+
+
+def _stopped_short(timings: Any, max_tokens: int | None) -> bool:
+    if not isinstance(timings, dict) or not max_tokens or "predicted_n" not in timings:
+        return False
+    return _int(timings["predicted_n"]) < max_tokens
 
 
 def map_usage(usage: Any, *, estimate_output: int = 0) -> dict[str, int]:

@@ -59,6 +59,8 @@ DIALECTS = ("openai", "vllm", "llamacpp")
 
 
 # --------------------------------------------------------------------------------------------
+TOKENIZER_PATHS = ("/tokenize", "/apply-template", "/detokenize")
+
 # Recorded requests
 # --------------------------------------------------------------------------------------------
 
@@ -515,6 +517,7 @@ class FakeBackend:
         self.echo_request_id = echo_request_id
         self.tls = tls  # a server context: the backend speaks HTTPS
         self.requests: list[Recorded] = []
+        self.tokenizer_requests: list[Recorded] = []
         self.default: Reply | None = AutoReply()
         # (method, path) -> function of the request returning a Reply: tokenizer endpoints etc.
         self.routes: dict[tuple[str, str], Callable[[Recorded], Reply]] = {}
@@ -604,8 +607,11 @@ class FakeBackend:
         return self._stopping.wait(seconds)
 
     def record(self, request: Recorded) -> None:
+        """Tokenizer calls (the gateway counts a stream's prompt beside the request itself,
+        in any order with it) are kept apart, so ``requests[-1]`` is the request proper."""
+        tokenizer = urlsplit(request.path).path in TOKENIZER_PATHS
         with self._lock:
-            self.requests.append(request)
+            (self.tokenizer_requests if tokenizer else self.requests).append(request)
 
     def note_closed_by_client(self) -> None:
         """Count a stream ended by the client; writes failing because we stop do not count."""

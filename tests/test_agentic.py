@@ -359,7 +359,7 @@ def test_count_tokens_uses_vllm_tokenizer(make_gateway, backend):
         )
     assert response.parse().input_tokens == 123
     assert response.headers["x-gateway-token-count"] == "exact"
-    sent = backend.requests[-1].json
+    sent = backend.tokenizer_requests[-1].json
     assert sent["messages"] == [{"role": "user", "content": "hello"}]
     assert sent["tools"][0]["function"]["name"] == "get_weather"
 
@@ -372,7 +372,7 @@ def test_count_tokens_uses_llamacpp_template_then_tokenizer(make_gateway, backen
             model="m", messages=[{"role": "user", "content": "hello"}]
         )
     assert count.input_tokens == 4
-    assert backend.requests[-1].json == {"content": "<|user|>hello"}
+    assert backend.tokenizer_requests[-1].json == {"content": "<|user|>hello"}
 
 
 def test_count_tokens_falls_back_to_an_estimate(client, backend):

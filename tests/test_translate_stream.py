@@ -159,12 +159,15 @@ USAGE = {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}
 ROLE = chunk({"role": "assistant", "content": ""})
 
 
-def translator(stop_sequences: list[str] | None = None, input_tokens: int = 0) -> StreamTranslator:
+def translator(
+    stop_sequences: list[str] | None = None, input_tokens: int = 0, **options: Any
+) -> StreamTranslator:
     return StreamTranslator(
         model="claude-sonnet-4-5",
         message_id="msg_stream1",
         stop_sequences=stop_sequences or [],
         input_tokens=input_tokens,
+        **options,
     )
 
 
@@ -174,9 +177,10 @@ def run(
     saw_done: bool = True,
     stop_sequences: list[str] | None = None,
     input_tokens: int = 0,
+    **options: Any,
 ) -> list[Event]:
     """All events for a backend stream; bytes items go through feed_data, dicts through feed."""
-    tr = translator(stop_sequences, input_tokens)
+    tr = translator(stop_sequences, input_tokens, **options)
     events = tr.start()
     for item in chunks:
         events += tr.feed_data(item) if isinstance(item, bytes) else tr.feed(item)
@@ -665,9 +669,15 @@ def test_stream_cut_before_any_finish_reason_is_an_error_not_end_turn() -> None:
     assert "message_delta" not in types(events)
 
 
-def test_stream_cut_with_buffered_tool_call_is_an_error() -> None:
+def test_stream_cut_inside_a_tool_call_is_an_error_after_what_was_streamed() -> None:
     events = run([chunk(fragment(0, "call_1", "f", '{"a":'))], saw_done=False)
-    assert types(events) == ["message_start", "error"]
+    assert types(events) == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "error",
+    ]
+    assert "message_delta" not in types(events)
 
 
 def test_eof_after_a_finish_reason_ends_normally_without_done() -> None:
@@ -803,3 +813,158 @@ def test_a_whole_message_replays_as_a_well_formed_stream() -> None:
     assert rebuilt["stop_reason"] == "tool_use"
     assert events[0]["message"]["usage"]["output_tokens"] == 0
     assert events[-2]["usage"] == {"input_tokens": 3, "output_tokens": 9}
+
+
+# --- stop sequences, prefill, one tool call, streamed arguments ---------------------------------
+
+
+def texts(events: list[Event]) -> list[str]:
+    return [
+        e["delta"]["text"]
+        for e in events
+        if e["type"] == "content_block_delta" and e["delta"]["type"] == "text_delta"
+    ]
+
+
+def test_stop_sequence_split_across_chunks_ends_the_answer_before_it() -> None:
+    tr = translator(["\n\nHuman:"])
+    events = tr.start()
+    for piece in ["Hello there.", "\n", "\nHum", "an: more", " and more"]:
+        events += tr.feed(chunk({"content": piece}))
+    events += tr.finish(saw_done=True)
+    check_grammar(events)
+    assert "".join(texts(events)) == "Hello there."
+    delta = last_delta(events)["delta"]
+    assert delta == {"stop_reason": "stop_sequence", "stop_sequence": "\n\nHuman:"}
+    assert tr.cut and tr.ended
+
+
+def test_text_is_held_back_only_while_it_could_begin_a_stop_sequence() -> None:
+    tr = translator(["STOP"])
+    tr.start()
+    assert texts(tr.feed(chunk({"content": "abcST"}))) == ["abc"]
+    assert texts(tr.feed(chunk({"content": "ill going"}))) == ["STill going"]
+    events = tr.finish(saw_done=True)
+    assert last_delta(events)["delta"]["stop_reason"] == "end_turn"
+    assert not tr.cut
+
+
+def test_a_held_tail_that_never_becomes_a_stop_sequence_is_sent_at_the_end() -> None:
+    message = final(
+        [chunk({"content": "the end is ST"}), chunk({}, "stop")], stop_sequences=["STOP"]
+    )
+    assert message["content"] == [{"type": "text", "text": "the end is ST"}]
+    assert message["stop_reason"] == "end_turn"
+
+
+def test_more_than_four_stop_sequences_all_match_and_the_earliest_wins() -> None:
+    stops = ["one", "two", "three", "four", "five", "six"]
+    message = final(
+        [chunk({"content": "count: six, five"}), chunk({}, "length")], stop_sequences=stops
+    )
+    assert message["content"] == [{"type": "text", "text": "count: "}]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "six")
+
+
+def test_stop_sequence_at_the_very_start_gives_no_text_block() -> None:
+    message = final([chunk({"content": "END of it"})], stop_sequences=["END"], saw_done=False)
+    assert message["content"] == []
+    assert message["stop_sequence"] == "END"
+
+
+def test_a_repeated_prefill_is_removed_from_the_stream() -> None:
+    pieces = ["1.", " Red\n", "2", ". Blue\n3. Green"]
+    message = final(
+        [chunk({"content": p}) for p in pieces] + [chunk({}, "stop")], prefill="1. Red\n2."
+    )
+    assert message["content"] == [{"type": "text", "text": " Blue\n3. Green"}]
+
+
+def test_an_answer_that_does_not_repeat_the_prefill_is_kept_whole() -> None:
+    tr = translator(prefill="1. Red\n2.")
+    tr.start()
+    assert texts(tr.feed(chunk({"content": "1. "}))) == []  # could still be the echo
+    assert texts(tr.feed(chunk({"content": "Blue"}))) == ["1. Blue"]
+
+
+def test_prefill_echo_and_stop_sequence_together() -> None:
+    message = final(
+        [chunk({"content": "Answer: 42. Done"}), chunk({}, "stop")],
+        prefill="Answer:",
+        stop_sequences=["."],
+    )
+    assert message["content"] == [{"type": "text", "text": " 42"}]
+    assert message["stop_sequence"] == "."
+
+
+def test_single_tool_keeps_only_the_first_call_of_parallel_ones() -> None:
+    message = final(
+        [
+            chunk(fragment(0, "call_a", "get_weather", '{"city": "Oslo"}')),
+            chunk(fragment(1, "call_b", "get_weather", '{"city": "Rome"}')),
+            chunk({}, "tool_calls"),
+        ],
+        single_tool=True,
+    )
+    assert [b["id"] for b in message["content"]] == ["call_a"]
+    assert message["stop_reason"] == "tool_use"
+
+
+def test_tool_arguments_are_relayed_as_the_fragments_arrive() -> None:
+    tr = translator()
+    tr.start()
+    opened = tr.feed(chunk(fragment(0, "call_1", "write_file", "")))
+    assert types(opened) == ["content_block_start"]
+    first = tr.feed(chunk(fragment(0, args='{"path": "a.txt", ')))
+    second = tr.feed(chunk(fragment(0, args='"text": "hi"}')))
+    # A comma at the end of a fragment waits for the next one (it might be a trailing one).
+    assert [e["delta"]["partial_json"] for e in first + second] == [
+        '{"path": "a.txt"',
+        ', "text": "hi"}',
+    ]
+    end = tr.finish(saw_done=True)
+    assert types(end)[:1] == ["content_block_stop"]
+
+
+def test_a_second_call_waits_until_the_first_one_is_complete() -> None:
+    tr = translator()
+    events = tr.start()
+    events += tr.feed(chunk(fragment(0, "call_a", "f", '{"x": ')))
+    held = tr.feed(chunk(fragment(1, "call_b", "g", '{"y": 2}')))
+    assert held == []  # the first call is still open: nothing of the second yet
+    events += held + tr.feed(chunk(fragment(0, args="1}")))
+    events += tr.feed(chunk(fragment(1, args="")))  # the next fragment moves on to call_b
+    events += tr.finish(saw_done=True)
+    check_grammar(events)
+    message = accumulate(events)
+    assert [b["input"] for b in message["content"]] == [{"x": 1}, {"y": 2}]
+
+
+@pytest.mark.parametrize(
+    ("pieces", "expected"),
+    [
+        (['{"a": 1,', " }"], {"a": 1}),
+        (['{"a": [1, 2,]', ",}"], {"a": [1, 2]}),
+        (['{"a": "keep, } this",}'], {"a": "keep, } this"}),
+    ],
+    ids=["comma_then_brace", "in_array_and_object", "comma_inside_a_string"],
+)
+def test_trailing_commas_are_dropped_from_streamed_arguments(
+    pieces: list[str], expected: dict
+) -> None:
+    chunks = [chunk(fragment(0, "c", "f", pieces[0]))]
+    chunks += [chunk(fragment(0, args=p)) for p in pieces[1:]]
+    message = final(chunks + [chunk({}, "tool_calls")])
+    assert message["content"][0]["input"] == expected
+
+
+def test_message_start_takes_the_prompt_count_when_the_stream_starts() -> None:
+    counted = []
+    tr = StreamTranslator(
+        model="m",
+        message_id="msg_1",
+        stop_sequences=[],
+        input_tokens=lambda: counted.append(1) or 57,
+    )
+    assert counted == []  # nothing asked before the stream starts
+    assert tr.start()[0]["message"]["usage"]["input_tokens"] == 57

@@ -34,7 +34,7 @@ from app.backends.routing import backend_model
 from app.config import Route, Settings, Target
 from app.errors import GatewayError, Overloaded
 from app.ops import metrics
-from app.translate.request import clamp_max_tokens, translate_request
+from app.translate.request import clamp_max_tokens, stop_sequences, translate_request
 
 log = logging.getLogger("gateway")
 
@@ -50,6 +50,7 @@ class Attempt:
     headers: dict[str, str] = field(default_factory=dict)  # x-gateway-* response headers
     attempts: int = 1
     slot: Slot | None = None  # the backend slot this answer holds until ``finish``
+    payload: dict[str, Any] | None = None  # what the backend was sent
 
 
 class Dispatcher:
@@ -71,8 +72,10 @@ class Dispatcher:
         body: dict[str, Any],
         request_id: str,
         client_headers: Mapping[str, str],
+        on_send: Callable[[BackendClient, dict[str, Any]], None] | None = None,
     ) -> Attempt:
-        """The first successful attempt; the caller must ``finish`` it when the answer is over."""
+        """The first successful attempt; the caller must ``finish`` it when the answer is over.
+        ``on_send`` sees each attempt's backend and payload just before it goes out."""
         budget = self.settings.routing.retries + 1
         queue = self.balancer.plan(route)
         again: list[Target] = []  # failed before the request reached them: may be tried again
@@ -94,6 +97,8 @@ class Dispatcher:
                 last = last or _busy(body["model"])
                 continue
             made += 1
+            if on_send is not None:
+                on_send(prepared[target].client, prepared[target].result)
             try:
                 attempt = self._call(prepared[target], body, request_id, client_headers)
             except GatewayError as exc:
@@ -148,7 +153,7 @@ class Dispatcher:
         client, payload = prepared.client, prepared.result
         if client.config.protocol == "anthropic":
             result = client.messages(payload, request_id, client_headers)
-        elif body.get("stream"):
+        elif backend_streams(body):
             result = client.open_stream(dict(payload), request_id)
         else:
             result = client.complete(payload, request_id)
@@ -160,7 +165,15 @@ class Dispatcher:
             model=prepared.model,
             result=result,
             headers=prepared.headers,
+            payload=payload,
         )
+
+
+def backend_streams(body: dict[str, Any]) -> bool:
+    """Whether the backend is asked for a stream: when the client asked for one, and when it
+    gave stop sequences, which the gateway matches itself (app.translate.text_filter) and
+    which end the backend's work as soon as one appears."""
+    return bool(body.get("stream") or stop_sequences(body))
 
 
 def _verdict(error: GatewayError, backend: str, counted: set[str]) -> bool | None:

@@ -16,7 +16,7 @@ import requests
 from flask import Blueprint, Response, current_app, request
 
 from app import ids, jsonc
-from app.backends.dispatch import Attempt, Dispatcher
+from app.backends.dispatch import Attempt, Dispatcher, backend_streams
 from app.backends.routing import backend_model, resolve
 from app.config import Settings
 from app.errors import GatewayError, UpstreamError
@@ -26,16 +26,19 @@ from app.policy.threads import ThreadTurn, begin_turn
 from app.serving.body import parse_json, read_within
 from app.serving.catalog import Catalog
 from app.serving.green import client_watch
+from app.serving.prompt_count import PromptCount
 from app.serving.relay import StreamOutcome, relay
 from app.serving.state import RequestState, current
 from app.state.guard import GuardedStore
 from app.translate.accumulate import MessageAccumulator
-from app.translate.passthrough import PassthroughStream
+from app.translate.passthrough import PassthroughStream, passthrough_stop
 from app.translate.request import check_request, stop_sequences, translate_request
 from app.translate.response import translate_response
 from app.translate.sse import encode_all
 from app.translate.stream import StreamTranslator, message_events
+from app.translate.text_filter import prefill_of
 from app.translate.tokens import estimate_prompt_tokens
+from app.translate.tools import parallel_disabled
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 JSON = "application/json"
@@ -70,19 +73,30 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
         stream = bool(body.get("stream"))
         access.update(model=body["model"], route=route.name, stream=stream)
         state.admit(body)
+        count = PromptCount(state.request_id) if backend_streams(body) else None
         # Until the first byte goes to the client, a client that hangs up ends the request,
         # and with it the backend's work on it.
         with client_watch(request.environ):
-            attempt = dispatcher.send(route, body, state.request_id, request.headers)
+            attempt = dispatcher.send(
+                route,
+                body,
+                state.request_id,
+                request.headers,
+                on_send=count.start if count is not None else None,
+            )
             access.update(
                 backend=attempt.target.backend,
                 backend_model=attempt.model,
                 attempts=attempt.attempts,
             )
             try:
-                if stream and _is_event_stream(attempt.result):
-                    return _stream(dispatcher, attempt, body, settings.ping_interval, turn)
-                response = _whole_answer(attempt, body, access, stream, turn)
+                if count is not None and _is_event_stream(attempt.result):
+                    translator = _translator(attempt, body, count)
+                    if stream:
+                        return _stream(dispatcher, attempt, translator, settings, turn)
+                    response = _collect(attempt, translator, body, access, turn, settings)
+                else:
+                    response = _whole_answer(attempt, body, access, stream, turn)
             except BaseException as exc:
                 _abandon(dispatcher, attempt, exc)
                 raise
@@ -174,9 +188,18 @@ def _whole_answer(
     """A complete answer: JSON, or for a stream request (a backend that ignored ``stream``
     answers with JSON too) the same message as a stream of events. A thread keeps it before
     the client can read it, so the client's next turn finds it."""
-    if stream:
+    if isinstance(attempt.result, requests.Response):
         attempt = replace(attempt, result=_read_whole(attempt))
-    message = _message(attempt, body)
+    return _answer(attempt, _message(attempt, body), access, stream, turn)
+
+
+def _answer(
+    attempt: Attempt,
+    message: dict[str, Any],
+    access: dict[str, Any],
+    stream: bool,
+    turn: ThreadTurn | None,
+) -> Response:
     access.update(stop_reason=message.get("stop_reason"), **_tokens(message.get("usage")))
     if turn is not None:
         turn.succeeded(message)
@@ -199,7 +222,9 @@ def _abandon(dispatcher: Dispatcher, attempt: Attempt, error: BaseException) -> 
 
 
 def _is_event_stream(response: Any) -> bool:
-    return "text/event-stream" in response.headers.get("content-type", "")
+    return isinstance(response, requests.Response) and "text/event-stream" in response.headers.get(
+        "content-type", ""
+    )
 
 
 def _read_whole(attempt: Attempt) -> Any:
@@ -219,34 +244,80 @@ def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(message, dict) or message.get("type") != "message":
             message = f"backend {attempt.client.name} returned no message"
             raise UpstreamError(message, backend_fault=True)
-        return {**message, "model": body["model"]}
+        return {**message, "model": body["model"], **passthrough_stop(message)}
     return translate_response(
         attempt.result,
         model=body["model"],
         message_id=ids.message_id(),
         stop_sequences=stop_sequences(body),
         think_tags=attempt.client.config.dialect.think_tags,
+        prefill=prefill_of(attempt.payload or {}),
+        single_tool=parallel_disabled(body),
     )
+
+
+def _translator(
+    attempt: Attempt, body: dict[str, Any], count: PromptCount
+) -> StreamTranslator | PassthroughStream:
+    config = attempt.client.config
+    if config.protocol == "anthropic":
+        return PassthroughStream(model=body["model"])
+    return StreamTranslator(
+        model=body["model"],
+        message_id=ids.message_id(),
+        stop_sequences=stop_sequences(body),
+        input_tokens=count.get,
+        think_tags=config.dialect.think_tags,
+        prefill=prefill_of(attempt.payload or {}),
+        single_tool=parallel_disabled(body),
+    )
+
+
+def _collect(
+    attempt: Attempt,
+    translator: StreamTranslator | PassthroughStream,
+    body: dict[str, Any],
+    access: dict[str, Any],
+    turn: ThreadTurn | None,
+    settings: Settings,
+) -> Response:
+    """A JSON answer read as a stream from the backend (a request with stop sequences: the
+    backend's work ends as soon as one appears), added up into one message."""
+    config = attempt.client.config
+    started = _state().started
+    deadline = started + config.total_timeout if config.total_timeout else None
+    reply = MessageAccumulator()
+    pieces = relay(
+        attempt.client,
+        attempt.result,
+        translator,
+        lambda outcome: None,
+        deadline=deadline,
+        ping_interval=0,
+        observe=reply.feed,
+    )
+    try:
+        for _ in pieces:
+            pass
+    finally:
+        pieces.close()
+    if translator.error is not None:
+        raise translator.error
+    message = reply.message
+    if message is None:
+        raise UpstreamError(f"backend {attempt.client.name} returned no message")
+    return _answer(attempt, {**message, "model": body["model"]}, access, False, turn)
 
 
 def _stream(
     dispatcher: Dispatcher,
     attempt: Attempt,
-    body: dict[str, Any],
-    ping_interval: float,
+    translator: StreamTranslator | PassthroughStream,
+    settings: Settings,
     turn: ThreadTurn | None,
 ) -> Response:
     config = attempt.client.config
-    translator: StreamTranslator | PassthroughStream
-    if config.protocol == "anthropic":
-        translator = PassthroughStream(model=body["model"])
-    else:
-        translator = StreamTranslator(
-            model=body["model"],
-            message_id=ids.message_id(),
-            stop_sequences=stop_sequences(body),
-            think_tags=config.dialect.think_tags,
-        )
+    ping_interval = settings.ping_interval
     state = _state()
     entry, started = state.access, state.started
     deadline = started + config.total_timeout if config.total_timeout else None

@@ -121,8 +121,8 @@ def _relay(
             outcome.bytes_out += len(piece)
             yield piece
         outcome.completed = True
-        if translator.stop_reason is not None:
-            _await_end(pump, DRAIN_WAIT)
+        if translator.stop_reason is not None and not translator.cut:
+            _await_end(pump, DRAIN_WAIT)  # (after a stop sequence the backend is still writing)
     finally:
         if pump.close():  # closing the body under a read still in progress would fail
             response.close()

@@ -1,5 +1,6 @@
 """The message a stream of Anthropic events adds up to, as a client's SDK would assemble it:
-for the gateway's own record of a streamed reply (a message thread keeps the conversation).
+for the gateway's own record of a streamed reply (a message thread keeps the conversation),
+and for a JSON answer the gateway read from the backend as a stream.
 
 Pure: fed the events the gateway sends, in order; ``message`` is the whole reply once
 ``message_stop`` has gone by, and None for a stream that failed or ended before it.
@@ -15,13 +16,24 @@ Event = dict[str, Any]
 
 
 class MessageAccumulator:
-    __slots__ = ("started", "blocks", "partial_json", "stop_reason", "complete", "failed")
+    __slots__ = (
+        "started",
+        "blocks",
+        "partial_json",
+        "stop_reason",
+        "stop_sequence",
+        "usage",
+        "complete",
+        "failed",
+    )
 
     def __init__(self) -> None:
         self.started: dict[str, Any] | None = None
         self.blocks: dict[int, dict[str, Any]] = {}
         self.partial_json: dict[int, list[str]] = {}
         self.stop_reason: str | None = None
+        self.stop_sequence: str | None = None
+        self.usage: dict[str, Any] = {}
         self.complete = False
         self.failed = False
 
@@ -37,7 +49,12 @@ class MessageAccumulator:
             elif kind == "message_start":
                 self.started = event.get("message") or {}
             elif kind == "message_delta":
-                self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+                delta = event.get("delta") or {}
+                self.stop_reason = delta.get("stop_reason") or self.stop_reason
+                self.stop_sequence = delta.get("stop_sequence") or self.stop_sequence
+                usage = event.get("usage")
+                if isinstance(usage, dict):
+                    self.usage.update({k: v for k, v in usage.items() if v is not None})
             elif kind == "message_stop":
                 self.complete = not self.failed
             elif kind == "error":
@@ -51,6 +68,8 @@ class MessageAccumulator:
             **self.started,
             "content": [self.blocks[index] for index in sorted(self.blocks)],
             "stop_reason": self.stop_reason,
+            "stop_sequence": self.stop_sequence,
+            "usage": {**(self.started.get("usage") or {}), **self.usage},
         }
 
     def _delta(self, index: int, delta: dict[str, Any]) -> None:

@@ -37,7 +37,8 @@ class Dialect:
     # The model's context window in tokens (0: unknown); max_tokens is clamped so that an
     # estimate of the prompt plus max_tokens fits, because vLLM rejects requests that do not.
     context_window: int = 0
-    # How many stop sequences the backend takes (OpenAI: 4); 0 means no limit.
+    # How many stop sequences the backend takes (OpenAI: 4); 0 means no limit. Accepted for
+    # configs that set it; the gateway now matches stop sequences itself and sends none.
     max_stop_sequences: int = 0
     # Send ``user`` (from metadata.user_id).
     user_field: bool = True

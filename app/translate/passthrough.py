@@ -50,7 +50,10 @@ class PassthroughStream(Ending):
             self._usage.update(
                 {k: v for k, v in (event.get("usage") or {}).items() if v is not None}
             )
-            self.stop_reason = (event.get("delta") or {}).get("stop_reason") or self.stop_reason
+            delta = event.get("delta")
+            if isinstance(delta, dict):
+                delta.update(passthrough_stop(delta))
+                self.stop_reason = delta.get("stop_reason") or self.stop_reason
         elif kind == "message_stop":
             self.finish_reason = "message_stop"
             self.ended = True
@@ -78,3 +81,11 @@ class PassthroughStream(Ending):
             "cache_creation_input_tokens": int(usage.get("cache_creation_input_tokens") or 0),
             "cache_read_input_tokens": int(usage.get("cache_read_input_tokens") or 0),
         }
+
+
+def passthrough_stop(message: dict[str, Any]) -> dict[str, Any]:
+    """A backend that names the stop sequence that fired but calls the stop ``end_turn``
+    (llama.cpp's own /v1/messages): the stop reason Anthropic gives, ``stop_sequence``."""
+    if message.get("stop_sequence") and message.get("stop_reason") == "end_turn":
+        return {"stop_reason": "stop_sequence"}
+    return {}

@@ -336,11 +336,8 @@ def _add_sampling(payload: dict[str, Any], body: dict[str, Any], dialect: Dialec
     if stops is not None:
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise field_error("stop_sequences", "must be an array of strings")
-        stops = [s for s in stops if s]
-        if dialect.max_stop_sequences:
-            stops = stops[: dialect.max_stop_sequences]
-        if stops:
-            payload["stop"] = stops
+        # Not sent: the gateway matches stop sequences itself (app.translate.text_filter),
+        # because backends do not say which one fired, and some take only four.
     _add_user(payload, body.get("metadata"), dialect)
 
 

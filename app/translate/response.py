@@ -12,6 +12,7 @@ from typing import Any
 
 from app import ids, jsonc
 from app.errors import UpstreamError
+from app.translate.text_filter import TextFilter
 from app.translate.think_tags import split_complete
 from app.translate.upstream_errors import error_from_body
 
@@ -23,8 +24,14 @@ def translate_response(
     message_id: str,
     stop_sequences: list[str],
     think_tags: bool = False,
+    prefill: str = "",
+    single_tool: bool = False,
 ) -> dict[str, Any]:
-    """The Anthropic message for a complete (non-streamed) backend answer."""
+    """The Anthropic message for a complete (non-streamed) backend answer.
+
+    ``prefill``: the assistant text the request ended with, removed if the answer repeats
+    it; the answer is cut at the first of ``stop_sequences`` (app.translate.text_filter).
+    ``single_tool``: at most one tool call (``disable_parallel_tool_use``)."""
     if not isinstance(completion, dict):
         raise UpstreamError("backend returned a response that is not a JSON object")
     if "error" in completion or completion.get("object") == "error":
@@ -34,7 +41,10 @@ def translate_response(
         raise UpstreamError("backend returned no choices")
     choice = choices[0]
     message = choice.get("message") or {}
-    content = _content_blocks(message, think_tags)
+    text = TextFilter(stop_sequences, prefill)
+    content = _content_blocks(message, think_tags, text)
+    if single_tool:
+        content = _first_tool_only(content)
     has_tools = any(b["type"] == "tool_use" for b in content)
     stop_reason, stop_sequence = map_stop_reason(
         choice.get("finish_reason"),
@@ -45,6 +55,8 @@ def translate_response(
     )
     if stop_reason is None:
         raise error_from_body(completion)
+    if text.matched is not None:
+        stop_reason, stop_sequence = "stop_sequence", text.matched
     return {
         "id": message_id,
         "type": "message",
@@ -57,19 +69,25 @@ def translate_response(
     }
 
 
-def _content_blocks(message: dict[str, Any], think_tags: bool) -> list[dict[str, Any]]:
-    """Thinking, then text, then tool calls: the order Anthropic models produce."""
+def _content_blocks(
+    message: dict[str, Any], think_tags: bool, text_filter: TextFilter
+) -> list[dict[str, Any]]:
+    """Thinking, then text, then tool calls: the order Anthropic models produce. A stop
+    sequence in the text ends the answer there, tool calls included."""
     blocks: list[dict[str, Any]] = []
     reasoning = reasoning_text(message)
-    text = _text(message.get("content")) + _text(message.get("refusal"))
+    text = _text(message.get("content"))
     if think_tags and not reasoning:
         reasoning, text = split_complete(text)
+    text = text_filter.whole(text) + _text(message.get("refusal"))
     if reasoning:
         blocks.append(
             {"type": "thinking", "thinking": reasoning, "signature": ids.thinking_signature()}
         )
     if text:
         blocks.append({"type": "text", "text": text})
+    if text_filter.matched is not None:
+        return blocks
     seen: set[str] = set()
     calls = message.get("tool_calls") or []
     if not calls and isinstance(message.get("function_call"), dict):  # legacy single call
@@ -86,6 +104,13 @@ def _content_blocks(message: dict[str, Any], think_tags: bool) -> list[dict[str,
             }
         )
     return blocks
+
+
+def _first_tool_only(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    first = next((i for i, b in enumerate(blocks) if b["type"] == "tool_use"), None)
+    if first is None:
+        return blocks
+    return [b for i, b in enumerate(blocks) if b["type"] != "tool_use" or i == first]
 
 
 def _text(content: Any) -> str:

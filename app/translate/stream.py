@@ -5,13 +5,22 @@
 
 Feed each parsed backend chunk; get back the Anthropic events it completes. Block indexes are
 the gateway's own (0, 1, 2… in start order), never the backend's tool-call ``index``: clients
-look blocks up by position. Tool calls are buffered per call and emitted whole once complete,
-so that interleaved fragments never leave two blocks open and the joined ``partial_json`` is
-always valid JSON.
+look blocks up by position.
+
+A tool call's arguments go out as ``input_json_delta`` fragments as the backend sends them
+(Claude Code shows the progress), one call at a time: a call whose fragments arrive while
+another is still open (servers that interleave calls) is held and sent once the open one is
+complete, so two blocks are never open at once. Arguments that do not start as a JSON object
+are held to the end and repaired (app.translate.response.parse_arguments).
+
+Text goes through app.translate.text_filter: a repeated prefill is removed, and the first
+stop sequence ends the answer there, whatever the backend would have written next.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from typing import Any
 
 from app import ids, jsonc
@@ -23,6 +32,7 @@ from app.translate.response import (
     reasoning_text,
     tool_use_id,
 )
+from app.translate.text_filter import TextFilter
 from app.translate.think_tags import ThinkTagSplitter
 from app.translate.upstream_errors import error_from_body
 
@@ -30,13 +40,60 @@ Event = dict[str, Any]
 PING: Event = {"type": "ping"}
 
 
+# What _JsonTail looks at: escapes, quotes, and a comma before a closing bracket or the end.
+_JSON_TOKENS = re.compile(r'\\.|\\\Z|"|,\s*(?:[}\]]|\Z)', re.S)
+
+
+class _JsonTail:
+    """Follows streamed JSON just enough to drop trailing commas (``{"a": 1,}``, which some
+    models write) as the arguments stream: outside strings only, so an argument's text is
+    never touched. A comma at the end of a piece is held until what follows it is known."""
+
+    __slots__ = ("in_string", "escaped", "held")
+
+    def __init__(self) -> None:
+        self.in_string = False
+        self.escaped = False  # the last piece ended, inside a string, with a backslash
+        self.held = ""  # a comma and the whitespace after it, outside any string
+
+    def feed(self, piece: str) -> str:
+        text, self.held = self.held + piece, ""
+        start = 0
+        if self.escaped:
+            self.escaped, start = False, 1
+        out: list[str] = []
+        kept = 0
+        for match in _JSON_TOKENS.finditer(text, start):
+            token = match.group()
+            if token == '"':
+                self.in_string = not self.in_string
+            elif token[0] == "\\":
+                self.escaped = len(token) == 1  # a backslash that ends the piece
+            elif not self.in_string:
+                out.append(text[kept : match.start()])
+                if token[-1] in "}]":  # a trailing comma: dropped
+                    kept = match.start() + 1
+                else:  # at the end: held until the next piece says which it is
+                    self.held, kept = token, len(text)
+        out.append(text[kept:])
+        return "".join(out)
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+
 class _ToolCall:
-    __slots__ = ("id", "name", "arguments")
+    __slots__ = ("id", "name", "arguments", "sent", "streams", "closed", "tail")
 
     def __init__(self) -> None:
         self.id: str | None = None
         self.name = ""
         self.arguments: list[str] = []
+        self.sent = 0  # argument pieces already sent as deltas
+        self.streams: bool | None = None  # None until the arguments' start is known
+        self.closed = False
+        self.tail = _JsonTail()
 
 
 TRUNCATED = "backend stream ended before the answer was complete"
@@ -46,6 +103,7 @@ class Ending:
     """How a relayed stream ends in error: one ``error`` event, then nothing more."""
 
     ended = False
+    cut = False  # the answer ended before the backend's did (a stop sequence): stop reading
     error_type: str | None = None
     error: GatewayError | None = None  # what ended the stream, when something did
 
@@ -68,14 +126,24 @@ class StreamTranslator(Ending):
         model: str,
         message_id: str,
         stop_sequences: list[str],
-        input_tokens: int = 0,
+        input_tokens: int | Callable[[], int] = 0,
         think_tags: bool = False,
+        prefill: str = "",
+        single_tool: bool = False,
     ) -> None:
+        """``input_tokens``: the prompt's size for ``message_start``, or a function that gives
+        it when the stream starts (a count that ran beside the backend call). ``prefill``:
+        the assistant text the request ended with. ``single_tool``: at most one tool call
+        (``disable_parallel_tool_use``), whatever the backend sends."""
         self.model = model
         self._think_tags = ThinkTagSplitter() if think_tags else None
         self.message_id = message_id
         self.stop_sequences = stop_sequences
-        self.input_tokens = input_tokens
+        self._input_tokens = input_tokens
+        self.input_tokens = input_tokens if isinstance(input_tokens, int) else 0
+        self._text = TextFilter(stop_sequences, prefill)
+        self.single_tool = single_tool
+        self._live: int | None = None  # the tool call whose block is open
         self.finish_reason: str | None = None
         self.matched_stop: Any = None
         self.usage: dict[str, Any] | None = None
@@ -91,6 +159,8 @@ class StreamTranslator(Ending):
     # --- public ---------------------------------------------------------------------------
 
     def start(self) -> list[Event]:
+        if callable(self._input_tokens):
+            self.input_tokens = self._input_tokens()
         usage = {
             "input_tokens": self.input_tokens,
             "output_tokens": 0,
@@ -158,8 +228,12 @@ class StreamTranslator(Ending):
         events: list[Event] = []
         if self._think_tags is not None:
             self._append_segments(self._think_tags.flush(), events)
+            if self.ended:  # the flushed text held a stop sequence
+                return events
+        self._text_out(self._text.flush(), events)
+        if self.ended:
+            return events
         events.extend(self._flush_tools())
-        self._close_block(events)
         stop_reason, stop_sequence = map_stop_reason(
             self.finish_reason,
             bool(self._tool_ids),
@@ -167,6 +241,11 @@ class StreamTranslator(Ending):
             self.stop_sequences,
             refused=self.refused,
         )
+        return events + self._end(stop_reason, stop_sequence)
+
+    def _end(self, stop_reason: str | None, stop_sequence: str | None) -> list[Event]:
+        events = self._flush_tools()
+        self._close_block(events)
         self.stop_reason = stop_reason
         usage = map_usage(self.usage, estimate_output=(self.output_chars + 3) // 4)
         if self.usage is None:
@@ -184,7 +263,10 @@ class StreamTranslator(Ending):
 
     @property
     def final_usage(self) -> dict[str, int]:
-        return map_usage(self.usage, estimate_output=(self.output_chars + 3) // 4)
+        usage = map_usage(self.usage, estimate_output=(self.output_chars + 3) // 4)
+        if self.usage is None:
+            usage["input_tokens"] = self.input_tokens
+        return usage
 
     # --- deltas -------------------------------------------------------------------------------
 
@@ -195,9 +277,11 @@ class StreamTranslator(Ending):
         content = delta.get("content")
         if content and isinstance(content, str):
             if self._think_tags is None:
-                self._append("text", "text_delta", "text", content, events)
+                self._text_out(self._text.feed(content), events)
             else:
                 self._append_segments(self._think_tags.feed(content), events)
+            if self.ended:  # a stop sequence: the answer is over
+                return
         refusal = delta.get("refusal")
         if refusal and isinstance(refusal, str):
             self.refused = True
@@ -208,7 +292,15 @@ class StreamTranslator(Ending):
         if calls:
             for fragment in calls:
                 if isinstance(fragment, dict):
-                    self._tool_fragment(fragment)
+                    self._tool_fragment(fragment, events)
+
+    def _text_out(self, text: str, events: list[Event]) -> None:
+        """Text that passed the filter; if it met a stop sequence, the answer ends here."""
+        if text:
+            self._append("text", "text_delta", "text", text, events)
+        if self._text.matched is not None and not self.ended:
+            self.cut = True
+            events.extend(self._end("stop_sequence", self._text.matched))
 
     def _append(
         self, kind: str, delta_type: str, field: str, text: str, events: list[Event]
@@ -228,10 +320,12 @@ class StreamTranslator(Ending):
 
     def _append_segments(self, segments: list[tuple[str, str]], events: list[Event]) -> None:
         for kind, text in segments:
+            if self.ended:
+                return
             if kind == "thinking":
                 self._append("thinking", "thinking_delta", "thinking", text, events)
             else:
-                self._append("text", "text_delta", "text", text, events)
+                self._text_out(self._text.feed(text), events)
 
     def _open_block(self, kind: str, events: list[Event]) -> None:
         block: dict[str, Any] = (
@@ -265,15 +359,16 @@ class StreamTranslator(Ending):
 
     # --- tool calls ---------------------------------------------------------------------------
 
-    def _tool_fragment(self, fragment: dict[str, Any]) -> None:
-        """Accumulate one fragment. Calls are emitted at the end of the run of tool-call
-        fragments (finish, or other content), because some servers interleave calls."""
+    def _tool_fragment(self, fragment: dict[str, Any], events: list[Event]) -> None:
+        """Add one fragment to its call, and send what can be sent of it now."""
         index = fragment.get("index")
         if not isinstance(index, int):
             index = self._index_for(fragment.get("id"))
         call = self._tools.get(index)
         if call is None:
             call = self._tools[index] = _ToolCall()
+        if call.closed:
+            return  # its block is closed: the call was complete
         if fragment.get("id") and call.id is None:
             call.id = fragment["id"]
         function = fragment.get("function") or {}
@@ -282,8 +377,80 @@ class StreamTranslator(Ending):
         arguments = function.get("arguments")
         if isinstance(arguments, dict):
             arguments = jsonc.dumps_str(arguments)
+            call.streams = False  # whole already: sent at once when the call closes
         if arguments:
             call.arguments.append(arguments)
+        self._advance_tools(events)
+
+    def _advance_tools(self, events: list[Event]) -> None:
+        """Keep one call's block open and streaming; move on to the next call only once the
+        open one's arguments are complete JSON (interleaving servers send more otherwise)."""
+        live = self._tools.get(self._live) if self._live is not None else None
+        if live is not None:
+            if len(self._tools) > 1 and self._pending() and _complete(live):
+                self._close_tool(live, events)
+                live = None
+            else:
+                self._send_arguments(live, events)
+                return
+        pending = self._pending()
+        if pending and pending[0][1].name:
+            self._open_tool(*pending[0], events)
+
+    def _pending(self) -> list[tuple[int, _ToolCall]]:
+        return sorted((i, c) for i, c in self._tools.items() if not c.closed and i != self._live)
+
+    def _open_tool(self, index: int, call: _ToolCall, events: list[Event]) -> None:
+        if self.single_tool and self._tool_ids:
+            call.closed = True  # disable_parallel_tool_use: one call, the first
+            return
+        self._close_block(events)
+        block = {
+            "type": "tool_use",
+            "id": tool_use_id(call.id, self._tool_ids),
+            "name": call.name,
+            "input": {},
+        }
+        events.append(
+            {"type": "content_block_start", "index": self._next_index, "content_block": block}
+        )
+        self._next_index += 1
+        self._live = index
+        self._send_arguments(call, events)
+
+    def _send_arguments(self, call: _ToolCall, events: list[Event]) -> None:
+        if call.streams is None:
+            call.streams = _streams("".join(call.arguments))
+            if not call.streams:
+                return
+        if not call.streams or call.sent == len(call.arguments):
+            return
+        piece = call.tail.feed("".join(call.arguments[call.sent :]))
+        call.sent = len(call.arguments)
+        if piece:
+            self._argument_delta(piece, events)
+
+    def _close_tool(self, call: _ToolCall, events: list[Event]) -> None:
+        if call.streams:
+            self._send_arguments(call, events)
+            rest = call.tail.flush()
+            if rest:
+                self._argument_delta(rest, events)
+        else:  # held to the end: repaired, or {} for a call with no arguments
+            self._argument_delta(jsonc.dumps_str(parse_arguments("".join(call.arguments))), events)
+        events.append({"type": "content_block_stop", "index": self._next_index - 1})
+        call.closed = True
+        self._live = None
+
+    def _argument_delta(self, piece: str, events: list[Event]) -> None:
+        self.output_chars += len(piece)
+        events.append(
+            {
+                "type": "content_block_delta",
+                "index": self._next_index - 1,
+                "delta": {"type": "input_json_delta", "partial_json": piece},
+            }
+        )
 
     def _index_for(self, call_id: Any) -> int:
         """Backends that omit ``index``: correlate by id, else continue the latest call."""
@@ -295,35 +462,44 @@ class StreamTranslator(Ending):
         return max(self._tools)
 
     def _flush_tools(self) -> list[Event]:
+        """The run of tool calls is over (other content, or the end): close the open call,
+        then send each held one whole."""
         if not self._tools:
             return []
         events: list[Event] = []
-        self._close_block(events)
-        for index in sorted(self._tools):
-            call = self._tools[index]
-            block_index = self._next_index
-            self._next_index += 1
-            arguments = jsonc.dumps_str(parse_arguments("".join(call.arguments)))
-            self.output_chars += len(arguments)
-            block = {
-                "type": "tool_use",
-                "id": tool_use_id(call.id, self._tool_ids),
-                "name": call.name,
-                "input": {},
-            }
-            events.append(
-                {"type": "content_block_start", "index": block_index, "content_block": block}
-            )
-            events.append(
-                {
-                    "type": "content_block_delta",
-                    "index": block_index,
-                    "delta": {"type": "input_json_delta", "partial_json": arguments},
-                }
-            )
-            events.append({"type": "content_block_stop", "index": block_index})
+        live = self._tools.get(self._live) if self._live is not None else None
+        if live is not None:
+            self._close_tool(live, events)
+        for index, call in self._pending():
+            self._open_tool(index, call, events)
+            if self._live == index:
+                self._close_tool(call, events)
         self._tools.clear()
         return events
+
+
+def _streams(arguments: str) -> bool | None:
+    """Arguments go out as they come when they start as a JSON object should (``{"`` or
+    ``{}``); anything else (a code fence, a Python dict) is held to the end and repaired.
+    None: too little has arrived to tell."""
+    text = arguments.lstrip()
+    if not text:
+        return None
+    if text[0] != "{":
+        return False
+    rest = text[1:].lstrip()
+    return None if not rest else rest[0] in '"}'
+
+
+def _complete(call: _ToolCall) -> bool:
+    """Whether a call's arguments so far are a whole JSON object (none yet: not complete,
+    the arguments may still come)."""
+    if not call.arguments:
+        return False
+    try:
+        return isinstance(jsonc.loads("".join(call.arguments)), dict)
+    except jsonc.JSONDecodeError:
+        return False
 
 
 def message_events(message: dict[str, Any]) -> list[Event]:

@@ -50,6 +50,13 @@ def add_tools(payload: dict[str, Any], body: dict[str, Any], ctx: Context) -> No
         payload["parallel_tool_calls"] = False
 
 
+def parallel_disabled(body: dict[str, Any]) -> bool:
+    """``disable_parallel_tool_use``: the gateway keeps the answer to one tool call itself,
+    since some backends (llama.cpp) ignore ``parallel_tool_calls: false``."""
+    choice = body.get("tool_choice")
+    return isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True
+
+
 def _openai_choice(kind: str, name: Any) -> str | dict[str, Any]:
     if kind == "any":
         return "required"

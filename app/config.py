@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime
 from typing import Any
 
+from app.translate.billing_header import MODES as BILLING_HEADER_MODES
 from app.translate.dialect import DIALECTS, Dialect
 
 DEFAULT_UPSTREAM_URL = "http://127.0.0.1:8000/v1"
@@ -152,6 +153,15 @@ class ThreadSettings:
     max_bytes: int = 8 * 1024 * 1024  # a longer conversation is not kept (the SDK replays it)
 
 
+@dataclass(frozen=True)
+class TranslateSettings:
+    """How requests are reworded for OpenAI-style backends, whichever backend it is."""
+
+    # Claude Code's attribution line in the system prompt: "normalize" its per-request values,
+    # "drop" it or "keep" it (app/translate/billing_header.py).
+    billing_header: str = "normalize"
+
+
 ENGINES = ("sqlite", "redis")
 STRATEGIES = ("failover", "weighted", "least_busy")
 PROTOCOLS = ("openai", "anthropic")
@@ -175,6 +185,7 @@ class Settings:
     keys: tuple[ClientKey, ...] = ()
     state: StateSettings = field(default_factory=StateSettings)
     threads: ThreadSettings = field(default_factory=ThreadSettings)
+    translate: TranslateSettings = field(default_factory=TranslateSettings)
 
     @property
     def upstream(self) -> Upstream:
@@ -199,10 +210,21 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "GATEWAY_STATE_DIR": ("state", "directory"),
     "GATEWAY_REDIS_URL": ("state", "redis_url"),
     "GATEWAY_STATE_ON_FAILURE": ("state", "on_failure"),
+    "GATEWAY_BILLING_HEADER": ("translate", "billing_header"),
 }
 # Fields app/keys.py writes for the operator; the gateway ignores them.
 KEY_NOTES = ("created", "revoked_at")
-TABLES = ("upstream", "models", "routing", "admin", "auth", "limits", "state", "threads")
+TABLES = (
+    "upstream",
+    "models",
+    "routing",
+    "admin",
+    "auth",
+    "limits",
+    "state",
+    "threads",
+    "translate",
+)
 LISTS = ("backends", "routes")
 # Client keys without a file: comma-separated name:sha256 pairs; they replace [[auth.keys]].
 API_KEYS_ENV = "GATEWAY_API_KEYS"
@@ -352,6 +374,7 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
         keys=_build_keys(raw.get("auth", {}), raw.get("limits", {}), env),
         state=_build_state(raw.get("state", {}), env),
         threads=_build_threads(raw.get("threads", {})),
+        translate=_build_translate(raw.get("translate", {})),
     )
     if settings.log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(LOG_LEVELS)}")
@@ -387,6 +410,15 @@ def _build_threads(raw: Mapping[str, Any]) -> ThreadSettings:
         ttl=_number("threads.ttl", raw.get("ttl", 86400), float, 1),
         max_bytes=_number("threads.max_bytes", raw.get("max_bytes", 8 << 20), int, 1024),
     )
+
+
+def _build_translate(raw: Mapping[str, Any]) -> TranslateSettings:
+    _reject_unknown("translate.", raw, {f.name for f in fields(TranslateSettings)})
+    mode = str(raw.get("billing_header", "normalize")).strip().lower()
+    if mode not in BILLING_HEADER_MODES:
+        choices = ", ".join(BILLING_HEADER_MODES)
+        raise ConfigError(f"translate.billing_header: must be one of {choices} (got {mode!r})")
+    return TranslateSettings(billing_header=mode)
 
 
 def _admin_token(raw: Mapping[str, Any], env: Mapping[str, str]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.errors import InvalidRequest, field_error
+from app.translate.billing_header import clean_system_texts
 from app.translate.content import (
     SERVER_BLOCKS,
     Block,
@@ -35,19 +36,25 @@ Turn = tuple[str, list[Block]]
 
 
 def translate_request(
-    body: Any, *, backend_model: str, dialect: Dialect, dropped: list[str] | None = None
+    body: Any,
+    *,
+    backend_model: str,
+    dialect: Dialect,
+    dropped: list[str] | None = None,
+    billing_header: str = "normalize",
 ) -> dict[str, Any]:
     """Build the Chat Completions payload for a validated Messages request body.
 
     With ``dialect.drop_unsupported``, what was dropped instead of refused is appended to
-    ``dropped`` (paths and reasons), for the caller to report.
+    ``dropped`` (paths and reasons), for the caller to report. ``billing_header``: what becomes
+    of Claude Code's attribution line (app.translate.billing_header).
     """
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     check_request(body)
     ctx = Context(dialect, dropped if dropped is not None else [])
     _reject_untranslatable(body, ctx)
-    system = _system_texts(body.get("system"), "system")
+    system = clean_system_texts(_system_texts(body.get("system"), "system"), billing_header)
     turns = _normalise_turns(body["messages"], system, bool(dialect.reasoning_history))
     messages: list[dict[str, Any]] = []
     if system:

@@ -63,6 +63,7 @@ def system_prompt(system: Any, mode: str | None = None) -> str:
         (f"{HEADER}\n{PROMPT}", "keep", f"{HEADER}\n{PROMPT}"),
         (blocks(f"{HEADER}{PROMPT}"), None, f"{NORMALIZED}{PROMPT}"),  # as 2.1.101 ran it on
         (blocks(f"{HEADER}{PROMPT}"), "drop", PROMPT),
+        (f"Context.\n{HEADER}\n{PROMPT}", "drop", f"Context.\n{PROMPT}"),
     ],
     ids=[
         "blocks_default",
@@ -74,6 +75,7 @@ def system_prompt(system: Any, mode: str | None = None) -> str:
         "string_keep",
         "run_on_block_default",
         "run_on_block_drop",
+        "string_later_line_drop",
     ],
 )
 def test_the_attribution_line_is_normalized_dropped_or_kept(

@@ -14,7 +14,7 @@ Modes (``[translate] billing_header``):
 
 - ``normalize`` (the default) gives the changing values fixed ones, so that every request of
   every conversation of a Claude Code version starts with the same bytes (llama.cpp's own
-  Anthropic endpoint rewrites ``cch`` the same way); the line itself stays as the client sent it;
+  Anthropic endpoint fixes ``cch`` likewise); the line itself stays as the client sent it;
 - ``drop`` removes the line (vLLM's Anthropic endpoint drops a system block that starts with it);
 - ``keep`` sends it as it came.
 """
@@ -22,6 +22,7 @@ Modes (``[translate] billing_header``):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 MODES = ("normalize", "drop", "keep")
 MARKER = "x-anthropic-billing-header:"
@@ -47,8 +48,23 @@ def clean_system_texts(texts: list[str], mode: str = "normalize") -> list[str]:
     if mode == "keep" or not any(MARKER in text for text in texts):
         return texts
     replace = _normalized if mode == "normalize" else _dropped
-    cleaned = [_LINE.sub(replace, text) if MARKER in text else text for text in texts]
+    cleaned = [_clean(text, replace) if MARKER in text else text for text in texts]
     return [text for text in cleaned if text.strip()]
+
+
+def _clean(text: str, replace: Callable[[re.Match[str]], str]) -> str:
+    """``text`` with each attribution line replaced; the expression runs only where the
+    marker is (a system prompt is tens of kilobytes, the line one of its first)."""
+    parts: list[str] = []
+    done = 0
+    at = text.find(MARKER)
+    while at != -1:
+        line = _LINE.match(text, at)  # None unless the marker starts a line
+        if line:
+            parts += (text[done:at], replace(line))
+            done = line.end()
+        at = text.find(MARKER, max(at + 1, done))
+    return "".join(parts) + text[done:] if parts else text
 
 
 def _normalized(line: re.Match[str]) -> str:

@@ -174,3 +174,67 @@ def test_message_start_has_an_estimate_without_a_tokenizer(make_gateway, backend
             start = next(e for e in stream if e.type == "message_start")
     assert start.message.usage.input_tokens > 50
     assert backend.tokenizer_requests == []
+
+
+def billing_system(cch: str, version_hash: str) -> list[dict]:
+    line = (
+        "x-anthropic-billing-header: "
+        f"cc_version=2.1.197.{version_hash}; cc_entrypoint=cli; cch={cch};"
+    )
+    return [
+        {"type": "text", "text": line},
+        {"type": "text", "text": "You are Claude Code, a coding agent."},
+    ]
+
+
+def test_claude_codes_attribution_line_reaches_the_backend_the_same_every_time(
+    client, backend
+) -> None:
+    """The line's hashes change per request and conversation: normalised, the backend's cached
+    prompt prefix stays usable."""
+    for cch, version_hash in (("7f3a9", "3a3"), ("0b1c2", "e91")):
+        backend.reply(JSONReply(completion("ok")))
+        client.messages.create(
+            model="m", max_tokens=8, system=billing_system(cch, version_hash), messages=USER_HI
+        )
+    first, second = (r.json["messages"][0]["content"] for r in backend.requests[-2:])
+    assert first == second
+    assert "7f3a9" not in first and "You are Claude Code" in first
+
+
+def test_the_attribution_line_is_sent_as_it_came_when_asked(make_gateway, backend) -> None:
+    backend.reply(JSONReply(completion("ok")))
+    with make_gateway(translate={"billing_header": "keep"}).client() as client:
+        client.messages.create(
+            model="m", max_tokens=8, system=billing_system("7f3a9", "3a3"), messages=USER_HI
+        )
+    assert "cch=7f3a9;" in backend.requests[-1].json["messages"][0]["content"]
+
+
+def test_a_llamacpp_length_stop_short_of_max_tokens_is_the_context_window(
+    make_gateway, backend
+) -> None:
+    """llama.cpp stops with "length" both at max_tokens and when its context is full; its
+    timings say how many tokens it predicted, against the cap it was sent."""
+    usage = {"prompt_tokens": 500, "completion_tokens": 12, "total_tokens": 512}
+    backend.reply(
+        StreamReply(chunks(["a"] * 3, finish_reason="length", dialect="llamacpp", usage=usage))
+    )
+    with make_gateway({"dialect": "llamacpp"}).client() as client:
+        with client.messages.stream(model="m", max_tokens=64, messages=USER_HI) as stream:
+            final = stream.get_final_message()
+    assert final.stop_reason == "model_context_window_exceeded"
+    backend.reply(
+        StreamReply(
+            chunks(
+                ["a"] * 3,
+                finish_reason="length",
+                dialect="llamacpp",
+                usage={**usage, "completion_tokens": 64},
+            )
+        )
+    )
+    with make_gateway({"dialect": "llamacpp"}).client() as client:
+        with client.messages.stream(model="m", max_tokens=64, messages=USER_HI) as stream:
+            final = stream.get_final_message()
+    assert final.stop_reason == "max_tokens"

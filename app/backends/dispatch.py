@@ -134,7 +134,13 @@ class Dispatcher:
             return Attempt(target, client, model, {**body, "model": model})
         dropped: list[str] = []
         dialect = client.config.dialect
-        payload = translate_request(body, backend_model=model, dialect=dialect, dropped=dropped)
+        payload = translate_request(
+            body,
+            backend_model=model,
+            dialect=dialect,
+            dropped=dropped,
+            billing_header=self.settings.translate.billing_header,
+        )
         headers = {"x-gateway-dropped": "; ".join(dropped)} if dropped else {}
         clamped_from = clamp_max_tokens(payload, dialect)
         if clamped_from is not None:

@@ -120,7 +120,12 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
             dropped = ("max_tokens", "stream")  # not part of a count_tokens body
             payload = {k: v for k, v in body.items() if k not in dropped} | {"model": model}
         else:
-            payload = translate_request(body, backend_model=model, dialect=client.config.dialect)
+            payload = translate_request(
+                body,
+                backend_model=model,
+                dialect=client.config.dialect,
+                billing_header=settings.translate.billing_header,
+            )
         count = client.count_tokens(payload, state.request_id)
         how = "estimate" if count is None else "exact"
         if count is None:
@@ -253,7 +258,14 @@ def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
         think_tags=attempt.client.config.dialect.think_tags,
         prefill=prefill_of(attempt.payload or {}),
         single_tool=parallel_disabled(body),
+        max_tokens=_sent_max_tokens(attempt),
     )
+
+
+def _sent_max_tokens(attempt: Attempt) -> int | None:
+    """The output cap the backend was sent (after any clamping)."""
+    value = (attempt.payload or {}).get(attempt.client.config.dialect.max_tokens_field)
+    return value if isinstance(value, int) else None
 
 
 def _translator(
@@ -270,6 +282,7 @@ def _translator(
         think_tags=config.dialect.think_tags,
         prefill=prefill_of(attempt.payload or {}),
         single_tool=parallel_disabled(body),
+        max_tokens=_sent_max_tokens(attempt),
     )
 
 

@@ -26,12 +26,14 @@ def translate_response(
     think_tags: bool = False,
     prefill: str = "",
     single_tool: bool = False,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
     """The Anthropic message for a complete (non-streamed) backend answer.
 
     ``prefill``: the assistant text the request ended with, removed if the answer repeats
     it; the answer is cut at the first of ``stop_sequences`` (app.translate.text_filter).
-    ``single_tool``: at most one tool call (``disable_parallel_tool_use``)."""
+    ``single_tool``: at most one tool call (``disable_parallel_tool_use``). ``max_tokens``: the
+    cap the backend was sent, to tell a full context from it (``context_window_exceeded``)."""
     if not isinstance(completion, dict):
         raise UpstreamError("backend returned a response that is not a JSON object")
     if "error" in completion or completion.get("object") == "error":
@@ -52,6 +54,7 @@ def translate_response(
         choice.get("stop_reason"),
         stop_sequences,
         refused=bool(message.get("refusal")),
+        context_full=context_window_exceeded(completion, max_tokens),
     )
     if stop_reason is None:
         raise error_from_body(completion)

@@ -26,6 +26,7 @@ from typing import Any
 from app import ids, jsonc
 from app.errors import GatewayError, UpstreamError
 from app.translate.response import (
+    context_window_exceeded,
     map_stop_reason,
     map_usage,
     parse_arguments,
@@ -130,11 +131,13 @@ class StreamTranslator(Ending):
         think_tags: bool = False,
         prefill: str = "",
         single_tool: bool = False,
+        max_tokens: int | None = None,
     ) -> None:
         """``input_tokens``: the prompt's size for ``message_start``, or a function that gives
         it when the stream starts (a count that ran beside the backend call). ``prefill``:
         the assistant text the request ended with. ``single_tool``: at most one tool call
-        (``disable_parallel_tool_use``), whatever the backend sends."""
+        (``disable_parallel_tool_use``), whatever the backend sends. ``max_tokens``: the cap
+        the backend was sent, to tell a full context from it (``context_window_exceeded``)."""
         self.model = model
         self._think_tags = ThinkTagSplitter() if think_tags else None
         self.message_id = message_id
@@ -143,6 +146,8 @@ class StreamTranslator(Ending):
         self.input_tokens = input_tokens if isinstance(input_tokens, int) else 0
         self._text = TextFilter(stop_sequences, prefill)
         self.single_tool = single_tool
+        self.max_tokens = max_tokens
+        self.context_full = False  # the backend showed its context window filled up
         self._live: int | None = None  # the tool call whose block is open
         self.finish_reason: str | None = None
         self.matched_stop: Any = None
@@ -196,6 +201,8 @@ class StreamTranslator(Ending):
             return []
         if "error" in chunk or chunk.get("object") == "error":
             return self.fail(error_from_body(chunk))
+        if not self.context_full:  # the evidence and the finish reason come in separate chunks
+            self.context_full = context_window_exceeded(chunk, self.max_tokens)
         usage = chunk.get("usage")
         if usage:
             self.usage = usage
@@ -240,6 +247,7 @@ class StreamTranslator(Ending):
             self.matched_stop,
             self.stop_sequences,
             refused=self.refused,
+            context_full=self.context_full,
         )
         return events + self._end(stop_reason, stop_sequence)
 

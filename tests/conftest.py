@@ -103,3 +103,10 @@ def gateway(make_gateway: Callable[..., GatewayServer]) -> GatewayServer:
 def client(gateway: GatewayServer) -> Iterator[anthropic.Anthropic]:
     with gateway.client() as sdk:
         yield sdk
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "llama_cpp: the real-backend tier, through a real llama-server (scripts/llama-server)",
+    )

@@ -140,9 +140,12 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
         """The configured names and the pass-through backends' own (app.serving.catalog)."""
         return Response(jsonc.dumps(catalog.page(request.args)), mimetype=JSON)
 
-    @bp.get("/v1/models/<path:model_id>")
+    @bp.get("/v1/models/<model_id:model_id>")
     def get_model(model_id: str) -> Response:
-        """Any name ``POST /v1/messages`` would serve; 404 only for one it would refuse."""
+        """Any name ``POST /v1/messages`` would serve; 404 only for one it would refuse.
+
+        A model named by its file (llama.cpp's ``/models/x.gguf``, which the SDK sends as
+        ``%2Fmodels%2Fx.gguf``) starts with a slash: the ``model_id`` converter keeps it."""
         return Response(jsonc.dumps(catalog.find(model_id)), mimetype=JSON)
 
     @bp.get("/healthz")

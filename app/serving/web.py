@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from app import jsonc
 from app.backends.balancer import Balancer
@@ -46,11 +47,22 @@ from app.translate.redact import redact
 log = logging.getLogger("gateway")
 
 
+class ModelId(PathConverter):
+    """A model id in a path: anything, slashes included, a leading one too."""
+
+    regex = ".+"
+    part_isolating = False  # it spans "/" (werkzeug guesses from the regex otherwise)
+
+
 def build_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings_or_last_good()
     configure_logging(settings.log_level)
     redact.set_secrets(secrets_of(settings))
     app = Flask("gateway")
+    # Werkzeug answers a path with "//" in it by a redirect, an HTML page, to the merged one;
+    # a model named by its file (llama.cpp's "/models/x.gguf") has one in GET /v1/models/{id}.
+    app.url_map.merge_slashes = False
+    app.url_map.converters["model_id"] = ModelId
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     dispatcher = build_dispatcher(settings)
     app.extensions["gateway.dispatcher"] = dispatcher

@@ -154,16 +154,26 @@ class LlamaServer:
         self.log.close()
 
 
-def gateway_config(path: Path, backend: LlamaServer, **translate: str) -> Path:
-    """A gateway config for one llama.cpp backend: the ``llamacpp`` dialect, no retries (a
-    backend's answer surfaces as is), and ``[translate]`` settings when given."""
+ADMIN_TOKEN = "llama-tier-admin"
+
+
+def gateway_config(
+    path: Path, backend: LlamaServer, protocol: str = "openai", **translate: str
+) -> Path:
+    """A gateway config for one llama.cpp backend: the ``llamacpp`` dialect (or llama.cpp's
+    own Anthropic endpoint with ``protocol="anthropic"``), no retries (a backend's answer
+    surfaces as is), /status behind ``ADMIN_TOKEN``, and ``[translate]`` settings when given."""
     lines = [
         "[upstream]",
         f'url = "{backend.v1}"',
         'dialect = "llamacpp"',
+        f'protocol = "{protocol}"',
         "",
         "[routing]",
         "retries = 0",
+        "",
+        "[admin]",
+        f'token = "{ADMIN_TOKEN}"',
     ]
     if translate:
         lines += ["", "[translate]", *(f'{k} = "{v}"' for k, v in translate.items())]
@@ -171,9 +181,11 @@ def gateway_config(path: Path, backend: LlamaServer, **translate: str) -> Path:
     return path
 
 
-def start_gateway(backend: LlamaServer, directory: Path, name: str, **translate: str) -> Gunicorn:
+def start_gateway(
+    backend: LlamaServer, directory: Path, name: str, protocol: str = "openai", **translate: str
+) -> Gunicorn:
     """Real gunicorn (gevent worker) in front of ``backend``, configured by a file alone."""
-    config = gateway_config(directory / f"{name}.toml", backend, **translate)
+    config = gateway_config(directory / f"{name}.toml", backend, protocol, **translate)
     # A GATEWAY_* variable from the shell would override the file (empty ones are ignored);
     # Gunicorn gives each gateway a state directory of its own.
     blank = {var: "" for var in (*ENV_OVERRIDES, API_KEYS_ENV) if var != "GATEWAY_STATE_DIR"}

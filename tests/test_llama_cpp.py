@@ -27,7 +27,8 @@ from typing import Any
 
 import anthropic
 import pytest
-from llama import BUILD_HINT, LlamaServer, llama_dir, start_gateway
+import requests
+from llama import ADMIN_TOKEN, BUILD_HINT, LlamaServer, llama_dir, start_gateway
 from servers import Gunicorn
 
 pytestmark = pytest.mark.llama_cpp
@@ -92,6 +93,14 @@ def tool_gateway(tooled: LlamaServer, logs: Path) -> Iterator[Gunicorn]:
 def keep_gateway(plain: LlamaServer, logs: Path) -> Iterator[Gunicorn]:
     """Claude Code's attribution line sent to the backend as it came."""
     server = start_gateway(plain, logs, "keep-gateway", billing_header="keep")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def messages_gateway(plain: LlamaServer, logs: Path) -> Iterator[Gunicorn]:
+    """llama.cpp's own Anthropic endpoint (/v1/messages) through the passthrough."""
+    server = start_gateway(plain, logs, "messages-gateway", protocol="anthropic")
     yield server
     server.stop()
 
@@ -290,6 +299,37 @@ def test_prefill_answer_is_the_continuation_only(client, plain, stream):
     assert message.stop_reason == "end_turn"
 
 
+def test_llamas_own_messages_endpoint_names_its_stop_sequence_with_stop_reason_stop_sequence(
+    messages_gateway, plain
+):
+    """llama.cpp's /v1/messages says ``stop_sequence: "Blue"`` beside ``end_turn``."""
+    full = llama_text(plain, COLORS, 40)["message"]["content"]
+    with anthropic.Anthropic(base_url=messages_gateway.url, api_key="-", max_retries=0) as sdk:
+        for stream in (False, True):
+            message = ask(sdk, stream, max_tokens=40, messages=COLORS, stop_sequences=["Blue"])
+            assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "Blue")
+            assert text_of(message) == full[: full.index("Blue")]
+
+
+COUNTING = [
+    {"role": "user", "content": "Count from 1 to 2000, separated by commas."},
+    {"role": "assistant", "content": ", ".join(str(i) for i in range(1, 190)) + ","},
+]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_context_that_fills_up_stops_with_model_context_window_exceeded(client, plain, stream):
+    """The prompt fits the slot, the answer does not: llama.cpp stops at the slot's end with
+    the same "length" as at max_tokens, having predicted fewer tokens than it was allowed."""
+    size, window = plain.prompt_tokens(COUNTING), plain.slot_context()
+    assert window - 300 < size < window - 50
+    message = ask(client, stream, max_tokens=400, messages=COUNTING)
+    assert message.stop_reason == "model_context_window_exceeded"
+    assert message.usage.output_tokens + size == window
+    capped = ask(client, stream, max_tokens=20, messages=COUNTING)
+    assert capped.stop_reason == "max_tokens"
+
+
 # --- token counts ----------------------------------------------------------------------------
 
 SYSTEM = "You are a terse assistant. Answer in one line."
@@ -331,6 +371,43 @@ def test_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(client, p
     found = CLAUDE_CODE_OVERFLOW.search(error.body["error"]["message"])
     assert found, error.body["error"]["message"]
     assert (int(found[1]), int(found[2])) == (size, window)
+
+
+def test_a_stream_refused_before_it_starts_is_logged_as_a_stream_with_its_backend(client, gateway):
+    messages = [{"role": "user", "content": "word " * 1500}]
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        ask(client, True, max_tokens=10, messages=messages)
+    request_id = caught.value.response.headers["request-id"]
+    line = access_line(gateway, request_id)
+    assert line["stream"] is True and line["status"] == 400
+    assert line["backend"] == "default" and line["attempts"] == 1
+    assert line["error"] == "invalid_request_error"
+
+
+def access_line(server: Gunicorn, request_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for raw in server.log_path.read_text(errors="replace").split("\n"):
+            if request_id in raw and raw.startswith("{"):
+                entry = json.loads(raw)
+                if entry.get("request_id") == request_id and "status" in entry:
+                    return entry
+        time.sleep(0.05)
+    raise AssertionError(f"no access line for {request_id}")
+
+
+# --- the model list --------------------------------------------------------------------------
+
+
+def test_models_list_what_llama_serves_and_retrieve_answers_every_name_messages_serves(
+    client, plain
+):
+    own = [m["id"] for m in requests.get(plain.v1 + "/models", timeout=5).json()["data"]]
+    listed = [m.id for m in client.models.list()]
+    assert own and set(own) <= set(listed)
+    for name in (MODEL, own[0]):
+        assert client.models.retrieve(name).id == name
+        assert ask(client, False, model=name, max_tokens=2, messages=COLORS).model == name
 
 
 # --- tools (Qwen2.5's template) --------------------------------------------------------------
@@ -547,3 +624,33 @@ def test_kept_billing_header_makes_llama_recompute_the_prompt(keep_client):
     # Only the template's opening and the line up to ``cch=`` match the earlier request.
     assert usage.cache_read_input_tokens < 40, usage
     assert usage.input_tokens > prompt - 40
+
+
+# --- after everything ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gateway", "tool_gateway"])
+def test_after_every_test_the_gateway_holds_nothing_and_serves_the_next_request(
+    name, request, plain, tooled
+):
+    """The same gateways served every test above (faults, hang-ups and overflows among
+    them): nothing may be left in flight, in the gateway or in llama.cpp."""
+    server = request.getfixturevalue(name)
+    status = requests.get(
+        server.url + "/status", headers={"x-api-key": ADMIN_TOKEN}, timeout=5
+    ).json()
+    assert {n: b["in_flight"] for n, b in status["backends"].items()} == {"default": 0}
+    assert not any(b["probing"] for b in status["backends"].values())
+    metrics = requests.get(server.url + "/metrics", timeout=5).text
+    in_flight = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("gateway_streams_in_flight{")
+    ]
+    assert sum(in_flight) == 0
+    assert not any(slot["is_processing"] for slot in plain.slots() + tooled.slots())
+    with anthropic.Anthropic(base_url=server.url, api_key="-", max_retries=0) as sdk:
+        assert ask(sdk, True, max_tokens=5, messages=COLORS).stop_reason in (
+            "end_turn",
+            "max_tokens",
+        )

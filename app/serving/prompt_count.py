@@ -26,11 +26,11 @@ _failed: dict[str, float] = {}  # backend name -> when its tokenizer may be aske
 
 
 class PromptCount:
-    __slots__ = ("request_id", "estimate", "exact", "thread")
+    __slots__ = ("request_id", "payload", "exact", "thread")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self.estimate = 0
+        self.payload: dict[str, Any] | None = None  # the last attempt's, for the estimate
         self.exact: int | None = None
         self.thread: threading.Thread | None = None
 
@@ -38,7 +38,7 @@ class PromptCount:
         """Called with each backend attempt's payload just before it is sent."""
         if client.config.protocol == "anthropic":
             return  # its own message_start carries the count
-        self.estimate = max(estimate_prompt_tokens(payload), 1)
+        self.payload = payload
         if not client.config.dialect.tokenizer or self.thread is not None:
             return
         if _failed.get(client.name, 0.0) > time.monotonic():
@@ -57,4 +57,6 @@ class PromptCount:
         """The exact count if it arrives within ``WAIT``, else the estimate."""
         if self.thread is not None:
             self.thread.join(WAIT)
-        return self.exact if self.exact is not None else self.estimate
+        if self.exact is not None:
+            return self.exact
+        return max(estimate_prompt_tokens(self.payload), 1) if self.payload is not None else 0

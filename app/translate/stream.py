@@ -144,7 +144,8 @@ class StreamTranslator(Ending):
         self.stop_sequences = stop_sequences
         self._input_tokens = input_tokens
         self.input_tokens = input_tokens if isinstance(input_tokens, int) else 0
-        self._text = TextFilter(stop_sequences, prefill)
+        # None when there is nothing to filter: text then goes out as it comes.
+        self._text = TextFilter(stop_sequences, prefill) if stop_sequences or prefill else None
         self.single_tool = single_tool
         self.max_tokens = max_tokens
         self.context_full = False  # the backend showed its context window filled up
@@ -237,7 +238,8 @@ class StreamTranslator(Ending):
             self._append_segments(self._think_tags.flush(), events)
             if self.ended:  # the flushed text held a stop sequence
                 return events
-        self._text_out(self._text.flush(), events)
+        if self._text is not None:
+            self._text_out(self._text.flush(), events, filtered=True)
         if self.ended:
             return events
         events.extend(self._flush_tools())
@@ -285,7 +287,7 @@ class StreamTranslator(Ending):
         content = delta.get("content")
         if content and isinstance(content, str):
             if self._think_tags is None:
-                self._text_out(self._text.feed(content), events)
+                self._text_out(content, events)
             else:
                 self._append_segments(self._think_tags.feed(content), events)
             if self.ended:  # a stop sequence: the answer is over
@@ -302,13 +304,17 @@ class StreamTranslator(Ending):
                 if isinstance(fragment, dict):
                     self._tool_fragment(fragment, events)
 
-    def _text_out(self, text: str, events: list[Event]) -> None:
-        """Text that passed the filter; if it met a stop sequence, the answer ends here."""
+    def _text_out(self, text: str, events: list[Event], *, filtered: bool = False) -> None:
+        """Text through the filter (unless ``filtered`` already); if it met a stop sequence,
+        the answer ends here."""
+        matcher = self._text
+        if matcher is not None and not filtered:
+            text = matcher.feed(text)
         if text:
             self._append("text", "text_delta", "text", text, events)
-        if self._text.matched is not None and not self.ended:
+        if matcher is not None and matcher.matched is not None and not self.ended:
             self.cut = True
-            events.extend(self._end("stop_sequence", self._text.matched))
+            events.extend(self._end("stop_sequence", matcher.matched))
 
     def _append(
         self, kind: str, delta_type: str, field: str, text: str, events: list[Event]
@@ -333,7 +339,7 @@ class StreamTranslator(Ending):
             if kind == "thinking":
                 self._append("thinking", "thinking_delta", "thinking", text, events)
             else:
-                self._text_out(self._text.feed(text), events)
+                self._text_out(text, events)
 
     def _open_block(self, kind: str, events: list[Event]) -> None:
         block: dict[str, Any] = (

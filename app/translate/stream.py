@@ -202,7 +202,9 @@ class StreamTranslator(Ending):
             return []
         if "error" in chunk or chunk.get("object") == "error":
             return self.fail(error_from_body(chunk))
-        if not self.context_full:  # the evidence and the finish reason come in separate chunks
+        # llama.cpp's evidence of a full context (its timings) and the finish reason come in
+        # separate chunks; only those that carry it are looked at.
+        if not self.context_full and ("timings" in chunk or "__verbose" in chunk):
             self.context_full = context_window_exceeded(chunk, self.max_tokens)
         usage = chunk.get("usage")
         if usage:

@@ -186,12 +186,27 @@ def threaded_turns(sdk: anthropic.Anthropic, stream: bool) -> None:
         sdk.messages.create(**more, extra_body=follow)
 
 
+def stopped(sdk: anthropic.Anthropic, stream: bool) -> None:
+    """Stop sequences: the gateway ends the backend's stream itself when one appears (in the
+    paced answer, at "w5"), JSON requests included, which it reads from the backend as a
+    stream."""
+    request = {**BODY, "stop_sequences": ["w5", "never-seen"]}
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk.messages.create(**request)
+    text = "".join(b.text for b in message.content if b.type == "text")
+    assert "w5" not in text, text
+    assert (message.stop_reason == "stop_sequence") == ("w4" in text), message
+
+
 def client_loop(server: Gunicorn, seed: int, until: float, tally: Counter, failures: list) -> None:
     rng = random.Random(seed)
     with anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0, timeout=10) as sdk:
         while time.monotonic() < until:
             action = rng.choice(
-                ["json", "json", "stream", "stream", "hangup", "count", "bad", "thread"]
+                ["json", "json", "stream", "stream", "hangup", "count", "bad", "thread", "stop"]
             )
             try:
                 if action == "json":
@@ -203,6 +218,8 @@ def client_loop(server: Gunicorn, seed: int, until: float, tally: Counter, failu
                     hang_up_early(server, stream=rng.random() < 0.5)
                 elif action == "thread":
                     threaded_turns(sdk, stream=rng.random() < 0.5)
+                elif action == "stop":
+                    stopped(sdk, stream=rng.random() < 0.5)
                 elif action == "count":
                     sdk.messages.count_tokens(model="m", messages=BODY["messages"])
                 else:
@@ -214,6 +231,8 @@ def client_loop(server: Gunicorn, seed: int, until: float, tally: Counter, failu
                     failures.append(f"{action}: {exc}")
             except (anthropic.APIConnectionError, OSError) as exc:
                 tally[f"{action} {type(exc).__name__}"] += 1
+            except AssertionError as exc:  # an answer that is not what Anthropic's would be
+                failures.append(f"{action}: {exc}")
 
 
 def test_a_soak_leaves_every_counter_where_it_started(gateway):

@@ -585,6 +585,18 @@ def test_invalid_top_k_is_rejected_for_every_dialect(dialect: str, value: Any) -
         translate(dialect, top_k=value)
 
 
+@pytest.mark.parametrize(
+    ("stops", "path"),
+    [(["x"] * 257, "stop_sequences"), (["ok", "y" * 1001], "stop_sequences.1")],
+    ids=["too_many", "too_long"],
+)
+def test_stop_sequences_are_bounded_in_number_and_length(stops: list[str], path: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        translate("generic", stop_sequences=stops)
+    assert caught.value.message.startswith(path + ":")
+    assert translate("generic", stop_sequences=["x"] * 255 + ["y" * 1000])
+
+
 @pytest.mark.parametrize("dialect", ["generic", "openai", "vllm", "llamacpp"])
 def test_stop_sequences_are_never_sent_to_the_backend(dialect: str) -> None:
     """The gateway matches them itself: backends do not say which fired, OpenAI takes four."""

@@ -29,6 +29,12 @@ from app.translate.tools import add_tools
 MAX_NESTING = 128
 _CONTAINERS = (dict, list)
 
+# The gateway matches stop sequences in every streamed piece of text itself: bounded, so that a
+# request cannot make each piece cost milliseconds (256 of 1,000 characters: about 0.3 ms a
+# piece for sequences built to be slow, microseconds for real ones).
+MAX_STOP_SEQUENCES = 256
+MAX_STOP_SEQUENCE_CHARS = 1000
+
 # Anthropic effort levels -> the reasoning_effort values OpenAI-style servers accept.
 EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
@@ -343,6 +349,12 @@ def _add_sampling(payload: dict[str, Any], body: dict[str, Any], dialect: Dialec
     if stops is not None:
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise field_error("stop_sequences", "must be an array of strings")
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise field_error("stop_sequences", f"at most {MAX_STOP_SEQUENCES} sequences")
+        for i, stop in enumerate(stops):
+            if len(stop) > MAX_STOP_SEQUENCE_CHARS:
+                message = f"at most {MAX_STOP_SEQUENCE_CHARS} characters"
+                raise field_error(f"stop_sequences.{i}", message)
         # Not sent: the gateway matches stop sequences itself (app.translate.text_filter),
         # because backends do not say which one fired, and some take only four.
     _add_user(payload, body.get("metadata"), dialect)

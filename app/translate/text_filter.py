@@ -104,13 +104,24 @@ def _first_match(text: str, sequences: list[str]) -> tuple[int, str | None]:
 
 
 def _partial_tail(text: str, sequences: list[str]) -> int:
-    """How many characters at the end of ``text`` could begin a stop sequence."""
+    """How many characters at the end of ``text`` could begin a stop sequence.
+
+    Only the places where a sequence holds the text's last character are tried (found by
+    ``rfind``, in C), so a long sequence costs little unless it really matches there."""
+    if not text:
+        return 0
+    last = text[-1]
     longest = 0
     for sequence in sequences:
-        for size in range(min(len(sequence) - 1, len(text)), longest, -1):
-            if sequence.startswith(text[-size:]):
+        size = min(len(sequence) - 1, len(text))
+        while size > longest:
+            size = sequence.rfind(last, 0, size) + 1  # the longest candidate ending in ``last``
+            if size <= longest:
+                break
+            if text.endswith(sequence[:size]):
                 longest = size
                 break
+            size -= 1
     return longest
 
 

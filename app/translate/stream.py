@@ -510,8 +510,9 @@ def _streams(arguments: str) -> bool | None:
 def _complete(call: _ToolCall) -> bool:
     """Whether a call's arguments so far are a whole JSON object (none yet: not complete,
     the arguments may still come)."""
-    if not call.arguments:
-        return False
+    last = next((p for p in reversed(call.arguments) if p.strip()), "")
+    if not last.rstrip().endswith("}"):
+        return False  # cheap: a whole object ends with "}"; parsing each time would be O(n²)
     try:
         return isinstance(jsonc.loads("".join(call.arguments)), dict)
     except jsonc.JSONDecodeError:

@@ -238,3 +238,38 @@ def test_a_llamacpp_length_stop_short_of_max_tokens_is_the_context_window(
         with client.messages.stream(model="m", max_tokens=64, messages=USER_HI) as stream:
             final = stream.get_final_message()
     assert final.stop_reason == "max_tokens"
+
+
+def test_a_json_request_with_stop_sequences_keeps_broken_tool_arguments_as_raw(
+    client, backend
+) -> None:
+    """Read as a stream and added up, the answer is what a JSON answer would be: arguments
+    cut short by max_tokens are wrapped, not a 500."""
+    head = {"index": 0, "id": "call_1", "type": "function"}
+    cut = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"tool_calls": [{**head, "function": {"name": "get_weather", "arguments": '{"ci'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Par'}}]}),
+        chunk({}, "length"),
+    ]
+    backend.reply(StreamReply(cut))
+    message = client.messages.create(
+        model="m", max_tokens=8, messages=USER_HI, tools=[TOOL], stop_sequences=["STOP"]
+    )
+    assert [(b.type, b.input) for b in message.content] == [
+        ("tool_use", {"_raw_arguments": '{"city": "Par'})
+    ]
+    assert message.stop_reason == "max_tokens"
+
+
+def test_stop_sequences_of_the_wrong_type_are_a_400_naming_the_field(client, backend) -> None:
+    for value in (5, True, "STOP", {"a": 1}):
+        try:
+            client.messages.create(
+                model="m", max_tokens=8, messages=USER_HI, extra_body={"stop_sequences": value}
+            )
+        except anthropic.BadRequestError as exc:
+            assert exc.body["error"]["message"].startswith("stop_sequences"), exc.body
+        else:
+            raise AssertionError(f"stop_sequences={value!r} was accepted")
+    assert backend.requests == []

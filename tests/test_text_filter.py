@@ -47,16 +47,25 @@ def test_streamed_pieces_give_what_the_whole_text_gives(text, stops, prefill, at
     text=st.text(ALPHABET, max_size=40),
     stops=st.lists(st.text(ALPHABET, min_size=1, max_size=5), max_size=6),
 )
-def test_the_cut_is_before_the_earliest_stop_sequence(text, stops) -> None:
+def test_the_answer_ends_at_the_first_stop_sequence_to_be_complete(text, stops) -> None:
+    """As a model stops at the first sequence it produces: the earliest end, and of two that
+    end together the longer."""
     matcher = TextFilter(stops)
     out = matcher.whole(text)
-    found = [(text.find(s), i) for i, s in enumerate(dict.fromkeys(stops)) if s in text]
+    found = [(text.find(s) + len(s), -len(s), s) for s in dict.fromkeys(stops) if s in text]
     if not found:
         assert out == text and matcher.matched is None
     else:
-        at, i = min(found)
-        assert out == text[:at]
-        assert matcher.matched == list(dict.fromkeys(stops))[i]
+        _end, _longer, sequence = min(found)
+        assert matcher.matched == sequence
+        assert out == text[: text.find(sequence)]
+
+
+def test_a_short_sequence_inside_a_longer_one_ends_the_answer_when_it_is_complete() -> None:
+    assert TextFilter(["abcd", "bc"]).whole("xabcd") == "xa"
+    pieced = TextFilter(["abcd", "bc"])
+    assert pieced.feed("xab") == "x" and pieced.feed("c") == "a"
+    assert pieced.matched == "bc"
 
 
 def test_the_held_tail_is_at_most_the_longest_sequence_minus_one() -> None:

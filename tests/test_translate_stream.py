@@ -968,3 +968,37 @@ def test_message_start_takes_the_prompt_count_when_the_stream_starts() -> None:
     )
     assert counted == []  # nothing asked before the stream starts
     assert tr.start()[0]["message"]["usage"]["input_tokens"] == 57
+
+
+def test_text_held_for_a_possible_stop_sequence_goes_out_before_a_tool_call() -> None:
+    message = final(
+        [
+            chunk({"content": "Let me check.\n\n"}),
+            chunk(fragment(0, "call_1", "get_weather", '{"city": "Oslo"}')),
+            chunk({}, "tool_calls"),
+        ],
+        stop_sequences=["\n\nHuman:"],
+    )
+    assert [b["type"] for b in message["content"]] == ["text", "tool_use"]
+    assert message["content"][0]["text"] == "Let me check.\n\n"
+
+
+def test_held_tool_arguments_are_repaired_when_not_relayed() -> None:
+    """An answer added up into JSON (stream_tools=False) repairs arguments as JSON answers do."""
+    pieces = ['{"flag": ', "True}"]
+    chunks = [chunk(fragment(0, "c", "f", pieces[0])), chunk(fragment(0, args=pieces[1]))]
+    message = final(chunks + [chunk({}, "tool_calls")], stream_tools=False)
+    assert message["content"][0]["input"] == {"_raw_arguments": '{"flag": True}'}
+
+
+def test_a_nested_object_completes_the_open_call_only_when_its_outer_brace_closes() -> None:
+    tr = translator()
+    events = tr.start()
+    events += tr.feed(chunk(fragment(0, "call_a", "f", '{"x": {"y": 1}')))
+    events += tr.feed(chunk(fragment(1, "call_b", "g", '{"z": 2}')))  # call_a not yet complete
+    assert [e["type"] for e in events if e.get("index") == 1] == []
+    events += tr.feed(chunk(fragment(0, args="}")))
+    events += tr.feed(chunk(fragment(1, args="")))
+    events += tr.finish(saw_done=True)
+    check_grammar(events)
+    assert [b["input"] for b in accumulate(events)["content"]] == [{"x": {"y": 1}}, {"z": 2}]

@@ -91,7 +91,7 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
             )
             try:
                 if count is not None and _is_event_stream(attempt.result):
-                    translator = _translator(attempt, body, count)
+                    translator = _translator(attempt, body, count, relayed=stream)
                     if stream:
                         return _stream(dispatcher, attempt, translator, settings, turn)
                     response = _collect(attempt, translator, body, access, turn, settings)
@@ -272,8 +272,10 @@ def _sent_max_tokens(attempt: Attempt) -> int | None:
 
 
 def _translator(
-    attempt: Attempt, body: dict[str, Any], count: PromptCount
+    attempt: Attempt, body: dict[str, Any], count: PromptCount, *, relayed: bool
 ) -> StreamTranslator | PassthroughStream:
+    """``relayed``: the events go to the client as they come (else they are added up into
+    one JSON answer, and tool arguments are best held to each call's end and repaired)."""
     config = attempt.client.config
     if config.protocol == "anthropic":
         return PassthroughStream(model=body["model"])
@@ -286,6 +288,7 @@ def _translator(
         prefill=prefill_of(attempt.payload or {}),
         single_tool=parallel_disabled(body),
         max_tokens=_sent_max_tokens(attempt),
+        stream_tools=relayed,
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app import jsonc
+from app.translate.response import parse_arguments
 
 Event = dict[str, Any]
 
@@ -20,6 +20,7 @@ class MessageAccumulator:
         "started",
         "blocks",
         "partial_json",
+        "texts",
         "stop_reason",
         "stop_sequence",
         "usage",
@@ -31,6 +32,7 @@ class MessageAccumulator:
         self.started: dict[str, Any] | None = None
         self.blocks: dict[int, dict[str, Any]] = {}
         self.partial_json: dict[int, list[str]] = {}
+        self.texts: dict[int, list[str]] = {}
         self.stop_reason: str | None = None
         self.stop_sequence: str | None = None
         self.usage: dict[str, Any] = {}
@@ -78,7 +80,7 @@ class MessageAccumulator:
             return
         kind = delta.get("type")
         if kind == "text_delta":
-            block["text"] = block.get("text", "") + delta.get("text", "")
+            self.texts.setdefault(index, []).append(delta.get("text", ""))
         elif kind == "input_json_delta":
             self.partial_json.setdefault(index, []).append(delta.get("partial_json", ""))
         elif kind == "thinking_delta":
@@ -89,12 +91,12 @@ class MessageAccumulator:
             block.setdefault("citations", []).append(delta.get("citation"))
 
     def _close(self, index: int) -> None:
-        pieces = self.partial_json.pop(index, None)
         block = self.blocks.get(index)
+        texts = self.texts.pop(index, None)
+        if texts is not None and block is not None:
+            block["text"] = block.get("text", "") + "".join(texts)  # joined once: linear
+        pieces = self.partial_json.pop(index, None)
         if pieces is None or block is None:
             return
-        text = "".join(pieces)
-        try:
-            block["input"] = jsonc.loads(text) if text.strip() else {}
-        except jsonc.JSONDecodeError:
-            self.failed = True  # a tool call whose arguments do not parse cannot be kept
+        # As the gateway's JSON answers have it: repaired, or wrapped as _raw_arguments.
+        block["input"] = parse_arguments("".join(pieces))

@@ -104,8 +104,12 @@ def clamp_max_tokens(payload: dict[str, Any], dialect: Dialect) -> int | None:
 
 
 def stop_sequences(body: dict[str, Any]) -> list[str]:
-    """The client's stop sequences (validated by translate_request), for stop_reason mapping."""
-    return [s for s in body.get("stop_sequences") or () if isinstance(s, str) and s]
+    """The client's stop sequences, for matching (translate_request refuses a wrong type;
+    this may run before it, so anything but a list is none)."""
+    stops = body.get("stop_sequences")
+    if not isinstance(stops, list):
+        return []
+    return [s for s in stops if isinstance(s, str) and s]
 
 
 # --- top-level validation -------------------------------------------------------------------

@@ -234,9 +234,12 @@ def _verbose_says_context_full(verbose: Any) -> bool:
 
 
 def _stopped_short(timings: Any, max_tokens: int | None) -> bool:
-    if not isinstance(timings, dict) or not max_tokens or "predicted_n" not in timings:
+    if not isinstance(timings, dict) or not max_tokens:
         return False
-    return _int(timings["predicted_n"]) < max_tokens
+    predicted = timings.get("predicted_n")
+    if not isinstance(predicted, int) or isinstance(predicted, bool):
+        return False  # no count is no evidence
+    return predicted < max_tokens
 
 
 def map_usage(usage: Any, *, estimate_output: int = 0) -> dict[str, int]:

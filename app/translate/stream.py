@@ -41,21 +41,26 @@ Event = dict[str, Any]
 PING: Event = {"type": "ping"}
 
 
-# What _JsonTail looks at: escapes, quotes, and a comma before a closing bracket or the end.
-_JSON_TOKENS = re.compile(r'\\.|\\\Z|"|,\s*(?:[}\]]|\Z)', re.S)
+# What _JsonTail looks at: escapes, quotes, a comma before a closing bracket or at the end,
+# and brackets.
+_JSON_TOKENS = re.compile(r'\\.|\\\Z|"|,\s*(?=[}\]])|,\s*\Z|[{}\[\]]', re.S)
 
 
 class _JsonTail:
     """Follows streamed JSON just enough to drop trailing commas (``{"a": 1,}``, which some
     models write) as the arguments stream: outside strings only, so an argument's text is
-    never touched. A comma at the end of a piece is held until what follows it is known."""
+    never touched. A comma at the end of a piece is held until what follows it is known.
+    It also counts brackets, so that whether the object is complete is known without parsing
+    it again at every fragment."""
 
-    __slots__ = ("in_string", "escaped", "held")
+    __slots__ = ("in_string", "escaped", "held", "depth", "closed")
 
     def __init__(self) -> None:
         self.in_string = False
         self.escaped = False  # the last piece ended, inside a string, with a backslash
         self.held = ""  # a comma and the whitespace after it, outside any string
+        self.depth = 0  # brackets open outside strings
+        self.closed = False  # the outermost bracket has closed: the value is complete
 
     def feed(self, piece: str) -> str:
         text, self.held = self.held + piece, ""
@@ -70,9 +75,16 @@ class _JsonTail:
                 self.in_string = not self.in_string
             elif token[0] == "\\":
                 self.escaped = len(token) == 1  # a backslash that ends the piece
-            elif not self.in_string:
+            elif self.in_string:
+                continue
+            elif token in "{[":
+                self.depth += 1
+            elif token in "}]":
+                self.depth -= 1
+                self.closed = self.depth == 0
+            else:
                 out.append(text[kept : match.start()])
-                if token[-1] in "}]":  # a trailing comma: dropped
+                if match.end() < len(text):  # before a closing bracket: a trailing comma
                     kept = match.start() + 1
                 else:  # at the end: held until the next piece says which it is
                     self.held, kept = token, len(text)
@@ -98,6 +110,7 @@ class _ToolCall:
 
 
 TRUNCATED = "backend stream ended before the answer was complete"
+MAX_TOOL_CALLS = 128  # in one run of tool calls
 
 
 class Ending:
@@ -132,12 +145,15 @@ class StreamTranslator(Ending):
         prefill: str = "",
         single_tool: bool = False,
         max_tokens: int | None = None,
+        stream_tools: bool = True,
     ) -> None:
         """``input_tokens``: the prompt's size for ``message_start``, or a function that gives
         it when the stream starts (a count that ran beside the backend call). ``prefill``:
         the assistant text the request ended with. ``single_tool``: at most one tool call
         (``disable_parallel_tool_use``), whatever the backend sends. ``max_tokens``: the cap
-        the backend was sent, to tell a full context from it (``context_window_exceeded``)."""
+        the backend was sent, to tell a full context from it (``context_window_exceeded``).
+        ``stream_tools=False``: tool arguments are held to each call's end and repaired (for
+        an answer that is added up, not relayed, nothing is gained by sending them early)."""
         self.model = model
         self._think_tags = ThinkTagSplitter() if think_tags else None
         self.message_id = message_id
@@ -148,6 +164,7 @@ class StreamTranslator(Ending):
         self._text = TextFilter(stop_sequences, prefill) if stop_sequences or prefill else None
         self.single_tool = single_tool
         self.max_tokens = max_tokens
+        self.stream_tools = stream_tools
         self.context_full = False  # the backend showed its context window filled up
         self._live: int | None = None  # the tool call whose block is open
         self.finish_reason: str | None = None
@@ -321,7 +338,13 @@ class StreamTranslator(Ending):
     def _append(
         self, kind: str, delta_type: str, field: str, text: str, events: list[Event]
     ) -> None:
+        if self.ended:
+            return
         if self._open != kind:
+            if kind != "text":
+                self._release_text(events)
+                if self.ended:
+                    return
             events.extend(self._flush_tools())
             self._close_block(events)
             self._open_block(kind, events)
@@ -333,6 +356,12 @@ class StreamTranslator(Ending):
                 "delta": {"type": delta_type, field: text},
             }
         )
+
+    def _release_text(self, events: list[Event]) -> None:
+        """Other content follows the text: what the filter holds (a tail that might have begun
+        a stop sequence, a prefill's echo) is text after all, and goes out before it."""
+        if self._text is not None:
+            self._text_out(self._text.flush(), events, filtered=True)
 
     def _append_segments(self, segments: list[tuple[str, str]], events: list[Event]) -> None:
         for kind, text in segments:
@@ -377,12 +406,18 @@ class StreamTranslator(Ending):
 
     def _tool_fragment(self, fragment: dict[str, Any], events: list[Event]) -> None:
         """Add one fragment to its call, and send what can be sent of it now."""
+        if self.ended:
+            return
         index = fragment.get("index")
         if not isinstance(index, int):
             index = self._index_for(fragment.get("id"))
         call = self._tools.get(index)
         if call is None:
+            if len(self._tools) >= MAX_TOOL_CALLS:
+                return  # a backend gone wrong; no client asks for more in one answer
             call = self._tools[index] = _ToolCall()
+            if not self.stream_tools:
+                call.streams = False
         if call.closed:
             return  # its block is closed: the call was complete
         if fragment.get("id") and call.id is None:
@@ -396,19 +431,19 @@ class StreamTranslator(Ending):
             call.streams = False  # whole already: sent at once when the call closes
         if arguments:
             call.arguments.append(arguments)
-        self._advance_tools(events)
+        self._advance_tools(index, events)
 
-    def _advance_tools(self, events: list[Event]) -> None:
+    def _advance_tools(self, index: int, events: list[Event]) -> None:
         """Keep one call's block open and streaming; move on to the next call only once the
         open one's arguments are complete JSON (interleaving servers send more otherwise)."""
+        if index == self._live:
+            self._send_arguments(self._tools[index], events)
+            return
         live = self._tools.get(self._live) if self._live is not None else None
         if live is not None:
-            if len(self._tools) > 1 and self._pending() and _complete(live):
-                self._close_tool(live, events)
-                live = None
-            else:
-                self._send_arguments(live, events)
-                return
+            if not _complete(live):
+                return  # held until the open call is complete
+            self._close_tool(live, events)
         pending = self._pending()
         if pending and pending[0][1].name:
             self._open_tool(*pending[0], events)
@@ -419,6 +454,9 @@ class StreamTranslator(Ending):
     def _open_tool(self, index: int, call: _ToolCall, events: list[Event]) -> None:
         if self.single_tool and self._tool_ids:
             call.closed = True  # disable_parallel_tool_use: one call, the first
+            return
+        self._release_text(events)
+        if self.ended:
             return
         self._close_block(events)
         block = {
@@ -436,6 +474,8 @@ class StreamTranslator(Ending):
 
     def _send_arguments(self, call: _ToolCall, events: list[Event]) -> None:
         if call.streams is None:
+            if not call.arguments or not call.arguments[-1].strip():
+                return  # nothing new to tell by
             call.streams = _streams("".join(call.arguments))
             if not call.streams:
                 return
@@ -510,6 +550,8 @@ def _streams(arguments: str) -> bool | None:
 def _complete(call: _ToolCall) -> bool:
     """Whether a call's arguments so far are a whole JSON object (none yet: not complete,
     the arguments may still come)."""
+    if call.streams:
+        return call.tail.closed and call.sent == len(call.arguments)
     last = next((p for p in reversed(call.arguments) if p.strip()), "")
     if not last.rstrip().endswith("}"):
         return False  # cheap: a whole object ends with "}"; parsing each time would be O(n²)

@@ -37,11 +37,12 @@ class PrefillEcho:
             text = text.lstrip()
             if not text:
                 return ""
-        want = self.prefill[self.matched :]
-        if text.startswith(want):  # the echo is complete: the rest is the continuation
-            self._end()
-            return text[len(want) :]
-        if want.startswith(text):  # still echoing: hold it
+        prefill, at = self.prefill, self.matched
+        left = len(prefill) - at
+        if len(text) >= left and text.startswith(prefill[at:]):  # (slices no more than text)
+            self._end()  # the echo is complete: the rest is the continuation
+            return text[left:]
+        if prefill.startswith(text, at):  # still echoing: hold it
             self.matched += len(text)
             return ""
         return self.flush()  # not an echo: give back what was held
@@ -94,13 +95,18 @@ class StopMatcher:
 
 
 def _first_match(text: str, sequences: list[str]) -> tuple[int, str | None]:
-    """The earliest occurrence of any sequence (the first listed wins a tie)."""
-    best, found = len(text) + 1, None
+    """Where the answer ends: at the sequence that is complete first as the text is written
+    (the earliest end), as a model stops at the first one it produces; between two that end
+    together, the longer."""
+    best_end, best_at, found = len(text) + 1, 0, None
     for sequence in sequences:
-        at = text.find(sequence, 0, best + len(sequence) - 1)
-        if at != -1 and at < best:
-            best, found = at, sequence
-    return best, found
+        at = text.find(sequence, 0, best_end)
+        if at == -1:
+            continue
+        end = at + len(sequence)
+        if end < best_end or (end == best_end and at < best_at):
+            best_end, best_at, found = end, at, sequence
+    return best_at, found
 
 
 def _partial_tail(text: str, sequences: list[str]) -> int:

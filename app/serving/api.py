@@ -94,7 +94,7 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
                     translator = _translator(attempt, body, count, relayed=stream)
                     if stream:
                         return _stream(dispatcher, attempt, translator, settings, turn)
-                    response = _collect(attempt, translator, body, access, turn, settings)
+                    response = _collect(attempt, translator, body, access, turn)
                 else:
                     response = _whole_answer(attempt, body, access, stream, turn)
             except BaseException as exc:
@@ -253,22 +253,30 @@ def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
             message = f"backend {attempt.client.name} returned no message"
             raise UpstreamError(message, backend_fault=True)
         return {**message, "model": body["model"], **passthrough_stop(message)}
-    return translate_response(
-        attempt.result,
-        model=body["model"],
-        message_id=ids.message_id(),
-        stop_sequences=stop_sequences(body),
-        think_tags=attempt.client.config.dialect.think_tags,
-        prefill=prefill_of(attempt.payload or {}),
-        single_tool=parallel_disabled(body),
-        max_tokens=_sent_max_tokens(attempt),
-    )
+    return translate_response(attempt.result, **_answer_options(attempt, body))
 
 
-def _sent_max_tokens(attempt: Attempt) -> int | None:
-    """The output cap the backend was sent (after any clamping)."""
-    value = (attempt.payload or {}).get(attempt.client.config.dialect.max_tokens_field)
-    return value if isinstance(value, int) else None
+def _answer_options(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
+    """What a translator needs to make the backend's answer Anthropic's, JSON or stream
+    alike: the client's names and stop sequences, and what the backend was sent (its
+    prefill, the output cap after any clamping)."""
+    sent = attempt.payload or {}
+    max_tokens = sent.get(attempt.client.config.dialect.max_tokens_field)
+    return {
+        "model": body["model"],
+        "message_id": ids.message_id(),
+        "stop_sequences": stop_sequences(body),
+        "think_tags": attempt.client.config.dialect.think_tags,
+        "prefill": prefill_of(sent),
+        "single_tool": parallel_disabled(body),
+        "max_tokens": max_tokens if isinstance(max_tokens, int) else None,
+    }
+
+
+def _deadline(attempt: Attempt) -> float | None:
+    """When the backend's answer must be over (monotonic), counted from the request's start."""
+    total = attempt.client.config.total_timeout
+    return _state().started + total if total else None
 
 
 def _translator(
@@ -276,20 +284,10 @@ def _translator(
 ) -> StreamTranslator | PassthroughStream:
     """``relayed``: the events go to the client as they come (else they are added up into
     one JSON answer, and tool arguments are best held to each call's end and repaired)."""
-    config = attempt.client.config
-    if config.protocol == "anthropic":
+    if attempt.client.config.protocol == "anthropic":
         return PassthroughStream(model=body["model"])
-    return StreamTranslator(
-        model=body["model"],
-        message_id=ids.message_id(),
-        stop_sequences=stop_sequences(body),
-        input_tokens=count.get,
-        think_tags=config.dialect.think_tags,
-        prefill=prefill_of(attempt.payload or {}),
-        single_tool=parallel_disabled(body),
-        max_tokens=_sent_max_tokens(attempt),
-        stream_tools=relayed,
-    )
+    options = _answer_options(attempt, body)
+    return StreamTranslator(**options, input_tokens=count.get, stream_tools=relayed)
 
 
 def _collect(
@@ -298,20 +296,16 @@ def _collect(
     body: dict[str, Any],
     access: dict[str, Any],
     turn: ThreadTurn | None,
-    settings: Settings,
 ) -> Response:
     """A JSON answer read as a stream from the backend (a request with stop sequences: the
     backend's work ends as soon as one appears), added up into one message."""
-    config = attempt.client.config
-    started = _state().started
-    deadline = started + config.total_timeout if config.total_timeout else None
     reply = MessageAccumulator()
     pieces = relay(
         attempt.client,
         attempt.result,
         translator,
         lambda outcome: None,
-        deadline=deadline,
+        deadline=_deadline(attempt),
         ping_interval=0,
         observe=reply.feed,
     )
@@ -324,7 +318,8 @@ def _collect(
         raise translator.error
     message = reply.message
     if message is None:
-        raise UpstreamError(f"backend {attempt.client.name} returned no message")
+        message = f"backend {attempt.client.name} returned no message"
+        raise UpstreamError(message, backend_fault=True)
     return _answer(attempt, {**message, "model": body["model"]}, access, False, turn)
 
 
@@ -335,11 +330,8 @@ def _stream(
     settings: Settings,
     turn: ThreadTurn | None,
 ) -> Response:
-    config = attempt.client.config
-    ping_interval = settings.ping_interval
     state = _state()
     entry, started = state.access, state.started
-    deadline = started + config.total_timeout if config.total_timeout else None
     in_flight = metrics.streams_in_flight(attempt.target.backend)
 
     def on_end(outcome: StreamOutcome) -> None:
@@ -369,8 +361,8 @@ def _stream(
         attempt.result,
         translator,
         on_end,
-        deadline=deadline,
-        ping_interval=ping_interval,
+        deadline=_deadline(attempt),
+        ping_interval=settings.ping_interval,
         observe=_thread_observer(turn) if turn is not None else None,
     )
     response = Response(

@@ -2,8 +2,9 @@
 
 Backends speak OpenAI Chat Completions or, for ``protocol = "anthropic"``, the Messages API
 itself (recent vLLM, SGLang, llama.cpp and Ollama can), in which case bodies pass through. The
-HTTP goes through the worker's requests session (app.backends.session); nothing above this
-module sees a requests or urllib3 exception, a status it cannot use, or a body without bounds:
+HTTP goes straight to the backend's own adapter (app.backends.session's ``Transport``), not
+through the session's ``request``; nothing above this module sees a requests or urllib3
+exception, a status it cannot use, or a body without bounds:
 
 - a status under 200 (``101 Switching Protocols``, ``103 Early Hints``) or a redirect is a 502
   naming the backend, and its connection is closed, never pooled;

@@ -1,7 +1,7 @@
 """The JSON codec, in one place so the hot path uses orjson everywhere.
 
 orjson returns bytes from ``dumps``, which is what the relay writes anyway; keeping the codec
-behind two names lets callers stay unaware of that choice.
+behind this module's names lets callers stay unaware of that choice.
 """
 
 from __future__ import annotations

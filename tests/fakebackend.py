@@ -513,7 +513,8 @@ class FakeBackend:
         echo_request_id: bool = False,
     ) -> None:
         self.reject_stream_options = reject_stream_options
-        # Answers carry the request's X-Request-ID back, as vLLM can and most proxies do.
+        # Answers carry the request's X-Request-ID back, as vLLM can and most proxies do;
+        # a test may turn it off or on between requests, as a restarted backend would.
         self.echo_request_id = echo_request_id
         self.tls = tls  # a server context: the backend speaks HTTPS
         self.requests: list[Recorded] = []

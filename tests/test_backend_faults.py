@@ -192,8 +192,8 @@ def ask_for(sdk, text: str) -> str:
 def test_bytes_after_an_answer_never_reach_another_client(sdk, world):
     """An unrequested second response, written with the first or just after it: urllib3
     finds it on the connection before reusing it, and the connection is retired. (The
-    stray carries no X-Request-ID: this backend echoes ids, and a stray without one is
-    refused even when it is not found before reuse.)"""
+    stray carries no X-Request-ID, so that is what finds it: an answer naming no request
+    is served, even from a backend that echoes ids.)"""
     plain, text = world["plain"], next(MARKERS)
     stray = wire_answer(completion_bytes("LEAKED"))
     plain.reply(answer_then(text, stray))

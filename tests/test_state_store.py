@@ -3,14 +3,21 @@ directory, and a real redis-server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from servers import RedisServer, redis_available
 
+from app.state import sqlite_store
 from app.state.redis_store import RedisStore
-from app.state.sqlite_store import SQLiteStore
+from app.state.sqlite_store import FILE, SQLiteStore
 from app.state.store import (
     THREAD_ALREADY_CONTINUED,
     THREAD_FOUND,
@@ -21,8 +28,11 @@ from app.state.store import (
     Budget,
     Settlement,
     Store,
+    StoreUnavailable,
     Usage,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
 
 REQUESTS = Bucket("requests", per=0.5, capacity=3)  # 120 a minute, three at once
 TOKENS = Bucket("output_tokens", per=60 / 6000, capacity=6000)  # 6000 a minute
@@ -188,3 +198,92 @@ def test_a_thread_expires(store):
     store.put_thread("msg_1", "alice", b"{}", ttl=0.2)
     time.sleep(0.3)
     assert store.claim_thread("msg_1", "alice", hold=5)[0] == THREAD_NOT_FOUND
+
+
+# --- opening one state directory from several processes at once -------------------------------
+
+# What the gunicorn master runs at start (gunicorn.conf.py), once the test lets it go: it says
+# "ready" when imported, waits for its stdin to close, then prints the problem or "ok".
+MASTER_AT_START = """
+import sys
+from app.config import StateSettings
+from app.state.open import prepare
+print("ready", flush=True)
+sys.stdin.read()
+print(prepare(StateSettings(directory=sys.argv[1])) or "ok", flush=True)
+"""
+
+
+def open_at_once(directory: Path, processes: int) -> list[str]:
+    """What each of ``processes`` masters starting together on ``directory`` reports."""
+    masters = [
+        subprocess.Popen(
+            [sys.executable, "-c", MASTER_AT_START, str(directory)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(processes)
+    ]
+    try:
+        for master in masters:
+            assert master.stdout.readline().strip() == "ready"
+        for master in masters:  # the barrier: every one is blocked on its stdin until now
+            master.stdin.close()
+        return [master.stdout.read().strip() for master in masters]
+    finally:
+        for master in masters:
+            master.kill()
+            master.wait()
+            master.stdout.close()
+
+
+def test_gateways_starting_together_on_one_fresh_state_directory_all_open_it(tmp_path):
+    """Several gateways on one host (a systemd template's instances, a restart of several
+    services) make the directory's schema at the same moment: each waits its turn for the
+    lock that switching to WAL and making the tables take, and none exits at start."""
+    for attempt in range(3):
+        directory = tmp_path / f"attempt{attempt}"
+        assert open_at_once(directory, 8) == ["ok"] * 8
+        db = sqlite3.connect(directory / FILE)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        db.close()
+
+
+def hold_the_write_lock(directory: Path, seconds: float) -> threading.Thread:
+    """Another process's write, as SQLite sees it: a connection of its own holding an
+    exclusive lock on the (fresh) database for ``seconds``."""
+    os.makedirs(directory, exist_ok=True)
+    holder = sqlite3.connect(directory / FILE, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+
+    def release() -> None:
+        time.sleep(seconds)
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    return thread
+
+
+def test_opening_waits_while_another_process_holds_the_write_lock(tmp_path):
+    holder = hold_the_write_lock(tmp_path, 1.0)
+    started = time.monotonic()
+    store = SQLiteStore(str(tmp_path))
+    waited = time.monotonic() - started
+    holder.join()
+    assert waited >= 0.9
+    assert store.admit(Ask("k", takes=[(REQUESTS, 1)])).admitted
+    store.close()
+
+
+def test_opening_gives_up_with_the_reason_once_its_wait_is_over(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "OPEN_WAIT", 0.2)
+    holder = hold_the_write_lock(tmp_path, 1.0)
+    with pytest.raises(
+        StoreUnavailable, match="cannot open the state store .*: database is locked"
+    ):
+        SQLiteStore(str(tmp_path))
+    holder.join()

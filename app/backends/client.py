@@ -2,8 +2,9 @@
 
 Backends speak OpenAI Chat Completions or, for ``protocol = "anthropic"``, the Messages API
 itself (recent vLLM, SGLang, llama.cpp and Ollama can), in which case bodies pass through. The
-HTTP goes through the worker's requests session (app.backends.session); nothing above this
-module sees a requests or urllib3 exception, a status it cannot use, or a body without bounds:
+HTTP goes straight to the backend's own adapter (app.backends.session's ``Transport``), not
+through the session's ``request``; nothing above this module sees a requests or urllib3
+exception, a status it cannot use, or a body without bounds:
 
 - a status under 200 (``101 Switching Protocols``, ``103 Early Hints``) or a redirect is a 502
   naming the backend, and its connection is closed, never pooled;
@@ -289,19 +290,21 @@ class BackendClient:
         raise self._status_error(response, payload)
 
     def _check_echo(self, response: requests.Response, request_id: str) -> None:
-        """Refuse an answer that is not for this request. HTTP/1.1 cannot tell by itself: a
+        """Refuse an answer that names another request. HTTP/1.1 cannot tell by itself: a
         second, unrequested response that a backend writes onto a kept-alive connection
         after the next request went out on it reads as that request's answer. A backend
         that has echoed our ``X-Request-ID`` once (vLLM with ``--enable-request-id-headers``,
-        most proxies) is expected to go on doing so; from then on a successful answer that
-        names another request, or none, was written for someone else, and its connection
-        is closed. (Backends that set ids of their own, as OpenAI's API does, never echo
-        ours, so they are never checked.)"""
+        most proxies) has shown that an id it sends is ours; from then on an answer naming
+        another id was written for someone else, and its connection is closed. An answer
+        naming none is served: the echo is no promise (vLLM restarted without the flag, a
+        load balancer over replicas set up apart), and its absence says nothing about whose
+        answer this is. (Backends that set ids of their own, as OpenAI's API does, never
+        echo ours, so they are never checked.)"""
         echoed = response.headers.get("x-request-id")
         if echoed == request_id:
             self.echoes_request_ids = True
             return
-        if not self.echoes_request_ids or (echoed is None and response.status_code >= 300):
+        if echoed is None or not self.echoes_request_ids:
             return
         response.close()
         log.warning("backend %s answered with another request's X-Request-ID", self.name)

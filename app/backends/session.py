@@ -39,7 +39,7 @@ NO_RETRIES = Retry(total=0, read=False, redirect=False, raise_on_redirect=False)
 
 
 class BackendAdapter(HTTPAdapter):
-    """The transport to one backend. Two of HTTPAdapter's documented extension points are
+    """The transport to one backend. Three of HTTPAdapter's documented extension points are
     overridden, each to drop work a backend answer does not need:
 
     - ``build_response`` keeps urllib3's (already case-insensitive) header mapping as it is

@@ -1,5 +1,5 @@
 """Readiness: does at least one backend answer? Asked through the backend's own client (its
-session, TLS and proxy settings), and remembered briefly.
+adapter, TLS and proxy settings), and remembered briefly.
 
 The question is one ``GET /models`` per backend, which costs the backend no tokens; the
 answer is kept for a few seconds so that a load balancer polling /readyz does not turn into a

@@ -13,7 +13,7 @@ stored one it would need a SHA-256 preimage. The dict lookup compares Python's h
 digest (SipHash with a per-process random key) before any bytes, so its timing says nothing
 useful either; and even learning a stored digest would not give away the key, which is what the
 gateway accepts. ``hmac.compare_digest`` is for comparing the secret itself, as the admin token
-check in app/api.py does.
+check in app/serving/admin.py does.
 
 Pure: the standard library only, no Flask. ``python -m app.keys`` makes, lists and revokes
 keys, and prints the ``sha256 = "..."`` line of a key for the config file.

@@ -3,9 +3,10 @@ exist to have overridden:
 
 - ``handle``: gunicorn writes to the client through ``ClientSocket``, whose ``sendall`` is a
   loop of gevent's ``send`` and which sends a response's head with its first body bytes;
-- ``timeout_ctx``: the wait for a connection's next request is registered, so that on TERM or
-  HUP idle keep-alive connections close at once instead of holding the worker for the whole
-  keep-alive time (75 s; nginx keeps some open all the time), while streams still drain;
+- ``timeout_ctx`` and ``handle_exit``: the wait for a connection's next request is registered,
+  and ended on TERM or HUP, so that idle keep-alive connections close at once instead of
+  holding the worker for the whole keep-alive time (75 s; nginx keeps some open all the time),
+  while streams still drain;
 - ``handle_request``: the app may ask for its connection to be closed after the answer
   (``close_connection``), for a request whose body it did not read: gunicorn would otherwise
   read and discard that body, however long, before the next request. The close lingers, as

@@ -4,12 +4,12 @@ whose clocks differ still share one rate.
 
 The keys, under a prefix (``gw:`` by default):
 
-    {prefix}b:{key}:{bucket}      a bucket's tat (seconds), expiring once it is whole again
-    {prefix}l:{key}               the key's leases, a sorted set scored by their expiry
-    {prefix}t:{key}:{period}      tokens of a budget period
-    {prefix}u:{day}               usage of a day, a hash of [key, model] | metric -> count
-    {prefix}days                  the days that have usage
-    {prefix}th:{id}               a stored conversation (hash: owner, body, continued, claimed)
+    {prefix}b:{key}:{bucket}           a bucket's tat (seconds), expiring once it is whole again
+    {prefix}l:{key}                    the key's leases, a sorted set scored by their expiry
+    {prefix}t:{key}:{budget}:{period}  tokens spent of a budget in one period
+    {prefix}u:{day}                    usage of a day, a hash of [key, model] | metric -> count
+    {prefix}days                       the days that have usage
+    {prefix}th:{id}                    a stored conversation (hash: owner, body, continued, claimed)
 """
 
 from __future__ import annotations

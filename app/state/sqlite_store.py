@@ -6,6 +6,12 @@ IMMEDIATE`` transaction, so two workers admitting for the same key see each othe
 order. SQLite's own busy handler would sleep inside the C library and stall a gevent worker's
 whole event loop, so the busy timeout is zero and a locked database is waited for here, with
 ``time.sleep`` (gevent's, in a worker), for at most ``LOCK_WAIT`` seconds in all.
+
+Opening waits its turn the same way, for up to ``OPEN_WAIT``: several gateways started at once
+on one directory (instances of one systemd template, a restart of several services) all switch
+the file to WAL, which takes a lock, and make the schema, which writes. The schema is made in
+one ``BEGIN IMMEDIATE`` so that a process takes the write lock before it reads anything (a
+read upgraded to a write can be refused outright, whatever the wait) and never sees half of it.
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ from app.state.store import (
 T = TypeVar("T")
 FILE = "gateway.sqlite3"
 LOCK_WAIT = 2.0
+# Longer than an operation's wait: at start, every process on the host may be opening at once.
+OPEN_WAIT = 10.0
 # WITHOUT ROWID: each table is one b-tree on its primary key (a rowid table would keep a
 # second one for the key's index), so a commit writes about half the pages.
-SCHEMA = """
+SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS buckets (
     key TEXT NOT NULL, name TEXT NOT NULL, tat REAL NOT NULL, PRIMARY KEY (key, name)
 ) WITHOUT ROWID;
@@ -63,6 +71,8 @@ CREATE TABLE IF NOT EXISTS threads (
     continued INTEGER NOT NULL DEFAULT 0, claimed_until REAL NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS threads_by_expiry ON threads (expires);
 """
+# One statement at a time, inside one transaction (``executescript`` would commit it first).
+SCHEMA = tuple(s.strip() for s in SCHEMA_SQL.split(";") if s.strip())
 
 
 ADD_USAGE = (
@@ -85,11 +95,21 @@ class SQLiteStore(Store):
             self.db = sqlite3.connect(
                 self.path, timeout=0, isolation_level=None, check_same_thread=False
             )
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self._retry(lambda: self.db.executescript(SCHEMA))
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open the state store {self.path}: {exc}") from None
+        try:
+            self._retry(self._prepare, OPEN_WAIT, "cannot open the state store")
+        except StoreUnavailable:
+            self.db.close()
+            raise
+
+    def _prepare(self) -> None:
+        """WAL mode and the schema; run again from the start if another process holds a lock."""
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        with self._begun():
+            for statement in SCHEMA:
+                self.db.execute(statement)
 
     # --- limits -----------------------------------------------------------------------------
 
@@ -267,9 +287,11 @@ class SQLiteStore(Store):
         with self.lock:
             return self._retry(work)
 
-    def _retry(self, work: Callable[[], T]) -> T:
-        """Run ``work``, waiting (cooperatively) while another process holds the write lock."""
-        deadline = time.monotonic() + LOCK_WAIT
+    def _retry(
+        self, work: Callable[[], T], wait: float = LOCK_WAIT, failed: str = "state store"
+    ) -> T:
+        """Run ``work``, waiting (cooperatively) while another process holds the lock."""
+        deadline = time.monotonic() + wait
         pause = 0.0005
         while True:
             try:
@@ -277,9 +299,9 @@ class SQLiteStore(Store):
             except sqlite3.OperationalError as exc:
                 locked = "locked" in str(exc) or "busy" in str(exc)
                 if not locked or time.monotonic() > deadline:
-                    raise StoreUnavailable(f"state store {self.path}: {exc}") from None
+                    raise StoreUnavailable(f"{failed} {self.path}: {exc}") from None
             except sqlite3.Error as exc:
-                raise StoreUnavailable(f"state store {self.path}: {exc}") from None
+                raise StoreUnavailable(f"{failed} {self.path}: {exc}") from None
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 

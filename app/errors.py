@@ -22,12 +22,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.translate.anthropic_types import ErrorEvent, ErrorType
+
 
 class GatewayError(Exception):
     """Base: an error that has an Anthropic ``error.type`` and an HTTP status."""
 
     status = 500
-    error_type = "api_error"
+    error_type: ErrorType = "api_error"
     # A backend failure another attempt may cure (connection errors, 429, 5xx); the
     # dispatcher retries or fails over only these, and only before any byte was relayed.
     retryable = False
@@ -68,9 +70,9 @@ class GatewayError(Exception):
             # The SDKs obey x-should-retry before their own status rules.
             self.headers["x-should-retry"] = "true" if should_retry else "false"
 
-    def payload(self, request_id: str | None = None) -> dict[str, Any]:
+    def payload(self, request_id: str | None = None) -> ErrorEvent:
         """The Anthropic error envelope, as an HTTP body or an SSE ``error`` event."""
-        body: dict[str, Any] = {
+        body: ErrorEvent = {
             "type": "error",
             "error": {"type": self.error_type, "message": self.message},
         }
@@ -121,7 +123,7 @@ class RateLimited(GatewayError):
 
 class UpstreamError(GatewayError):
     status = 500
-    error_type = "api_error"
+    error_type: ErrorType = "api_error"
 
 
 class UpstreamTimeout(GatewayError):

@@ -267,6 +267,39 @@ def test_in_stream_backend_error_becomes_error_event(client, backend):
         stream_final(client)
 
 
+# A tool call whose function is not an object, or whose arguments are a number: the backend's
+# answer is unusable, and the client is told so by name, not with the gateway's own error.
+MALFORMED_CALLS = [
+    {"index": 0, "id": "call_1", "type": "function", "function": "get_weather"},
+    {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": 42}},
+]
+MALFORMED_IDS = ["function_string", "arguments_number"]
+
+
+@pytest.mark.parametrize("call", MALFORMED_CALLS, ids=MALFORMED_IDS)
+def test_a_malformed_tool_call_in_a_json_answer_is_a_backend_error(client, backend, call):
+    answer = completion(None, finish_reason="tool_calls", extra_message={"tool_calls": [call]})
+    backend.reply(JSONReply(answer))
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        create(client)
+    error = caught.value.body["error"]
+    assert error["type"] == "api_error"
+    assert error["message"].startswith("backend") and "tool call" in error["message"]
+
+
+@pytest.mark.parametrize("call", MALFORMED_CALLS, ids=MALFORMED_IDS)
+def test_a_malformed_tool_call_in_a_stream_ends_it_with_a_backend_error_event(
+    client, backend, call
+):
+    events = [chunk({"role": "assistant", "content": ""}), chunk({"tool_calls": [call]})]
+    backend.reply(StreamReply([*events, chunk({}, "tool_calls")]))
+    with pytest.raises(anthropic.APIStatusError) as caught:
+        stream_final(client)
+    error = caught.value.body["error"]
+    assert error["type"] == "api_error"
+    assert error["message"].startswith("backend") and "tool call" in error["message"]
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 

@@ -456,3 +456,47 @@ def test_answer_without_usable_choices_raises_upstream_error(raw: Any) -> None:
         translate(raw)
     assert caught.value.status == 500
     assert caught.value.error_type == "api_error"
+
+
+@pytest.mark.parametrize(
+    ("message", "named"),
+    [
+        (tool_message({"id": "c1", "function": "get_weather"}), "function is not an object"),
+        (tool_message({"id": "c1", "function": ["get_weather"]}), "function is not an object"),
+        (tool_message(call("c1", "f", 42)), "neither JSON text nor an object"),
+        (tool_message(call("c1", "f", True)), "neither JSON text nor an object"),
+        (tool_message({"id": "c1", "function": {"name": 7}}), "name is not a string"),
+        (tool_message("get_weather"), "tool call that is not an object"),
+        ({"role": "assistant", "tool_calls": {"0": call("c1", "f", "{}")}},
+         "tool_calls that are not an array"),
+        ({"role": "assistant", "tool_calls": 3}, "tool_calls that are not an array"),
+    ],
+    ids=["function_string", "function_array", "arguments_number", "arguments_bool",
+         "name_number", "call_string", "tool_calls_object", "tool_calls_number"],
+)  # fmt: skip
+def test_a_malformed_tool_call_is_a_backend_error_naming_it(message: Any, named: str) -> None:
+    with pytest.raises(UpstreamError) as caught:
+        translate_response(
+            completion(message, finish_reason="tool_calls"),
+            model="m",
+            message_id="msg_1",
+            stop_sequences=[],
+            backend="vllm-a",
+        )
+    assert (caught.value.status, caught.value.error_type) == (500, "api_error")
+    assert caught.value.message.startswith("backend vllm-a sent")
+    assert named in caught.value.message
+    assert caught.value.backend_fault
+
+
+@pytest.mark.parametrize("message", ["Hello", 5, ["Hello"]], ids=["string", "number", "array"])
+def test_a_message_that_is_not_an_object_is_a_backend_error(message: Any) -> None:
+    with pytest.raises(UpstreamError, match="message that is not an object") as caught:
+        translate(completion(message))
+    assert caught.value.backend_fault
+
+
+def test_an_unusable_answer_counts_against_the_backend() -> None:
+    with pytest.raises(UpstreamError) as caught:
+        translate({"id": "x", "choices": []})
+    assert caught.value.backend_fault

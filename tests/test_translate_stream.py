@@ -1002,3 +1002,74 @@ def test_a_nested_object_completes_the_open_call_only_when_its_outer_brace_close
     events += tr.finish(saw_done=True)
     check_grammar(events)
     assert [b["input"] for b in accumulate(events)["content"]] == [{"x": {"y": 1}}, {"z": 2}]
+
+
+# --- chunks that are not of the OpenAI shape ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        (fragment(0, "call_1", args="{}") | {"tool_calls": [{"index": 0, "function": "f"}]},
+         "function is not an object"),
+        (fragment(0, "call_1", "f", 42), "neither JSON text nor an object"),
+        (fragment(0, "call_1", "f", [1, 2]), "neither JSON text nor an object"),
+        (fragment(0, "call_1", 7, "{}"), "name is not a string"),
+        ({"tool_calls": ["call"]}, "tool call that is not an object"),
+        ({"tool_calls": 5}, "tool_calls that are not an array"),
+    ],
+    ids=["function_string", "arguments_number", "arguments_array", "name_number",
+         "call_string", "tool_calls_number"],
+)  # fmt: skip
+def test_a_malformed_tool_call_ends_the_stream_with_a_backend_error_naming_it(
+    data: dict, named: str
+) -> None:
+    tr = translator(backend="vllm-a")
+    events = tr.start() + tr.feed(chunk({"content": "Let me check."})) + tr.feed(chunk(data))
+    check_grammar(events)
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["type"] == "api_error"
+    assert events[-1]["error"]["message"].startswith("backend vllm-a sent")
+    assert named in events[-1]["error"]["message"]
+    assert tr.error is not None and tr.error.backend_fault
+    assert tr.feed(chunk({"content": "more"})) == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"choices": "abc"},
+        {"choices": 5},
+        {"choices": {"0": {"delta": {"content": "x"}}}},
+        {"choices": ["not a choice"]},
+        {"choices": [{"delta": "text"}]},
+        {"choices": [{"delta": 5}]},
+    ],
+    ids=["choices_string", "choices_number", "choices_object", "choice_string", "delta_string",
+         "delta_number"],
+)  # fmt: skip
+def test_a_chunk_whose_choices_or_delta_is_not_of_the_shape_is_a_backend_error(raw: dict) -> None:
+    tr = translator()
+    events = tr.start() + tr.feed(raw)
+    check_grammar(events)
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["message"].startswith("backend sent")
+    assert tr.error is not None and tr.error.backend_fault
+
+
+@pytest.mark.parametrize("usage", [5, "many", [1, 2]], ids=["number", "string", "array"])
+def test_usage_that_is_not_an_object_is_ignored_and_an_earlier_one_kept(usage: Any) -> None:
+    events = run(
+        [
+            chunk({"content": "Hi"}, "stop"),
+            usage_chunk(USAGE),
+            {"choices": [], "usage": usage},
+        ]
+    )
+    assert last_delta(events)["usage"]["output_tokens"] == 2
+
+
+def test_content_or_a_finish_reason_that_is_not_a_string_is_ignored() -> None:
+    events = run([chunk({"content": 5}), chunk({"content": "Hi"}, {"odd": 1}), chunk({}, "stop")])
+    assert accumulate(events)["content"] == [{"type": "text", "text": "Hi"}]
+    assert last_delta(events)["delta"]["stop_reason"] == "end_turn"

@@ -22,13 +22,14 @@ CPU through ``Session.post``, 449 µs with ``trust_env`` off, 259 µs through th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_environ_proxies
+from urllib3 import BaseHTTPResponse
+from urllib3.connectionpool import ConnectionPool
 from urllib3.util import Retry, Timeout
 
 from app.config import Upstream
@@ -53,7 +54,7 @@ class BackendAdapter(HTTPAdapter):
     """
 
     def __init__(self, pool_size: int) -> None:
-        self.pools: dict[tuple[str, str | None, str], Any] = {}
+        self.pools: dict[tuple[str, str, str], ConnectionPool] = {}
         self.targets: dict[tuple[str, bool], str] = {}
         super().__init__(
             pool_connections=4, pool_maxsize=pool_size, max_retries=NO_RETRIES, pool_block=False
@@ -63,9 +64,9 @@ class BackendAdapter(HTTPAdapter):
         self,
         request: PreparedRequest,
         verify: bool | str | None,
-        proxies: dict[str, str] | None = None,
-        cert: Any = None,
-    ) -> Any:
+        proxies: Mapping[str, str] | None = None,
+        cert: tuple[str, str] | str | None = None,
+    ) -> ConnectionPool:
         url = request.url or ""
         scheme, _, rest = url.partition("://")
         key = (scheme, rest.partition("/")[0], str(verify))
@@ -75,19 +76,21 @@ class BackendAdapter(HTTPAdapter):
             self.pools[key] = pool
         return pool
 
-    def request_url(self, request: PreparedRequest, proxies: dict[str, str] | None) -> str:
+    def request_url(self, request: PreparedRequest, proxies: Mapping[str, str] | None) -> str:
         key = (request.url or "", bool(proxies))
         target = self.targets.get(key)
         if target is None:
             target = self.targets[key] = super().request_url(request, proxies)
         return target
 
-    def build_response(self, req: PreparedRequest, resp: Any) -> requests.Response:
+    def build_response(self, req: PreparedRequest, resp: BaseHTTPResponse) -> requests.Response:
         response = requests.Response()
         response.status_code = resp.status
-        response.headers = resp.headers
+        # urllib3's HTTPHeaderDict, as case-insensitive as the CaseInsensitiveDict the stub
+        # names: keeping it is the point of this override.
+        response.headers = resp.headers  # type: ignore[assignment]
         response.raw = resp
-        response.reason = resp.reason
+        response.reason = resp.reason or ""
         response.url = req.url or ""
         response.request = req
         response.connection = self
@@ -131,7 +134,9 @@ class Transport:
         return self.adapter.send(
             request,
             stream=stream,
-            timeout=timeout,
+            # requests documents a urllib3 Timeout here (it is passed through as it is, where
+            # a tuple is converted on every call); its stub lists only floats and tuples.
+            timeout=timeout,  # type: ignore[arg-type]
             verify=self.verify,
             cert=self.cert,
             proxies=self.proxies,
@@ -151,7 +156,9 @@ class Template:
         self.url = prepared.url
         self.headers = prepared.headers
 
-    def request(self, body: bytes | None, headers: Mapping[str, str] | None = None) -> Any:
+    def request(
+        self, body: bytes | None, headers: Mapping[str, str] | None = None
+    ) -> PreparedRequest:
         prepared = PreparedRequest()
         prepared.method = self.method
         prepared.url = self.url

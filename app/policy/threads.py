@@ -24,7 +24,7 @@ from typing import Any
 
 from app import jsonc
 from app.config import ThreadSettings
-from app.errors import GatewayError, InvalidRequest, NotFound
+from app.errors import GatewayError, InvalidRequest, NotFound, field_error
 from app.state.guard import GuardedStore
 from app.state.store import (
     THREAD_ALREADY_CONTINUED,
@@ -32,7 +32,7 @@ from app.state.store import (
     THREAD_IN_FLIGHT,
     THREAD_NOT_FOUND,
 )
-from app.translate.request import field_error
+from app.translate.anthropic_types import ErrorEvent
 
 CREATE_ONLY_FIELDS = ("system", "tools")
 # A continue's claim keeps other continues of the thread out this long at most, in case the
@@ -48,7 +48,7 @@ class ThreadRejected(GatewayError):
         self.details = {"error_code": code, **details}
         self.error_type = NotFound.error_type if status == 404 else InvalidRequest.error_type
 
-    def payload(self, request_id: str | None = None) -> dict[str, Any]:
+    def payload(self, request_id: str | None = None) -> ErrorEvent:
         body = super().payload(request_id)
         body["error"]["details"] = self.details
         return body

@@ -72,7 +72,7 @@ def linger(sock: Any, most: int = LINGER_BYTES, seconds: float = LINGER_SECONDS)
         return
     buffer = bytearray(1 << 16)
     left = most
-    with gevent.Timeout(seconds, False):
+    with silent_timeout(seconds):
         while left > 0:
             try:
                 got = sock.recv_into(buffer)
@@ -82,6 +82,12 @@ def linger(sock: Any, most: int = LINGER_BYTES, seconds: float = LINGER_SECONDS)
                 return
             left -= got
             gevent.sleep(0)
+
+
+def silent_timeout(seconds: float) -> gevent.Timeout:
+    """A timeout that its own ``with`` block swallows: the block just ends."""
+    # gevent documents False as this argument for exactly that; the stub allows exceptions only.
+    return gevent.Timeout(seconds, False)  # type: ignore[arg-type]
 
 
 def tune_gc() -> None:
@@ -159,7 +165,7 @@ class _IdleWait:
 
     def __init__(self, worker: GatewayWorker) -> None:
         self.worker = worker
-        self.timeout = gevent.Timeout(worker.cfg.keepalive, False)
+        self.timeout = silent_timeout(worker.cfg.keepalive)
         self.greenlet = gevent.getcurrent()
         self.idle = self.greenlet in worker.served
 
@@ -185,13 +191,15 @@ class GatewayWorker(GeventWorker):
         super().load_wsgi()
         tune_gc()  # in the worker, after the fork and the app's import
 
-    def timeout_ctx(self) -> _IdleWait:
+    # gunicorn enters what this returns (its own returns a gevent.Timeout); the stub says None.
+    def timeout_ctx(self) -> _IdleWait:  # type: ignore[override]
         return _IdleWait(self)
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         # TLS (gunicorn's own certfile) keeps gevent's socket: gunicorn asks it about TLS.
         wrapped = client if isinstance(client, ssl.SSLSocket) else ClientSocket(client)
-        super().handle(listener, wrapped, addr)
+        # gunicorn only writes to, reads from and closes the client; its stub asks for a socket.
+        super().handle(listener, wrapped, addr)  # type: ignore[arg-type]
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
@@ -217,7 +225,8 @@ class GatewayWorker(GeventWorker):
                 linger(sock)
 
     def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        super().handle_error(req, _JSONErrors(client), addr, exc)
+        # gunicorn only writes its error page to the client; its stub asks for a socket.
+        super().handle_error(req, _JSONErrors(client), addr, exc)  # type: ignore[arg-type]
 
 
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ([^\r\n]*)\r\n")

@@ -15,6 +15,9 @@ The keys, under a prefix (``gw:`` by default):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
 
 import redis
 
@@ -158,6 +161,12 @@ return 1
 """
 
 
+T = TypeVar("T")
+
+# What a script's ARGV may hold (redis-py encodes each).
+Arg = str | bytes | int | float
+
+
 class RedisStore(Store):
     def __init__(self, url: str, prefix: str = "gw:") -> None:
         self.prefix = prefix
@@ -169,7 +178,7 @@ class RedisStore(Store):
         self.claim_script = self.redis.register_script(CLAIM)
         self.end_script = self.redis.register_script(END)
 
-    def _call(self, work):  # type: ignore[no-untyped-def]
+    def _call(self, work: Callable[[], T]) -> T:
         try:
             return work()
         except redis.RedisError as exc:
@@ -182,7 +191,7 @@ class RedisStore(Store):
         keys = [f"{p}b:{ask.key}:{b.name}" for b, _ in ask.takes]
         keys += [f"{p}t:{ask.key}:{budget.name}:{budget.period}" for budget, _ in ask.spends]
         keys.append(f"{p}l:{ask.key}")
-        args: list[object] = [len(ask.takes)]
+        args: list[Arg] = [len(ask.takes)]
         for bucket, cost in ask.takes:
             args += [repr(bucket.per), repr(bucket.capacity), repr(float(cost))]
         args.append(len(ask.spends))
@@ -224,7 +233,7 @@ class RedisStore(Store):
         keys = [f"{p}l:{key}"]
         keys += [f"{p}b:{key}:{b.name}" for b, _ in settlement.corrections]
         keys += [f"{p}t:{key}:{b.name}:{b.period}" for b, _ in settlement.budget_corrections]
-        args: list[object] = [settlement.lease or "", len(settlement.corrections)]
+        args: list[Arg] = [settlement.lease or "", len(settlement.corrections)]
         for bucket, units in settlement.corrections:
             args += [repr(bucket.per), repr(float(units))]
         args.append(len(settlement.budget_corrections))
@@ -262,7 +271,7 @@ class RedisStore(Store):
         rows: list[UsageRow] = []
         for day in days:
             counts: dict[tuple[str, str], dict[str, int]] = {}
-            raw = self._call(lambda day=day: self.redis.hgetall(f"{p}u:{day}"))
+            raw = self._call(partial(self.redis.hgetall, f"{p}u:{day}"))
             for field, value in raw.items():
                 names, _, metric = _text(field).rpartition("|")
                 row_key, row_model = json.loads(names)
@@ -305,7 +314,7 @@ class RedisStore(Store):
         self, previous_id: str, thread_id: str, owner: str, body: bytes, ttl: float
     ) -> None:
         keys = [f"{self.prefix}th:{previous_id}", f"{self.prefix}th:{thread_id}"]
-        args = ["finish", owner, body, int(ttl * 1000)]
+        args: list[Arg] = ["finish", owner, body, int(ttl * 1000)]
         self._call(lambda: self.end_script(keys=keys, args=args))
 
     def release_thread(self, thread_id: str) -> None:

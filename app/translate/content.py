@@ -15,10 +15,17 @@ from app import jsonc
 from app.errors import field_error, shown
 from app.ids import is_gateway_signature
 from app.translate.dialect import Dialect
+from app.translate.openai_types import (
+    AssistantMessage,
+    ContentPart,
+    ImagePart,
+    ToolCall,
+    ToolMessage,
+    UserMessage,
+)
 
 # A content block with the path it came from, so errors name what the client sent.
 Block = tuple[str, dict[str, Any]]
-Message = dict[str, Any]
 
 IMAGE_MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 MAX_IMAGE_BYTES = 5 * 1024 * 1024  # Anthropic's per-image limit
@@ -59,11 +66,11 @@ def text_of(block: dict[str, Any], path: str) -> str:
 # --- user turns ---------------------------------------------------------------------------------
 
 
-def user_messages(blocks: list[Block], ctx: Context) -> list[Message]:
+def user_messages(blocks: list[Block], ctx: Context) -> list[ToolMessage | UserMessage]:
     """Tool results first (one ``tool`` message each), then the rest as one user message."""
-    tool_messages: list[Message] = []
-    relocated: list[dict[str, Any]] = []
-    parts: list[dict[str, Any]] = []
+    tool_messages: list[ToolMessage | UserMessage] = []
+    relocated: list[ContentPart] = []
+    parts: list[ContentPart] = []
     for path, block in blocks:
         kind = block["type"]
         if kind == "tool_result":
@@ -91,16 +98,17 @@ def user_messages(blocks: list[Block], ctx: Context) -> list[Message]:
     return tool_messages
 
 
-def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+def _collapse(parts: list[ContentPart]) -> str | list[ContentPart]:
     """Text-only content as one string: many chat templates accept nothing else."""
-    if all(p["type"] == "text" for p in parts):
-        return "\n\n".join(p["text"] for p in parts)
+    texts = [p["text"] for p in parts if p["type"] == "text"]
+    if len(texts) == len(parts):
+        return "\n\n".join(texts)
     return parts
 
 
 def _tool_message(
     block: dict[str, Any], path: str, ctx: Context
-) -> tuple[Message, list[dict[str, Any]]]:
+) -> tuple[ToolMessage, list[ImagePart]]:
     tool_use_id = block.get("tool_use_id")
     if not isinstance(tool_use_id, str) or not tool_use_id:
         raise field_error(f"{path}.tool_use_id", "must be a non-empty string")
@@ -110,13 +118,15 @@ def _tool_message(
         text = (text + "\n\n" if text else "") + f"({len(images)} image(s) attached below)"
     if block.get("is_error"):
         text = "Error: " + (text or "the tool reported an error")
-    message = {"role": "tool", "tool_call_id": tool_use_id, "content": text or "(empty)"}
+    message: ToolMessage = {
+        "role": "tool",
+        "tool_call_id": tool_use_id,
+        "content": text or "(empty)",
+    }
     return message, images
 
 
-def _nested_content(
-    content: Any, path: str, ctx: Context
-) -> tuple[list[str], list[dict[str, Any]]]:
+def _nested_content(content: Any, path: str, ctx: Context) -> tuple[list[str], list[ImagePart]]:
     """Texts and image parts of a tool_result's (or a document's) content."""
     if content is None:
         return [], []
@@ -125,7 +135,7 @@ def _nested_content(
     if not isinstance(content, list):
         raise field_error(path, "must be a string or an array of content blocks")
     texts: list[str] = []
-    images: list[dict[str, Any]] = []
+    images: list[ImagePart] = []
     for j, block in enumerate(content):
         bpath = f"{path}.{j}"
         kind = block.get("type") if isinstance(block, dict) else None
@@ -136,9 +146,9 @@ def _nested_content(
         elif kind == "image":
             images.append(_image_part(block, bpath, ctx))
         elif kind in ("document", "search_result"):
-            text = _document_text(block, bpath, ctx)
-            if text is not None:
-                texts.append(text)
+            document = _document_text(block, bpath, ctx)
+            if document is not None:
+                texts.append(document)
         elif kind == "tool_reference":
             name = block.get("tool_name")
             texts.append(f"(tool reference: {name if isinstance(name, str) else ''})")
@@ -147,7 +157,7 @@ def _nested_content(
     return texts, images
 
 
-def _image_part(block: dict[str, Any], path: str, ctx: Context) -> dict[str, Any]:
+def _image_part(block: dict[str, Any], path: str, ctx: Context) -> ImagePart:
     if not ctx.dialect.images:
         raise field_error(f"{path}.type", "this backend does not accept images")
     source = block.get("source")
@@ -157,9 +167,10 @@ def _image_part(block: dict[str, Any], path: str, ctx: Context) -> dict[str, Any
     if kind == "base64":
         url = _data_url(source, path)
     elif kind == "url":
-        url = source.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://", "data:")):
+        given = source.get("url")
+        if not isinstance(given, str) or not given.startswith(("http://", "https://", "data:")):
             raise field_error(f"{path}.source.url", "must be an http(s) or data URL")
+        url = given
         if not ctx.dialect.image_urls and not url.startswith("data:"):
             raise field_error(
                 f"{path}.source.url", "this backend takes base64 images only, not image URLs"
@@ -189,7 +200,9 @@ def _document_text(block: dict[str, Any], path: str, ctx: Context) -> str | None
         header = [str(block.get("title", "")), str(block.get("source", ""))]
         return "\n\n".join([h for h in header if h] + texts)
     source = block.get("source")
-    kind = source.get("type") if isinstance(source, dict) else None
+    if not isinstance(source, dict):
+        source = {}
+    kind = source.get("type")
     if kind == "text" and isinstance(source.get("data"), str):
         body = source["data"]
     elif kind == "content" and isinstance(source.get("content"), str | list):
@@ -213,10 +226,10 @@ def _document_text(block: dict[str, Any], path: str, ctx: Context) -> str | None
 # --- assistant turns ------------------------------------------------------------------------------
 
 
-def assistant_message(blocks: list[Block], ctx: Context) -> Message:
+def assistant_message(blocks: list[Block], ctx: Context) -> AssistantMessage:
     texts: list[str] = []
     thinking: list[str] = []
-    calls: list[dict[str, Any]] = []
+    calls: list[ToolCall] = []
     for path, block in blocks:
         kind = block["type"]
         if kind == "text":
@@ -234,7 +247,7 @@ def assistant_message(blocks: list[Block], ctx: Context) -> Message:
             raise field_error(
                 f"{path}.type", f"unsupported assistant content block type {shown(kind)}"
             )
-    message: Message = {"role": "assistant", "content": "\n\n".join(texts)}
+    message: AssistantMessage = {"role": "assistant", "content": "\n\n".join(texts)}
     if calls:
         message["tool_calls"] = calls
     field_name = ctx.dialect.reasoning_history
@@ -244,7 +257,7 @@ def assistant_message(blocks: list[Block], ctx: Context) -> Message:
     return message
 
 
-def _tool_call(block: dict[str, Any], path: str) -> dict[str, Any]:
+def _tool_call(block: dict[str, Any], path: str) -> ToolCall:
     call_id, name, tool_input = block.get("id"), block.get("name"), block.get("input", {})
     if not isinstance(call_id, str) or not call_id:
         raise field_error(f"{path}.id", "must be a non-empty string")

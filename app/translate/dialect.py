@@ -8,8 +8,11 @@ preset) and optional per-field overrides ("quirks") in the config.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+# Each choice is declared once, as a Literal; the tuples that validation lists are derived.
+MaxTokensField = Literal["max_tokens", "max_completion_tokens"]
+MAX_TOKENS_FIELDS: tuple[MaxTokensField, ...] = get_args(MaxTokensField)
 # How a backend switches thinking on and off:
 #   chat_template_kwargs  {"chat_template_kwargs": {"enable_thinking": bool}}: vLLM, SGLang,
 #                         llama.cpp; templates without the switch ignore it
@@ -17,10 +20,13 @@ MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 #                         reasoning models (others reject the field, so it is opt-in)
 #   deepseek              {"thinking": {"type": "enabled"|"disabled"}}
 #   none                  nothing is sent; the backend's default applies
-THINKING_SWITCHES = ("none", "chat_template_kwargs", "reasoning_effort", "deepseek")
+ThinkingSwitch = Literal["none", "chat_template_kwargs", "reasoning_effort", "deepseek"]
+THINKING_SWITCHES: tuple[ThinkingSwitch, ...] = get_args(ThinkingSwitch)
 # Where earlier turns' thinking goes in assistant messages ("" = dropped).
-REASONING_FIELDS = ("", "reasoning_content", "reasoning")
-TOKENIZERS = ("", "vllm", "llamacpp")
+ReasoningField = Literal["", "reasoning_content", "reasoning"]
+REASONING_FIELDS: tuple[ReasoningField, ...] = get_args(ReasoningField)
+Tokenizer = Literal["", "vllm", "llamacpp"]
+TOKENIZERS: tuple[Tokenizer, ...] = get_args(Tokenizer)
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class Dialect:
     # The backend accepts a top-level ``top_k`` (vLLM, llama.cpp, SGLang).
     top_k: bool = False
     # Which field carries the output cap.
-    max_tokens_field: str = "max_tokens"
+    max_tokens_field: MaxTokensField = "max_tokens"
     # Clamp max_tokens to this (0: no cap); Claude Code asks for 32k-64k.
     max_tokens_cap: int = 0
     # The model's context window in tokens (0: unknown); max_tokens is clamped so that an
@@ -54,12 +60,12 @@ class Dialect:
     # Image parts accepted at all, and as http(s) URLs (Ollama takes data URLs only).
     images: bool = True
     image_urls: bool = True
-    thinking: str = "none"
-    reasoning_history: str = ""
+    thinking: ThinkingSwitch = "none"
+    reasoning_history: ReasoningField = ""
     # Split a leading <think>...</think> out of the answer text into a thinking block.
     think_tags: bool = False
     # Exact token counts for count_tokens from the backend's own tokenizer endpoint.
-    tokenizer: str = ""
+    tokenizer: Tokenizer = ""
     # Drop server tools and PDF documents (reported in a response header) instead of a 400.
     drop_unsupported: bool = False
 

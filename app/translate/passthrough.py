@@ -8,15 +8,18 @@ for the access log.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from app import jsonc
 from app.errors import UpstreamError
+from app.translate.anthropic_types import StreamEvent, Usage
 from app.translate.redact import redact
 from app.translate.stream import TRUNCATED, Ending
 from app.translate.upstream_errors import error_from_body
 
-Event = dict[str, Any]
+Event = dict[str, Any]  # the backend's own, relayed (its type checked, the rest as it is)
+Events = Sequence[Mapping[str, Any]]  # relayed ones, or the gateway's error event
 
 
 class PassthroughStream(Ending):
@@ -26,10 +29,10 @@ class PassthroughStream(Ending):
         self.stop_reason: str | None = None
         self._usage: dict[str, Any] = {}
 
-    def start(self) -> list[Event]:
+    def start(self) -> list[StreamEvent]:
         return []  # the backend sends its own message_start
 
-    def feed_data(self, data: bytes) -> list[Event]:
+    def feed_data(self, data: bytes) -> Events:
         if self.ended:
             return []
         try:
@@ -67,13 +70,13 @@ class PassthroughStream(Ending):
             self.error = error_from_body(event)
             self.ended = True
 
-    def finish(self, *, saw_done: bool) -> list[Event]:
+    def finish(self, *, saw_done: bool) -> list[StreamEvent]:
         if self.ended:
             return []
         return self.fail(UpstreamError(TRUNCATED))
 
     @property
-    def final_usage(self) -> dict[str, int]:
+    def final_usage(self) -> Usage:
         usage = self._usage
         return {
             "input_tokens": int(usage.get("input_tokens") or 0),

@@ -7,7 +7,7 @@ would point at fields the client never sent.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, TypeGuard
 
 from app.errors import InvalidRequest, field_error
 from app.translate.billing_header import clean_system_texts
@@ -20,6 +20,7 @@ from app.translate.content import (
     user_messages,
 )
 from app.translate.dialect import Dialect
+from app.translate.openai_types import ChatMessage, ChatRequest, ReasoningEffort, ToolMessage
 from app.translate.tokens import estimate_prompt_tokens
 from app.translate.tools import add_tools
 
@@ -36,7 +37,14 @@ MAX_STOP_SEQUENCES = 256
 MAX_STOP_SEQUENCE_CHARS = 1000
 
 # Anthropic effort levels -> the reasoning_effort values OpenAI-style servers accept.
-EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
+EFFORTS: dict[str, ReasoningEffort] = {
+    "low": "low",
+    "medium": "medium",
+    "high": "high",
+    "xhigh": "high",
+    "max": "high",
+}
+SAMPLING: tuple[Literal["temperature", "top_p"], ...] = ("temperature", "top_p")
 
 Turn = tuple[str, list[Block]]
 
@@ -48,7 +56,7 @@ def translate_request(
     dialect: Dialect,
     dropped: list[str] | None = None,
     billing_header: str = "normalize",
-) -> dict[str, Any]:
+) -> ChatRequest:
     """Build the Chat Completions payload for a validated Messages request body.
 
     With ``dialect.drop_unsupported``, what was dropped instead of refused is appended to
@@ -62,7 +70,7 @@ def translate_request(
     _reject_untranslatable(body, ctx)
     system = clean_system_texts(_system_texts(body.get("system"), "system"), billing_header)
     turns = _normalise_turns(body["messages"], system, bool(dialect.reasoning_history))
-    messages: list[dict[str, Any]] = []
+    messages: list[ChatMessage] = []
     if system:
         messages.append({"role": "system", "content": "\n\n".join(system)})
     for role, blocks in turns:
@@ -70,7 +78,7 @@ def translate_request(
             messages.extend(user_messages(blocks, ctx))
         else:
             messages.append(assistant_message(blocks, ctx))
-    payload: dict[str, Any] = {"model": backend_model, "messages": _pair_tool_results(messages)}
+    payload: ChatRequest = {"model": backend_model, "messages": _pair_tool_results(messages)}
     payload[dialect.max_tokens_field] = body["max_tokens"]
     _add_sampling(payload, body, dialect)
     add_tools(payload, body, ctx)
@@ -82,7 +90,7 @@ def translate_request(
     return payload
 
 
-def clamp_max_tokens(payload: dict[str, Any], dialect: Dialect) -> int | None:
+def clamp_max_tokens(payload: ChatRequest, dialect: Dialect) -> int | None:
     """Lower the output cap to what the backend can give; return the original if lowered.
 
     vLLM rejects a request outright when prompt plus max_tokens exceed the context, and Claude
@@ -186,11 +194,11 @@ def _reject_untranslatable(body: dict[str, Any], ctx: Context) -> None:
     raise field_error("mcp_servers", "MCP connectors are not supported by this gateway")
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -302,17 +310,17 @@ def _merge(turns: list[Turn]) -> list[Turn]:
 # --- parameters, tools, output format ----------------------------------------------------------
 
 
-def _pair_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _pair_tool_results(messages: list[ChatMessage]) -> list[ChatMessage]:
     """Each assistant ``tool_calls`` message followed by exactly one ``tool`` message per call,
     in call order, as backends require; a call with no result gets a placeholder result.
 
     Backends answer a broken pairing with cryptic 400s, so it is settled (or refused) here.
     """
-    paired: list[dict[str, Any]] = []
+    paired: list[ChatMessage] = []
     calls: list[str] = []
-    results: dict[str, dict[str, Any]] = {}
-    for message in [*messages, {"role": "end"}]:
-        if message["role"] == "tool":
+    results: dict[str, ToolMessage] = {}
+    for message in [*messages, None]:  # None: the end, where the last calls are settled
+        if message is not None and message["role"] == "tool":
             call_id = message["tool_call_id"]
             if call_id not in calls or call_id in results:
                 raise field_error(
@@ -324,19 +332,21 @@ def _pair_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         for call_id in calls:
             paired.append(results.get(call_id) or _missing_result(call_id))
-        calls = [c["id"] for c in message.get("tool_calls", ())]
+        calls = []
+        if message is not None and message["role"] == "assistant":
+            calls = [c["id"] for c in message.get("tool_calls", ())]
         results = {}
-        if message["role"] != "end":
+        if message is not None:
             paired.append(message)
     return paired
 
 
-def _missing_result(call_id: str) -> dict[str, Any]:
+def _missing_result(call_id: str) -> ToolMessage:
     return {"role": "tool", "tool_call_id": call_id, "content": "(no result)"}
 
 
-def _add_sampling(payload: dict[str, Any], body: dict[str, Any], dialect: Dialect) -> None:
-    for key in ("temperature", "top_p"):
+def _add_sampling(payload: ChatRequest, body: dict[str, Any], dialect: Dialect) -> None:
+    for key in SAMPLING:
         value = body.get(key)
         if value is None:
             continue
@@ -364,7 +374,7 @@ def _add_sampling(payload: dict[str, Any], body: dict[str, Any], dialect: Dialec
     _add_user(payload, body.get("metadata"), dialect)
 
 
-def _add_user(payload: dict[str, Any], metadata: Any, dialect: Dialect) -> None:
+def _add_user(payload: ChatRequest, metadata: Any, dialect: Dialect) -> None:
     if metadata is None:
         return
     if not isinstance(metadata, dict):
@@ -376,7 +386,7 @@ def _add_user(payload: dict[str, Any], metadata: Any, dialect: Dialect) -> None:
         payload["user"] = user_id
 
 
-def _add_thinking(payload: dict[str, Any], body: dict[str, Any], dialect: Dialect) -> None:
+def _add_thinking(payload: ChatRequest, body: dict[str, Any], dialect: Dialect) -> None:
     """Anthropic ``thinking`` / ``output_config.effort`` -> the backend's thinking switch."""
     thinking = body.get("thinking")
     config = body.get("output_config")
@@ -387,8 +397,7 @@ def _add_thinking(payload: dict[str, Any], body: dict[str, Any], dialect: Dialec
     if enabled is None and effort is None:
         return
     if dialect.thinking == "chat_template_kwargs" and enabled is not None:
-        kwargs = payload.setdefault("chat_template_kwargs", {})
-        kwargs["enable_thinking"] = enabled
+        payload["chat_template_kwargs"] = {"enable_thinking": enabled}
     elif dialect.thinking == "deepseek" and enabled is not None:
         payload["thinking"] = {"type": "enabled" if enabled else "disabled"}
     elif dialect.thinking == "reasoning_effort":
@@ -398,27 +407,27 @@ def _add_thinking(payload: dict[str, Any], body: dict[str, Any], dialect: Dialec
             payload["reasoning_effort"] = EFFORTS.get(effort or "", _budget_effort(thinking))
 
 
-def _thinking_enabled(thinking: Any) -> bool | None:
+def _thinking_enabled(thinking: object) -> bool | None:
     if thinking is None:
         return None
-    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    kind: object = thinking.get("type") if isinstance(thinking, dict) else None
     if kind not in ("enabled", "disabled", "adaptive"):
         raise field_error("thinking.type", "must be one of 'enabled', 'disabled', 'adaptive'")
-    if kind == "enabled":
+    if kind == "enabled" and isinstance(thinking, dict):
         budget = thinking.get("budget_tokens")
         if not _is_int(budget) or budget < 1:
             raise field_error("thinking.budget_tokens", "must be a positive integer")
     return kind != "disabled"
 
 
-def _budget_effort(thinking: Any) -> str:
+def _budget_effort(thinking: object) -> ReasoningEffort:
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
     if not _is_int(budget):
         return "medium"
     return "low" if budget <= 4096 else "medium" if budget <= 16384 else "high"
 
 
-def _add_output_format(payload: dict[str, Any], body: dict[str, Any]) -> None:
+def _add_output_format(payload: ChatRequest, body: dict[str, Any]) -> None:
     config = body.get("output_config")
     fmt = config.get("format") if isinstance(config, dict) else None
     if fmt is None:

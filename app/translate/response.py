@@ -11,7 +11,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from app import ids, jsonc
-from app.errors import UpstreamError
+from app.translate.anthropic_types import ContentBlock, Message, StopReason, Usage
+from app.translate.backend_shape import (
+    delta_of,
+    first_choice,
+    function_of,
+    malformed,
+    tool_calls_of,
+)
+from app.translate.openai_types import Delta
 from app.translate.text_filter import TextFilter
 from app.translate.think_tags import split_complete
 from app.translate.upstream_errors import error_from_body
@@ -27,24 +35,25 @@ def translate_response(
     prefill: str = "",
     single_tool: bool = False,
     max_tokens: int | None = None,
-) -> dict[str, Any]:
+    backend: str = "",
+) -> Message:
     """The Anthropic message for a complete (non-streamed) backend answer.
 
     ``prefill``: the assistant text the request ended with, removed if the answer repeats
     it; the answer is cut at the first of ``stop_sequences`` (app.translate.text_filter).
     ``single_tool``: at most one tool call (``disable_parallel_tool_use``). ``max_tokens``: the
-    cap the backend was sent, to tell a full context from it (``context_window_exceeded``)."""
+    cap the backend was sent, to tell a full context from it (``context_window_exceeded``).
+    ``backend``: its name, for the message of an error about its answer."""
     if not isinstance(completion, dict):
-        raise UpstreamError("backend returned a response that is not a JSON object")
+        raise malformed("a response that is not a JSON object", backend)
     if "error" in completion or completion.get("object") == "error":
         raise error_from_body(completion)
-    choices = completion.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise UpstreamError("backend returned no choices")
-    choice = choices[0]
-    message = choice.get("message") or {}
+    choice = first_choice(completion, backend)
+    if choice is None:
+        raise malformed("no choices", backend)
+    message = delta_of(choice, "message", backend)
     text = TextFilter(stop_sequences, prefill)
-    content = _content_blocks(message, think_tags, text)
+    content = _content_blocks(message, think_tags, text, backend)
     if single_tool:
         content = _first_tool_only(content)
     has_tools = any(b["type"] == "tool_use" for b in content)
@@ -73,11 +82,11 @@ def translate_response(
 
 
 def _content_blocks(
-    message: dict[str, Any], think_tags: bool, text_filter: TextFilter
-) -> list[dict[str, Any]]:
+    message: Delta, think_tags: bool, text_filter: TextFilter, backend: str
+) -> list[ContentBlock]:
     """Thinking, then text, then tool calls: the order Anthropic models produce. A stop
     sequence in the text ends the answer there, tool calls included."""
-    blocks: list[dict[str, Any]] = []
+    blocks: list[ContentBlock] = []
     reasoning = reasoning_text(message)
     text = _text(message.get("content"))
     if think_tags and not reasoning:
@@ -92,11 +101,8 @@ def _content_blocks(
     if text_filter.matched is not None:
         return blocks
     seen: set[str] = set()
-    calls = message.get("tool_calls") or []
-    if not calls and isinstance(message.get("function_call"), dict):  # legacy single call
-        calls = [{"function": message["function_call"]}]
-    for call in calls:
-        function = call.get("function") or {}
+    for call in tool_calls_of(message, backend):
+        function = function_of(call)
         call_id = tool_use_id(call.get("id"), seen)
         blocks.append(
             {
@@ -109,14 +115,14 @@ def _content_blocks(
     return blocks
 
 
-def _first_tool_only(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _first_tool_only(blocks: list[ContentBlock]) -> list[ContentBlock]:
     first = next((i for i, b in enumerate(blocks) if b["type"] == "tool_use"), None)
     if first is None:
         return blocks
     return [b for i, b in enumerate(blocks) if b["type"] != "tool_use" or i == first]
 
 
-def _text(content: Any) -> str:
+def _text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts, as some servers return
@@ -124,13 +130,13 @@ def _text(content: Any) -> str:
     return ""
 
 
-def reasoning_text(delta: dict[str, Any]) -> str:
+def reasoning_text(delta: Delta) -> str:
     """Reasoning under either name (vLLM/Ollama ``reasoning``, DeepSeek/llama.cpp ``_content``)."""
-    text = delta.get("reasoning_content") or delta.get("reasoning")
+    text: object = delta.get("reasoning_content") or delta.get("reasoning")
     return text if isinstance(text, str) else ""
 
 
-def tool_use_id(upstream_id: Any, seen: set[str]) -> str:
+def tool_use_id(upstream_id: object, seen: set[str]) -> str:
     """Keep the backend's call id when usable and unique, else mint a ``toolu_`` id."""
     if isinstance(upstream_id, str) and upstream_id and upstream_id not in seen:
         seen.add(upstream_id)
@@ -144,7 +150,7 @@ _FENCE = re.compile(r"^\s*```(?:json)?\s*(.*?)\s*```\s*$", re.S)
 _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 
 
-def parse_arguments(arguments: Any) -> dict[str, Any]:
+def parse_arguments(arguments: object) -> dict[str, Any]:
     """Tool arguments as an object: parsed, repaired when unambiguous, or wrapped raw.
 
     A broken ``input`` would crash the client's JSON handling; wrapping the raw text under
@@ -166,14 +172,14 @@ def parse_arguments(arguments: Any) -> dict[str, Any]:
 
 
 def map_stop_reason(
-    finish_reason: Any,
+    finish_reason: object,
     has_tool_calls: bool,
-    matched: Any,
+    matched: object,
     stop_sequences: list[str],
     *,
     refused: bool = False,
     context_full: bool = False,
-) -> tuple[str | None, str | None]:
+) -> tuple[StopReason | None, str | None]:
     """OpenAI ``finish_reason`` -> Anthropic ``(stop_reason, stop_sequence)``.
 
     ``matched`` is vLLM's per-choice ``stop_reason``: the stop string that fired, the only way
@@ -223,7 +229,7 @@ def context_window_exceeded(obj: Mapping[str, Any], max_tokens: int | None = Non
     )
 
 
-def _verbose_says_context_full(verbose: Any) -> bool:
+def _verbose_says_context_full(verbose: object) -> bool:
     if not isinstance(verbose, dict) or verbose.get("truncated") is not True:
         return False
     if verbose.get("stop_type") != "limit":
@@ -233,7 +239,7 @@ def _verbose_says_context_full(verbose: Any) -> bool:
     return budget <= 0 or _int(verbose.get("tokens_predicted")) < budget
 
 
-def _stopped_short(timings: Any, max_tokens: int | None) -> bool:
+def _stopped_short(timings: object, max_tokens: int | None) -> bool:
     if not isinstance(timings, dict) or not max_tokens:
         return False
     predicted = timings.get("predicted_n")
@@ -242,7 +248,7 @@ def _stopped_short(timings: Any, max_tokens: int | None) -> bool:
     return predicted < max_tokens
 
 
-def map_usage(usage: Any, *, estimate_output: int = 0) -> dict[str, int]:
+def map_usage(usage: object, *, estimate_output: int = 0) -> Usage:
     """OpenAI usage -> Anthropic usage; ``input_tokens`` excludes cached tokens there."""
     if not isinstance(usage, dict):
         usage = {}
@@ -259,11 +265,16 @@ def map_usage(usage: Any, *, estimate_output: int = 0) -> dict[str, int]:
     }
 
 
-def _int(value: Any) -> int:
+def _int(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
-def _estimate(content: list[dict[str, Any]]) -> int:
+def _estimate(content: list[ContentBlock]) -> int:
     """Rough output size (4 characters a token) for backends that report no usage."""
-    chars = sum(len(b.get("text") or b.get("thinking") or "") for b in content)
+    chars = 0
+    for block in content:
+        if block["type"] == "text":
+            chars += len(block["text"])
+        elif block["type"] == "thinking":
+            chars += len(block["thinking"])
     return (chars + 3) // 4

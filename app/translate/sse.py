@@ -7,6 +7,7 @@ into an extra blank line.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from app import jsonc
@@ -102,7 +103,7 @@ def _payload(line: bytes) -> bytes:
 _PREFIXES: dict[str, bytes] = {}
 
 
-def encode(event: dict[str, Any]) -> bytes:
+def encode(event: Mapping[str, Any]) -> bytes:
     """One Anthropic SSE event: ``event:`` name equal to the JSON ``type``, then ``data:``."""
     kind = event["type"]
     prefix = _PREFIXES.get(kind)
@@ -111,6 +112,6 @@ def encode(event: dict[str, Any]) -> bytes:
     return prefix + jsonc.dumps(event) + b"\n\n"
 
 
-def encode_all(events: list[dict[str, Any]]) -> bytes:
+def encode_all(events: Iterable[Mapping[str, Any]]) -> bytes:
     """Several events in one write: fewer syscalls and chunked-encoding frames per chunk."""
     return b"".join(map(encode, events))

@@ -20,11 +20,28 @@ stop sequence ends the answer there, whatever the backend would have written nex
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 from app import ids, jsonc
 from app.errors import GatewayError, UpstreamError
+from app.translate.anthropic_types import (
+    BlockDelta,
+    ContentBlock,
+    Message,
+    PingEvent,
+    StopReason,
+    StreamEvent,
+    Usage,
+)
+from app.translate.backend_shape import (
+    delta_of,
+    first_choice,
+    function_of,
+    malformed,
+    tool_calls_of,
+)
+from app.translate.openai_types import Delta, ToolCallFragment
 from app.translate.response import (
     context_window_exceeded,
     map_stop_reason,
@@ -37,8 +54,8 @@ from app.translate.text_filter import TextFilter
 from app.translate.think_tags import ThinkTagSplitter
 from app.translate.upstream_errors import error_from_body
 
-Event = dict[str, Any]
-PING: Event = {"type": "ping"}
+Event = StreamEvent
+PING: PingEvent = {"type": "ping"}
 
 
 # What _JsonTail looks at: escapes, quotes, a comma before a closing bracket or at the end,
@@ -109,6 +126,8 @@ class _ToolCall:
         self.tail = _JsonTail()
 
 
+BlockKind = Literal["text", "thinking"]  # the blocks the translator streams as text
+
 TRUNCATED = "backend stream ended before the answer was complete"
 MAX_TOOL_CALLS = 128  # in one run of tool calls
 
@@ -121,7 +140,7 @@ class Ending:
     error_type: str | None = None
     error: GatewayError | None = None  # what ended the stream, when something did
 
-    def fail(self, error: GatewayError) -> list[Event]:
+    def fail(self, error: GatewayError) -> list[StreamEvent]:
         """An in-band error event; it ends the stream (no message_stop follows)."""
         if self.ended:
             return []
@@ -146,6 +165,7 @@ class StreamTranslator(Ending):
         single_tool: bool = False,
         max_tokens: int | None = None,
         stream_tools: bool = True,
+        backend: str = "",
     ) -> None:
         """``input_tokens``: the prompt's size for ``message_start``, or a function that gives
         it when the stream starts (a count that ran beside the backend call). ``prefill``:
@@ -153,8 +173,10 @@ class StreamTranslator(Ending):
         (``disable_parallel_tool_use``), whatever the backend sends. ``max_tokens``: the cap
         the backend was sent, to tell a full context from it (``context_window_exceeded``).
         ``stream_tools=False``: tool arguments are held to each call's end and repaired (for
-        an answer that is added up, not relayed, nothing is gained by sending them early)."""
+        an answer that is added up, not relayed, nothing is gained by sending them early).
+        ``backend``: its name, for the message of an error about what it sent."""
         self.model = model
+        self.backend = backend
         self._think_tags = ThinkTagSplitter() if think_tags else None
         self.message_id = message_id
         self.stop_sequences = stop_sequences
@@ -168,13 +190,13 @@ class StreamTranslator(Ending):
         self.context_full = False  # the backend showed its context window filled up
         self._live: int | None = None  # the tool call whose block is open
         self.finish_reason: str | None = None
-        self.matched_stop: Any = None
+        self.matched_stop: object = None
         self.usage: dict[str, Any] | None = None
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.output_chars = 0
         self.refused = False
         self._next_index = 0
-        self._open: str | None = None  # "text" | "thinking" while a block is open
+        self._open: BlockKind | None = None  # while a block is open
         self._tools: dict[int, _ToolCall] = {}
         self._tool_ids: set[str] = set()
         self._pinged = False
@@ -184,13 +206,13 @@ class StreamTranslator(Ending):
     def start(self) -> list[Event]:
         if callable(self._input_tokens):
             self.input_tokens = self._input_tokens()
-        usage = {
+        usage: Usage = {
             "input_tokens": self.input_tokens,
             "output_tokens": 0,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
         }
-        message = {
+        message: Message = {
             "id": self.message_id,
             "type": "message",
             "role": "assistant",
@@ -209,14 +231,22 @@ class StreamTranslator(Ending):
         try:
             chunk = jsonc.loads(data)
         except jsonc.JSONDecodeError:
-            return self.fail(UpstreamError("backend sent malformed stream data"))
+            return self.fail(malformed("malformed stream data", self.backend))
         if not isinstance(chunk, dict):
-            return self.fail(UpstreamError("backend sent malformed stream data"))
+            return self.fail(malformed("malformed stream data", self.backend))
         return self.feed(chunk)
 
-    def feed(self, chunk: dict[str, Any]) -> list[Event]:
+    def feed(self, chunk: Mapping[str, Any]) -> list[Event]:
+        """One parsed chunk, as the backend sent it: whatever in it is not of the OpenAI
+        shape ends the stream with an error event (app.translate.backend_shape)."""
         if self.ended:
             return []
+        try:
+            return self._feed(chunk)
+        except UpstreamError as error:
+            return self.fail(error)
+
+    def _feed(self, chunk: Mapping[str, Any]) -> list[Event]:
         if "error" in chunk or chunk.get("object") == "error":
             return self.fail(error_from_body(chunk))
         # llama.cpp's evidence of a full context (its timings) and the finish reason come in
@@ -224,18 +254,17 @@ class StreamTranslator(Ending):
         if not self.context_full and ("timings" in chunk or "__verbose" in chunk):
             self.context_full = context_window_exceeded(chunk, self.max_tokens)
         usage = chunk.get("usage")
-        if usage:
+        if usage and isinstance(usage, dict):
             self.usage = usage
-        choices = chunk.get("choices")
-        if not choices:
+        choice = first_choice(chunk, self.backend)
+        if choice is None:
             return []  # the usage chunk (choices: []) and keep-alive objects
-        choice = choices[0]
         events: list[Event] = []
-        delta = choice.get("delta")
+        delta = delta_of(choice, "delta", self.backend)
         if delta:
             self._apply_delta(delta, events)
-        finish = choice.get("finish_reason")
-        if finish:
+        finish: object = choice.get("finish_reason")
+        if finish and isinstance(finish, str):
             if finish == "error":
                 return events + self.fail(error_from_body(chunk))
             self.finish_reason = finish
@@ -272,7 +301,7 @@ class StreamTranslator(Ending):
         )
         return events + self._end(stop_reason, stop_sequence)
 
-    def _end(self, stop_reason: str | None, stop_sequence: str | None) -> list[Event]:
+    def _end(self, stop_reason: StopReason | None, stop_sequence: str | None) -> list[Event]:
         events = self._flush_tools()
         self._close_block(events)
         self.stop_reason = stop_reason
@@ -291,7 +320,7 @@ class StreamTranslator(Ending):
         return events
 
     @property
-    def final_usage(self) -> dict[str, int]:
+    def final_usage(self) -> Usage:
         usage = map_usage(self.usage, estimate_output=(self.output_chars + 3) // 4)
         if self.usage is None:
             usage["input_tokens"] = self.input_tokens
@@ -299,11 +328,11 @@ class StreamTranslator(Ending):
 
     # --- deltas -------------------------------------------------------------------------------
 
-    def _apply_delta(self, delta: dict[str, Any], events: list[Event]) -> None:
+    def _apply_delta(self, delta: Delta, events: list[Event]) -> None:
         reasoning = reasoning_text(delta)
         if reasoning:
-            self._append("thinking", "thinking_delta", "thinking", reasoning, events)
-        content = delta.get("content")
+            self._append("thinking", reasoning, events)
+        content: object = delta.get("content")
         if content and isinstance(content, str):
             if self._think_tags is None:
                 self._text_out(content, events)
@@ -311,17 +340,12 @@ class StreamTranslator(Ending):
                 self._append_segments(self._think_tags.feed(content), events)
             if self.ended:  # a stop sequence: the answer is over
                 return
-        refusal = delta.get("refusal")
+        refusal: object = delta.get("refusal")
         if refusal and isinstance(refusal, str):
             self.refused = True
-            self._append("text", "text_delta", "text", refusal, events)
-        calls = delta.get("tool_calls")
-        if not calls and isinstance(delta.get("function_call"), dict):  # legacy single call
-            calls = [{"index": 0, "function": delta["function_call"]}]
-        if calls:
-            for fragment in calls:
-                if isinstance(fragment, dict):
-                    self._tool_fragment(fragment, events)
+            self._append("text", refusal, events)
+        for fragment in tool_calls_of(delta, self.backend):
+            self._tool_fragment(fragment, events)
 
     def _text_out(self, text: str, events: list[Event], *, filtered: bool = False) -> None:
         """Text through the filter (unless ``filtered`` already); if it met a stop sequence,
@@ -330,14 +354,12 @@ class StreamTranslator(Ending):
         if matcher is not None and not filtered:
             text = matcher.feed(text)
         if text:
-            self._append("text", "text_delta", "text", text, events)
+            self._append("text", text, events)
         if matcher is not None and matcher.matched is not None and not self.ended:
             self.cut = True
             events.extend(self._end("stop_sequence", matcher.matched))
 
-    def _append(
-        self, kind: str, delta_type: str, field: str, text: str, events: list[Event]
-    ) -> None:
+    def _append(self, kind: BlockKind, text: str, events: list[Event]) -> None:
         if self.ended:
             return
         if self._open != kind:
@@ -349,12 +371,13 @@ class StreamTranslator(Ending):
             self._close_block(events)
             self._open_block(kind, events)
         self.output_chars += len(text)
+        delta: BlockDelta = (
+            {"type": "text_delta", "text": text}
+            if kind == "text"
+            else {"type": "thinking_delta", "thinking": text}
+        )
         events.append(
-            {
-                "type": "content_block_delta",
-                "index": self._next_index - 1,
-                "delta": {"type": delta_type, field: text},
-            }
+            {"type": "content_block_delta", "index": self._next_index - 1, "delta": delta}
         )
 
     def _release_text(self, events: list[Event]) -> None:
@@ -368,12 +391,12 @@ class StreamTranslator(Ending):
             if self.ended:
                 return
             if kind == "thinking":
-                self._append("thinking", "thinking_delta", "thinking", text, events)
+                self._append("thinking", text, events)
             else:
                 self._text_out(text, events)
 
-    def _open_block(self, kind: str, events: list[Event]) -> None:
-        block: dict[str, Any] = (
+    def _open_block(self, kind: BlockKind, events: list[Event]) -> None:
+        block: ContentBlock = (
             {"type": "text", "text": ""}
             if kind == "text"
             else {"type": "thinking", "thinking": "", "signature": ""}
@@ -404,13 +427,14 @@ class StreamTranslator(Ending):
 
     # --- tool calls ---------------------------------------------------------------------------
 
-    def _tool_fragment(self, fragment: dict[str, Any], events: list[Event]) -> None:
+    def _tool_fragment(self, fragment: ToolCallFragment, events: list[Event]) -> None:
         """Add one fragment to its call, and send what can be sent of it now."""
         if self.ended:
             return
-        index = fragment.get("index")
+        index: object = fragment.get("index")
+        call_id: object = fragment.get("id")
         if not isinstance(index, int):
-            index = self._index_for(fragment.get("id"))
+            index = self._index_for(call_id)
         call = self._tools.get(index)
         if call is None:
             if len(self._tools) >= MAX_TOOL_CALLS:
@@ -420,11 +444,12 @@ class StreamTranslator(Ending):
                 call.streams = False
         if call.closed:
             return  # its block is closed: the call was complete
-        if fragment.get("id") and call.id is None:
-            call.id = fragment["id"]
-        function = fragment.get("function") or {}
-        if function.get("name") and not call.name:
-            call.name = function["name"]
+        if call_id and isinstance(call_id, str) and call.id is None:
+            call.id = call_id
+        function = function_of(fragment)
+        name = function.get("name")
+        if name and not call.name:
+            call.name = name
         arguments = function.get("arguments")
         if isinstance(arguments, dict):
             arguments = jsonc.dumps_str(arguments)
@@ -459,7 +484,7 @@ class StreamTranslator(Ending):
         if self.ended:
             return
         self._close_block(events)
-        block = {
+        block: ContentBlock = {
             "type": "tool_use",
             "id": tool_use_id(call.id, self._tool_ids),
             "name": call.name,
@@ -508,7 +533,7 @@ class StreamTranslator(Ending):
             }
         )
 
-    def _index_for(self, call_id: Any) -> int:
+    def _index_for(self, call_id: object) -> int:
         """Backends that omit ``index``: correlate by id, else continue the latest call."""
         for index, call in self._tools.items():
             if call_id and call.id == call_id:
@@ -561,11 +586,13 @@ def _complete(call: _ToolCall) -> bool:
         return False
 
 
-def message_events(message: dict[str, Any]) -> list[Event]:
+def message_events(message: Mapping[str, Any]) -> list[dict[str, Any]]:
     """A complete message as the events a streamed answer would have sent.
 
     For backends that answer a streaming request with one JSON body (some servers ignore
     ``stream`` for tool calls): the client asked for a stream and gets a well-formed one.
+    The message may be an Anthropic-speaking backend's, whose blocks are passed on as they
+    are: so these events are plain dicts, not the typed ones the translator writes.
     """
     usage = message.get("usage") or {}
     start = {
@@ -575,7 +602,7 @@ def message_events(message: dict[str, Any]) -> list[Event]:
         "stop_sequence": None,
         "usage": {**usage, "output_tokens": 0},
     }
-    events: list[Event] = [{"type": "message_start", "message": start}]
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
     for index, block in enumerate(message.get("content") or ()):
         events.extend(_block_events(index, block))
     delta = {
@@ -587,7 +614,7 @@ def message_events(message: dict[str, Any]) -> list[Event]:
     return events
 
 
-def _block_events(index: int, block: dict[str, Any]) -> list[Event]:
+def _block_events(index: int, block: dict[str, Any]) -> list[dict[str, Any]]:
     kind = block.get("type")
     if kind == "text":
         empty: dict[str, Any] = {"type": "text", "text": ""}

@@ -10,6 +10,7 @@ sequence or of the prefill's echo, so the client sees everything else as it come
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -156,7 +157,7 @@ class TextFilter:
         return self.feed(text) + (self.flush() if self.matched is None else "")
 
 
-def prefill_of(payload: dict[str, Any]) -> str:
+def prefill_of(payload: Mapping[str, Any]) -> str:
     """The assistant prefill a Chat Completions payload ends with ("" if none): the text a
     backend that echoes it will repeat. vLLM continues the final message without repeating
     it (``continue_final_message``), so there is nothing to strip there."""

@@ -7,6 +7,7 @@ framing per message. It needs no vocabulary file, so it works offline and costs 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from app import jsonc
@@ -15,7 +16,7 @@ BYTES_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 4
 
 
-def estimate_prompt_tokens(payload: dict[str, Any]) -> int:
+def estimate_prompt_tokens(payload: Mapping[str, Any]) -> int:
     """Estimated prompt size of an OpenAI chat payload (messages and tool definitions)."""
     messages = payload.get("messages") or []
     size = sum(len(_text(m.get("content")).encode()) for m in messages)

@@ -11,12 +11,13 @@ from typing import Any
 
 from app.errors import field_error, shown
 from app.translate.content import Context
+from app.translate.openai_types import ChatRequest, FunctionDefinition, FunctionTool, ToolChoice
 
 # Keys whose values are maps from names to subschemas (the names themselves are not keywords).
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 
-def add_tools(payload: dict[str, Any], body: dict[str, Any], ctx: Context) -> None:
+def add_tools(payload: ChatRequest, body: dict[str, Any], ctx: Context) -> None:
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise field_error("tools", "must be an array of tool definitions")
@@ -57,7 +58,7 @@ def parallel_disabled(body: dict[str, Any]) -> bool:
     return isinstance(choice, dict) and choice.get("disable_parallel_tool_use") is True
 
 
-def _openai_choice(kind: str, name: Any) -> str | dict[str, Any]:
+def _openai_choice(kind: str, name: Any) -> ToolChoice:
     if kind == "any":
         return "required"
     if kind == "tool":
@@ -65,7 +66,7 @@ def _openai_choice(kind: str, name: Any) -> str | dict[str, Any]:
     return "auto"
 
 
-def _function(tool: Any, path: str, ctx: Context) -> dict[str, Any] | None:
+def _function(tool: Any, path: str, ctx: Context) -> FunctionTool | None:
     if not isinstance(tool, dict):
         raise field_error(path, "must be an object")
     kind = tool.get("type")
@@ -82,7 +83,7 @@ def _function(tool: Any, path: str, ctx: Context) -> dict[str, Any] | None:
         raise field_error(f"{path}.name", "must be a non-empty string")
     if not isinstance(schema, dict):
         raise field_error(f"{path}.input_schema", "must be a JSON Schema object")
-    function: dict[str, Any] = {
+    function: FunctionDefinition = {
         "name": name,
         "parameters": clean_schema(schema, frozenset(ctx.dialect.schema_drop_keys)),
     }

@@ -143,7 +143,9 @@ class BackendClient:
         the caller falls back to an estimate.
         """
         tokenizer = self.config.dialect.tokenizer
-        request = {k: payload[k] for k in ("model", "messages", "tools") if k in payload}
+        request: dict[str, Any] = {
+            k: payload[k] for k in ("model", "messages", "tools") if k in payload
+        }
         try:
             if self.config.protocol == "anthropic":
                 counted = self._call(

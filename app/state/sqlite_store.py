@@ -138,8 +138,8 @@ class SQLiteStore(Store):
             used = row[0] if row else 0
             if used + cost > budget.limit:
                 verdict.standing[budget.name] = budget_standing(budget, used)
-                wait = None if cost > budget.limit else budget.ends_in
-                return _refused(verdict, budget.name, wait)
+                never = cost > budget.limit
+                return _refused(verdict, budget.name, None if never else budget.ends_in)
             verdict.standing[budget.name] = budget_standing(budget, used + cost)
         if ask.max_concurrent:
             count = "SELECT COUNT(*) FROM leases WHERE key = ?"
@@ -313,7 +313,9 @@ def _refused(verdict: Verdict, name: str, wait: float | None) -> Verdict:
     return verdict
 
 
-def _add_to_budget(db: sqlite3.Connection, key: str, period: str, tokens: int, expires: float):
+def _add_to_budget(
+    db: sqlite3.Connection, key: str, period: str, tokens: int, expires: float
+) -> None:
     db.execute(
         "INSERT INTO budgets (key, period, used, expires) VALUES (?, ?, MAX(?, 0), ?) "
         "ON CONFLICT (key, period) DO UPDATE SET used = MAX(used + ?, 0), expires = ?",
@@ -321,7 +323,9 @@ def _add_to_budget(db: sqlite3.Connection, key: str, period: str, tokens: int, e
     )
 
 
-def _insert_thread(db: sqlite3.Connection, thread_id: str, owner: str, body: bytes, expires: float):
+def _insert_thread(
+    db: sqlite3.Connection, thread_id: str, owner: str, body: bytes, expires: float
+) -> None:
     db.execute(
         "INSERT OR REPLACE INTO threads (id, owner, body, expires) VALUES (?, ?, ?, ?)",
         (thread_id, owner, body, expires),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -501,3 +503,33 @@ def _backend_errors(gateway: GatewayServer, backend: str) -> float:
     needle = f'gateway_backend_errors_total{{backend="{backend}"'
     lines = [line for line in text.splitlines() if line.startswith(needle)]
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_a_stream_whose_end_cannot_be_read_still_frees_the_keys_slot_and_is_logged(
+    backends, gateway_for, caplog
+):
+    # An Anthropic backend whose usage is not a number: reading the stream's usage at its end
+    # fails. The rest of the end must run all the same: the client gets the whole stream, the
+    # key's only slot comes back, the request is settled and gets its access line.
+    native = backends()
+    broken = anthropic_stream_bytes().replace(b'"output_tokens": 7', b'"output_tokens": "seven"')
+    native.routes[("POST", "/v1/messages")] = lambda req: RawReply(
+        broken, headers={"Content-Type": "text/event-stream"}
+    )
+    key = {"name": "solo", "sha256": hashlib.sha256(b"test-key").hexdigest(), "max_concurrent": 1}
+    gateway = gateway_for(
+        {"native": native},
+        ["native"],
+        native_extra={"protocol": "anthropic", "max_concurrency": 1},
+        auth={"keys": [key]},
+    )
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with gateway.client() as client:
+        for _ in range(2):  # the second is refused if the first still holds the key's slot
+            with client.messages.stream(model="claude-x", max_tokens=20, messages=HI) as s:
+                assert s.get_final_message().content[0].text == "native stream"
+    lines = [r.msg for r in caplog.records if r.name == "gateway.access"]
+    assert [(line["status"], line["key"]) for line in lines] == [(200, "solo")] * 2
+    assert lines[0]["stop_reason"] == "end_turn" and lines[0]["client_disconnected"] is False
+    failures = [r for r in caplog.records if r.name == "gateway" and r.levelname == "ERROR"]
+    assert len(failures) == 2  # once for each stream, in the gateway's log

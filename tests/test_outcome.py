@@ -4,6 +4,7 @@ the outcome and never the line. Pure, but for a real SQLite store in a temporary
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from app.config import ClientKey, Limits
 from app.ops.access_log import access_line
 from app.policy.limits import KeyPolicy
 from app.serving.outcome import Answer, Delivery, RequestOutcome, Tokens
-from app.serving.state import Ledger, Phase, RequestState
+from app.serving.state import Ledger, Phase, RequestState, run_each
 from app.state.buffer import UsageBuffer
 from app.state.guard import GuardedStore
 from app.state.sqlite_store import SQLiteStore
@@ -116,6 +117,26 @@ def test_a_request_only_moves_forward_through_its_phases(ledger: Ledger) -> None
     assert not state.advance(Phase.BODY_READ) and state.phase is Phase.STREAMING
     assert not state.advance(Phase.STREAMING)
     assert state.advance(Phase.ENDED) and not state.advance(Phase.SETTLED)
+
+
+def test_every_step_of_an_ending_runs_and_a_failure_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    ran: list[str] = []
+
+    def fails() -> None:
+        ran.append("fails")
+        raise ValueError("backend usage is not a number")
+
+    def exits() -> None:
+        ran.append("exits")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), caplog.at_level(logging.ERROR, logger="gateway"):
+        run_each((fails, lambda: ran.append("a"), exits, lambda: ran.append("b")), "req_1")
+    assert ran == ["fails", "a", "exits", "b"]  # the exit is raised again, after the rest
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "not a number" in (errors[0].exc_text or "")
 
 
 # --- settlement reads the outcome --------------------------------------------------------------

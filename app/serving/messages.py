@@ -27,7 +27,7 @@ from app.serving.green import client_watch
 from app.serving.outcome import Answer, Delivery, RequestOutcome, Tokens
 from app.serving.prompt_count import PromptCount
 from app.serving.relay import StreamOutcome, Translator, relay
-from app.serving.state import Phase, RequestState
+from app.serving.state import Phase, RequestState, run_each
 from app.state.guard import GuardedStore
 from app.translate.accumulate import MessageAccumulator
 from app.translate.passthrough import PassthroughStream, passthrough_stop
@@ -280,18 +280,23 @@ def _stream(
     """The answer relayed as it comes. From here on the stream's end (``StreamBody.close``,
     which gunicorn always calls) ends the request: the backend's slot and the gauge back, the
     thread's claim given back unless its reply was kept, the access line written and the
-    key settled with the store (its slot back, its tokens as used)."""
+    key settled with the store (its slot back, its tokens as used). Each of those runs
+    whatever happened to the others."""
     outcome = _outcome(state)
     in_flight = metrics.streams_in_flight(attempt.target.backend)
 
     def on_end(end: StreamOutcome) -> None:
         outcome.status, outcome.delivery = 200, Delivery.STREAM
-        in_flight.dec()
-        if turn is not None:
-            turn.failed()  # unless its reply was kept at message_stop
-        dispatcher.finish(attempt, ok=_stream_verdict(end, translator))
-        _note_end(outcome, end, translator, state.started)
-        state.end()
+        run_each(
+            (
+                in_flight.dec,
+                turn.failed if turn is not None else _nothing,  # unless kept at message_stop
+                lambda: dispatcher.finish(attempt, ok=_stream_verdict(end, translator)),
+                lambda: _note_end(outcome, end, translator, state.started),
+                state.end,
+            ),
+            state.request_id,
+        )
 
     body = relay(
         attempt.client,
@@ -309,6 +314,10 @@ def _stream(
     in_flight.inc()
     state.advance(Phase.STREAMING)
     return response
+
+
+def _nothing() -> None:
+    pass
 
 
 def _note_end(

@@ -11,7 +11,9 @@ request's outcome (app.serving.outcome), never its access line.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -27,6 +29,7 @@ from app.state.guard import GuardedStore
 from app.state.store import Ask, Usage
 from app.translate.tokens import estimate_request_tokens
 
+log = logging.getLogger("gateway")
 ENVIRON_KEY = "gateway.request"
 MODEL_CHARS = 100  # a usage record keeps this much of the client's model name
 ANONYMOUS = "-"  # the key of usage records when the gateway has no client keys
@@ -53,6 +56,23 @@ class Ledger:
     store: GuardedStore
     usage: UsageBuffer
     lease_ttl: float
+
+
+def run_each(steps: tuple[Callable[[], object], ...], request_id: str) -> None:
+    """Every step, whatever an earlier one raised: what ends a request must all happen (a step
+    left out would hold a key's slot until its lease expires, or lose an access line). A
+    failure is logged once, here, and goes no further (mid-stream, it would reach the client
+    as a connection cut short); an exit (``GreenletExit``) is raised again once all have run."""
+    pending: BaseException | None = None
+    for step in steps:
+        try:
+            step()
+        except Exception:
+            log.exception("ending the request failed", extra={"request_id": request_id})
+        except BaseException as exc:
+            pending = pending or exc
+    if pending is not None:
+        raise pending
 
 
 class RequestState:
@@ -117,14 +137,20 @@ class RequestState:
 
     def end(self) -> None:
         """The request is over: its settlement, if it has not had it, and its access line
-        and metrics."""
+        and metrics, each whatever happened to the others."""
         outcome = self.outcome
         if outcome is None or self.phase is Phase.ENDED:
             return
-        self.settle()
-        self.advance(Phase.ENDED)
-        metrics.record(outcome, time.monotonic() - self.started)
-        log_access(access_line(outcome), self.started)
+        started = self.started
+        run_each(
+            (
+                self.settle,
+                lambda: self.advance(Phase.ENDED),
+                lambda: metrics.record(outcome, time.monotonic() - started),
+                lambda: log_access(access_line(outcome), started),
+            ),
+            self.request_id,
+        )
 
     def settle(self) -> None:
         """Its settlement with the store, once: its slot back and its reservations corrected,
@@ -143,8 +169,13 @@ class RequestState:
             # The backend had the prompt and did not say how long it was (the client left
             # before the usage came): the estimate stands.
             used_input = reservation.input_tokens
-        self._add_usage(outcome, used_input, used_output, cached)
-        self._correct(used_input, used_output)
+        run_each(
+            (
+                lambda: self._add_usage(outcome, used_input, used_output, cached),
+                lambda: self._correct(used_input, used_output),
+            ),
+            self.request_id,
+        )
 
     def _add_usage(
         self, outcome: RequestOutcome, used_input: int, used_output: int, cached: int

@@ -173,6 +173,16 @@ def test_settlement_takes_the_tokens_from_the_outcome(ledger: Ledger) -> None:
     assert ledger.usage.pending[(usage.day, "k", "m")].requests == 1
 
 
+def test_a_token_count_gives_its_slot_back_and_makes_no_usage_record(ledger: Ledger) -> None:
+    state = limited(ledger, requests_per_minute=60, max_concurrent=1, tokens_per_day=1)
+    state.outcome = outcome(path="/v1/messages/count_tokens", model="m", backend="b", status=200)
+    state.admit_count()  # a budget of one token does not stop a count
+    assert ledger.store.in_flight(["k"]) == {"k": 1}
+    state.settle()
+    assert ledger.store.in_flight(["k"]) == {"k": 0}
+    assert ledger.usage.pending == {}
+
+
 def test_a_refused_request_makes_no_usage_record(ledger: Ledger) -> None:
     state = limited(ledger)
     state.outcome = outcome(model="m", rejected="rate_limited", status=429, error="x")

@@ -1,5 +1,12 @@
 """``POST /v1/messages/count_tokens``: the prompt's size, counted by a backend's tokenizer where
-it has one, else estimated."""
+it has one, else estimated.
+
+A count costs a backend real work (a tokenizer call, two on llama.cpp), so it is held to what
+holds a message: its key's request rate and requests in flight (not its token limits or
+budgets: counting spends no tokens), and a slot on the backend (its ``max_concurrency``, its
+breaker). A backend that is full or held back by its breaker is not asked: the count is
+estimated instead, which is what any tokenizer failure gives too.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +37,20 @@ def count_tokens(
         body.pop("thread", None)  # a count is never a turn of a thread
     check_request(body)
     route = resolve(settings, body["model"])
-    target = (dispatcher.balancer.plan(route) or list(route.targets))[0]
-    client = dispatcher.clients[target.backend]
     outcome = state.outcome
     assert outcome is not None  # every /v1/ request has one
-    outcome.model, outcome.route, outcome.backend = body["model"], route.name, target.backend
+    outcome.model, outcome.route = body["model"], route.name
+    state.admit_count()
+    target, slot = dispatcher.count_slot(route)
+    outcome.backend = target.backend
+    client = dispatcher.clients[target.backend]
     payload = _payload(client, body, backend_model(target, body["model"]), settings)
-    count = client.count_tokens(payload, state.request_id)
+    count = None
+    if slot is not None:
+        try:
+            count = client.count_tokens(payload, state.request_id)
+        finally:
+            slot.release(None)  # a count says nothing of whether the backend can serve
     how = "estimate" if count is None else "exact"
     if count is None:
         count = estimate_prompt_tokens(payload)

@@ -125,6 +125,17 @@ class RequestState:
         ask = key.ask(estimate, max_tokens, wall, self.ledger.lease_ttl)
         self._admit(key, ask, wall, estimate, max_tokens)
 
+    def admit_count(self) -> None:
+        """Hold a token count to its key's request rate and requests in flight, not to its
+        token limits or budgets: counting spends no tokens (Anthropic limits count_tokens by
+        requests per minute too). A refusal is the same 429 as a message's."""
+        key = self.key
+        if key is None:
+            return
+        ask = key.count_ask(self.ledger.lease_ttl)
+        if ask.takes or ask.max_concurrent:
+            self._admit(key, ask, time.time(), 0, 0)
+
     def _admit(self, key: KeyPolicy, ask: Ask, wall: float, estimate: int, max_tokens: int) -> None:
         verdict = self.ledger.store.admit(ask)
         self.rate_headers = rate_headers(verdict.standing, wall)
@@ -196,7 +207,8 @@ class RequestState:
         self, outcome: RequestOutcome, used_input: int, used_output: int, cached: int
     ) -> Usage | None:
         """The request's usage record: for every message request that got past the limits,
-        errors included (their tokens are what the backend spent, usually none)."""
+        errors included (their tokens are what the backend spent, usually none). A token
+        count makes none: it spends no tokens, and the usage report counts what was spent."""
         model = (outcome.model or "")[:MODEL_CHARS]
         if outcome.path != MESSAGES_PATH or not model or outcome.rejected:
             return None

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -501,3 +504,109 @@ def _backend_errors(gateway: GatewayServer, backend: str) -> float:
     needle = f'gateway_backend_errors_total{{backend="{backend}"'
     lines = [line for line in text.splitlines() if line.startswith(needle)]
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_a_stream_whose_end_cannot_be_read_still_frees_the_keys_slot_and_is_logged(
+    backends, gateway_for, caplog
+):
+    # An Anthropic backend whose usage is not a number: reading the stream's usage at its end
+    # fails. The rest of the end must run all the same: the client gets the whole stream, the
+    # key's only slot comes back, the request is settled and gets its access line.
+    native = backends()
+    broken = anthropic_stream_bytes().replace(b'"output_tokens": 7', b'"output_tokens": "seven"')
+    native.routes[("POST", "/v1/messages")] = lambda req: RawReply(
+        broken, headers={"Content-Type": "text/event-stream"}
+    )
+    key = {"name": "solo", "sha256": hashlib.sha256(b"test-key").hexdigest(), "max_concurrent": 1}
+    gateway = gateway_for(
+        {"native": native},
+        ["native"],
+        native_extra={"protocol": "anthropic", "max_concurrency": 1},
+        auth={"keys": [key]},
+    )
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    with gateway.client() as client:
+        for _ in range(2):  # the second is refused if the first still holds the key's slot
+            with client.messages.stream(model="claude-x", max_tokens=20, messages=HI) as s:
+                assert s.get_final_message().content[0].text == "native stream"
+    lines = [r.msg for r in caplog.records if r.name == "gateway.access"]
+    assert [(line["status"], line["key"]) for line in lines] == [(200, "solo")] * 2
+    assert lines[0]["stop_reason"] == "end_turn" and lines[0]["client_disconnected"] is False
+    failures = [r for r in caplog.records if r.name == "gateway" and r.levelname == "ERROR"]
+    assert len(failures) == 2  # once for each stream, in the gateway's log
+
+
+# --- count_tokens takes a backend slot as a message does --------------------------------------
+
+
+def counting_backend(backends: Callable[[], FakeBackend], count: int) -> FakeBackend:
+    """A vLLM-like backend whose tokenizer says ``count``."""
+    backend = backends()
+    backend.routes[("POST", "/tokenize")] = lambda req: JSONReply(
+        {"count": count, "max_model_len": 8192, "tokens": []}
+    )
+    return backend
+
+
+def count(gateway: GatewayServer) -> Any:
+    with gateway.client() as client:
+        return client.messages.with_raw_response.count_tokens(model="claude-x", messages=HI)
+
+
+def status_of(gateway: GatewayServer, backend: str) -> dict[str, Any]:
+    status = requests.get(gateway.url + "/status", headers={"x-api-key": "t"}, timeout=5).json()
+    return status["backends"][backend]
+
+
+def test_a_count_is_not_sent_to_a_backend_at_its_max_concurrency(backends, gateway_for):
+    only = counting_backend(backends, 123)
+    only.reply(JSONReply(completion("slow"), delay=1.0))
+    extra = {"dialect": "vllm", "max_concurrency": 1}
+    gateway = gateway_for({"a": only}, ["a"], a_extra=extra, admin={"token": "t"})
+    slow = threading.Thread(target=create, args=(gateway,))
+    slow.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not only.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert status_of(gateway, "a")["in_flight"] == 1  # the message holds the only slot
+        busy = count(gateway)
+    finally:
+        slow.join(timeout=10)
+    assert busy.headers["x-gateway-token-count"] == "estimate" and busy.parse().input_tokens > 0
+    assert only.tokenizer_requests == []
+    counted = count(gateway)  # the slot is free again: the backend counts
+    assert counted.headers["x-gateway-token-count"] == "exact"
+    assert counted.parse().input_tokens == 123 and len(only.tokenizer_requests) == 1
+    assert status_of(gateway, "a")["in_flight"] == 0  # and the count gave it back
+
+
+def test_a_count_is_not_sent_to_a_backend_its_breaker_holds_back(backends, gateway_for):
+    only = counting_backend(backends, 123)
+    only.reply(JSONReply(error_body("down"), status=500))
+    routing = {"breaker_failures": 1, "breaker_cooldown": 30, "retries": 0}
+    gateway = gateway_for(
+        {"a": only}, ["a"], a_extra={"dialect": "vllm"}, routing=routing, admin={"token": "t"}
+    )
+    with pytest.raises(anthropic.InternalServerError):
+        create(gateway)
+    assert status_of(gateway, "a")["breaker"] == "open"
+    counted = count(gateway)
+    assert counted.headers["x-gateway-token-count"] == "estimate"
+    assert only.tokenizer_requests == []
+    # A count is no probe, and says nothing of the backend: the breaker is as it was.
+    assert status_of(gateway, "a")["breaker"] == "open"
+    assert status_of(gateway, "a")["in_flight"] == 0
+
+
+def test_a_count_goes_to_the_next_backend_when_the_first_is_held_back(backends, gateway_for):
+    first, second = counting_backend(backends, 111), counting_backend(backends, 222)
+    first.reply(JSONReply(error_body("down"), status=500))
+    routing = {"breaker_failures": 1, "breaker_cooldown": 30, "retries": 1}
+    vllm = {"dialect": "vllm"}
+    gateway = gateway_for(
+        {"a": first, "b": second}, ["a", "b"], a_extra=vllm, b_extra=vllm, routing=routing
+    )
+    assert create(gateway).parse().content[0].text == "Hello"  # a failed, b answered
+    assert count(gateway).parse().input_tokens == 222
+    assert first.tokenizer_requests == []

@@ -166,6 +166,8 @@ KEYS = {
     "failing": {"max_concurrent": 1},
     "output": {"output_tokens_per_minute": 100},
     "daily": {"tokens_per_day": 200},
+    "counting": {"requests_per_minute": 60, "burst": 2, "tokens_per_day": 1},
+    "count_slot": {"max_concurrent": 1},
     "free": {},
 }
 
@@ -420,11 +422,54 @@ def test_a_key_without_limits_is_never_limited_and_gets_no_rate_headers(server):
     assert usage_of(server, "free", requests=5)["requests"] == 5
 
 
-def test_limits_apply_to_messages_only(server):
+def test_listing_models_is_not_limited(server):
     with sdk(server, "retry") as client:
         for _ in range(5):
-            assert client.messages.count_tokens(model="m", messages=BODY["messages"]).input_tokens
             assert client.models.list() is not None
+
+
+def test_token_counts_are_held_to_the_request_rate_but_spend_no_tokens(server):
+    # A daily budget of one token: no message fits, yet counting, which spends none, does,
+    # as long as the key's request rate (a burst of two) lets it.
+    with sdk(server, "counting") as client:
+        with pytest.raises(anthropic.RateLimitError):
+            client.messages.create(**BODY)
+        for _ in range(2):
+            counted = client.messages.with_raw_response.count_tokens(
+                model="m", messages=BODY["messages"]
+            )
+            assert counted.parse().input_tokens > 0
+        assert counted.headers["anthropic-ratelimit-requests-remaining"] == "0"
+        with pytest.raises(anthropic.RateLimitError) as caught:
+            client.messages.count_tokens(model="m", messages=BODY["messages"])
+    error = caught.value
+    assert error.body["error"]["type"] == "rate_limit_error"
+    assert (
+        "'counting' is over its 60 requests per minute (burst 2)" in error.body["error"]["message"]
+    )
+    assert error.response.headers["retry-after"] == "1"
+    assert error.response.headers["anthropic-ratelimit-requests-limit"] == "2"
+    assert rejections(server, "rate_limited", "counting") == 1
+    assert usage_of(server, "counting")["requests"] == 0  # counts make no usage records
+
+
+def test_a_token_count_needs_a_free_slot_of_its_key_and_gives_it_back(server, module_backend):
+    module_backend.reply(StreamReply(chunks([f"t{i} " for i in range(20)]), delay=0.05))
+    conn, response = open_stream(server, "count_slot")
+    try:
+        with sdk(server, "count_slot") as client:
+            with pytest.raises(anthropic.RateLimitError) as caught:
+                client.messages.count_tokens(model="m", messages=BODY["messages"])
+            assert "already has 1 requests in flight" in caught.value.body["error"]["message"]
+            assert b"event: message_stop" in response.read()
+    finally:
+        conn.close()
+    assert wait_for(lambda: in_flight(server, "count_slot") == 0)
+    with sdk(server, "count_slot") as client:
+        for _ in range(3):  # each count gives its slot back
+            assert client.messages.count_tokens(model="m", messages=BODY["messages"]).input_tokens
+    assert in_flight(server, "count_slot") == 0
+    assert post(server, "count_slot").status_code == 200
 
 
 def test_after_all_of_it_no_key_holds_a_slot(server):

@@ -218,7 +218,7 @@ def test_store_outage_fails_closed_with_503_overloaded_and_recovers(
         assert refused.json()["error"]["type"] == "overloaded_error"
         assert "state store is unavailable" in refused.json()["error"]["message"]
         assert refused.headers["retry-after"] == "1"
-        # Routes that need no store still answer; a key's count_tokens is not limited.
+        # Routes that need no store still answer.
         assert requests.get(gateway.url + "/healthz", timeout=5).status_code == 200
         own_redis.start()
         assert wait_until(lambda: post(gateway, "guarded").status_code == 200)

@@ -120,6 +120,25 @@ class Dispatcher:
             return attempt
         raise last or _busy(body["model"])
 
+    def count_slot(self, route: Route) -> tuple[Target, Slot | None]:
+        """Where a token count goes, and the slot it holds there while the backend counts
+        (the caller releases it, with no verdict: a count says nothing of whether the backend
+        can serve messages). The target a message would be sent to: the first of the route's,
+        in the balancer's order, whose breaker is closed and that has a slot free (a count is
+        never a half-open backend's probe). No slot when that backend has no tokenizer, or
+        when none is left: the caller estimates, and a full or failing backend gets no more
+        work."""
+        planned = self.balancer.plan(route)
+        for target in planned:
+            if self.balancer.state(target.backend) != "closed":
+                continue
+            if not has_tokenizer(self.clients[target.backend]):
+                return target, None
+            slot = self.balancer.acquire(target.backend)
+            if slot is not None:
+                return target, slot
+        return planned[0], None
+
     def finish(self, attempt: Attempt, *, ok: bool | None) -> None:
         """Give back the backend's slot, telling the breaker how it went (None: no verdict).
         Safe to call more than once: only the first call counts."""
@@ -180,6 +199,11 @@ def backend_streams(body: dict[str, Any]) -> bool:
     gave stop sequences, which the gateway matches itself (app.translate.text_filter) and
     which end the backend's work as soon as one appears."""
     return bool(body.get("stream") or stop_sequences(body))
+
+
+def has_tokenizer(client: BackendClient) -> bool:
+    """Whether ``client.count_tokens`` asks the backend anything (else it is an estimate)."""
+    return client.config.protocol == "anthropic" or bool(client.config.dialect.tokenizer)
 
 
 def _verdict(error: GatewayError, backend: str, counted: set[str]) -> bool | None:

@@ -3,6 +3,10 @@
 The access line is written when the response is really over (after the last streamed byte, or
 when the client went away), so its timings are the ones an operator cares about: time to first
 token and total time, not the time it took to return a generator.
+
+The line is rendered from the request's outcome (app.serving.outcome); its field names and
+values are an operator's contract (dashboards, alerts and log queries read them), and nothing
+in the gateway reads them back.
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from app import ids, jsonc
-from app.ops import metrics
+from app.serving.outcome import Delivery, RequestOutcome
 
 access_log = logging.getLogger("gateway.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{8,128}")
@@ -38,7 +42,7 @@ class JSONFormatter(logging.Formatter):
         return jsonc.dumps_str(entry)
 
 
-class GatewayHandler(logging.StreamHandler):
+class GatewayHandler(logging.StreamHandler[TextIO]):
     """The gateway's own stderr handler, told apart from any other by its class."""
 
 
@@ -64,11 +68,63 @@ def request_id_from(header: str | None) -> str:
     return ids.request_id()
 
 
+def access_line(outcome: RequestOutcome) -> dict[str, Any]:
+    """The access line of a request that is over (``log_access`` adds its duration).
+
+    A field is left out when the request never came to it (no ``model`` for a request refused
+    before its body was read, no ``bytes_out`` when no response left); a few are written as
+    null when the answer did not say: the stop reason of an answer, the error of a stream."""
+    line: dict[str, Any] = {
+        "request_id": outcome.request_id,
+        "method": outcome.method,
+        "path": outcome.path,
+        "stream": outcome.stream,
+        "worker": outcome.worker,
+        "client": outcome.client,
+        "key": outcome.key,
+        "forwarded_for": outcome.forwarded_for,
+    }
+    if outcome.rejected is not None:
+        line["rejected"] = outcome.rejected
+    if outcome.thread is not None:
+        line["thread"] = outcome.thread
+    if outcome.model is not None:
+        line["model"] = outcome.model
+        line["route"] = outcome.route
+    if outcome.backend is not None:
+        line["backend"] = outcome.backend
+    if outcome.backend_model is not None:
+        line["backend_model"] = outcome.backend_model
+    if outcome.attempts is not None:
+        line["attempts"] = outcome.attempts
+    if outcome.status is not None:
+        line["status"] = outcome.status
+    answer = outcome.answer
+    if answer is not None:
+        line["stop_reason"] = answer.stop_reason
+    streamed = outcome.delivery is Delivery.STREAM
+    if outcome.error is not None or streamed:
+        line["error"] = outcome.error
+    if outcome.error_message is not None:
+        line["error_message"] = outcome.error_message
+    if outcome.client_disconnected is not None:
+        line["client_disconnected"] = outcome.client_disconnected
+    if outcome.delivery is Delivery.BODY or streamed:
+        line["bytes_out"] = outcome.bytes_out
+    tokens = outcome.tokens
+    if tokens is not None:
+        line["input_tokens"] = tokens.prompt
+        line["output_tokens"] = tokens.output
+        line["cached_tokens"] = tokens.cached
+    if outcome.ttft is not None:
+        line["ttft_ms"] = round(outcome.ttft * 1000, 1)
+    return line
+
+
 def log_access(entry: dict[str, Any], started: float) -> None:
-    """The request is over: one access line, and the metrics that come from it."""
-    duration = time.monotonic() - started
-    entry["duration_ms"] = round(duration * 1000, 1)
-    metrics.record(entry, duration)
+    """One access line (``access_line``'s), with the request's duration since ``started``
+    (monotonic)."""
+    entry["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
     route = _access_route()
     if route is _LOGGING:
         access_log.info(entry)
@@ -106,7 +162,7 @@ def _access_route() -> Any:
     return handler if handler.level <= logging.INFO else None
 
 
-def _write_line(handler: logging.StreamHandler, line: bytes) -> None:
+def _write_line(handler: logging.StreamHandler[TextIO], line: bytes) -> None:
     """One whole line, straight to the handler's file descriptor (stderr's buffer is empty
     between records: every record is flushed as it is written)."""
     try:

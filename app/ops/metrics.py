@@ -3,14 +3,14 @@
 With ``PROMETHEUS_MULTIPROC_DIR`` set (gunicorn.conf.py sets it before the workers start),
 each worker writes its samples to files there and a scrape merges them, so ``/metrics`` on any
 worker reports the whole service. Without it (a single process, e.g. tests) the default
-registry is used. Everything is recorded once per request from the access-log entry, never per
-streamed chunk.
+registry is used. Everything is recorded once per request from its outcome
+(app.serving.outcome), never per streamed chunk.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +22,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+if TYPE_CHECKING:
+    from app.serving.outcome import RequestOutcome
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60)
@@ -102,31 +105,35 @@ def _child(metric: Any, *labels: str) -> Any:
     return child
 
 
-def record(entry: dict[str, Any], duration: float) -> None:
-    """One finished request, from its access-log entry."""
-    route = entry.get("route") or ""
-    backend = entry.get("backend") or ""
-    stream = "true" if entry.get("stream") else "false"
-    _child(REQUESTS, route, backend, str(entry.get("status", 0)), stream).inc()
+def record(outcome: RequestOutcome, duration: float) -> None:
+    """One finished request, from its outcome."""
+    route = outcome.route or ""
+    backend = outcome.backend or ""
+    stream = "true" if outcome.stream else "false"
+    _child(REQUESTS, route, backend, str(outcome.status or 0), stream).inc()
     _child(DURATION, route, stream).observe(duration)
-    if entry.get("ttft_ms") is not None:
-        _child(TTFT, route).observe(entry["ttft_ms"] / 1000)
-    if entry.get("input_tokens"):
-        _child(TOKENS, route, backend, "input").inc(entry["input_tokens"])
-    if entry.get("output_tokens"):
-        _child(TOKENS, route, backend, "output").inc(entry["output_tokens"])
-    key = entry.get("key")
-    if key:
-        for kind in ("input", "output", "cached"):
-            count = entry.get(f"{kind}_tokens")
-            if count:
-                _child(KEY_TOKENS, key, kind).inc(count)
-    if entry.get("client_disconnected"):
+    if outcome.ttft is not None:
+        _child(TTFT, route).observe(outcome.ttft)
+    tokens = outcome.tokens
+    if tokens is not None:
+        if tokens.prompt:
+            _child(TOKENS, route, backend, "input").inc(tokens.prompt)
+        if tokens.output:
+            _child(TOKENS, route, backend, "output").inc(tokens.output)
+        if outcome.key:
+            for kind, count in (
+                ("input", tokens.prompt),
+                ("output", tokens.output),
+                ("cached", tokens.cached),
+            ):
+                if count:
+                    _child(KEY_TOKENS, outcome.key, kind).inc(count)
+    if outcome.client_disconnected:
         _child(DISCONNECTS, route).inc()
-    if entry.get("rejected"):
-        _child(REJECTED, entry["rejected"], entry.get("key") or "").inc()
-    if backend and entry.get("error") and entry.get("status") == 200:
-        _child(BACKEND_ERRORS, backend, entry["error"]).inc()  # failed mid-stream
+    if outcome.rejected:
+        _child(REJECTED, outcome.rejected, outcome.key or "").inc()
+    if backend and outcome.error and outcome.status == 200:
+        _child(BACKEND_ERRORS, backend, outcome.error).inc()  # failed mid-stream
 
 
 def streams_in_flight(backend: str) -> Any:

@@ -115,7 +115,17 @@ class KeyPolicy:
         spends = [(budget, cost) for budget in budgets(self.limits, now)]
         return Ask(self.name, takes, spends, self.limits.max_concurrent, lease_ttl)
 
-    def reservation(self, ask: Ask, verdict: Verdict, input_estimate: int, max_tokens: int):
+    def count_ask(self, lease_ttl: float) -> Ask:
+        """What a token count asks: a request of the rate, and a slot while it runs; no
+        tokens (counting spends none) and no budget."""
+        takes: list[tuple[Bucket, float]] = []
+        if self.requests is not None:
+            takes.append((self.requests, 1))
+        return Ask(self.name, takes, [], self.limits.max_concurrent, lease_ttl)
+
+    def reservation(
+        self, ask: Ask, verdict: Verdict, input_estimate: int, max_tokens: int
+    ) -> Reservation:
         return Reservation(
             self.name, verdict.lease, input_estimate, max_tokens, [b for b, _ in ask.spends]
         )
@@ -156,14 +166,16 @@ def settlement(
     used_input: int,
     used_output: int,
 ) -> Settlement:
-    """The correction of what ``reservation`` took, given what the request really used."""
+    """The correction of what ``reservation`` took, given what the request really used; a
+    bucket that took what was used has nothing to correct (a token count, which reserves and
+    uses none, gives back only its slot)."""
     corrections: list[tuple[Bucket, float]] = []
-    if policy.input is not None:
+    if policy.input is not None and reservation.input_tokens != used_input:
         corrections.append((policy.input, reservation.input_tokens - used_input))
-    if policy.output is not None:
+    if policy.output is not None and reservation.output_tokens != used_output:
         corrections.append((policy.output, reservation.output_tokens - used_output))
     spent = used_input + used_output - reservation.input_tokens - reservation.output_tokens
-    budget_corrections = [(budget, spent) for budget in reservation.budgets]
+    budget_corrections = [(budget, spent) for budget in reservation.budgets if spent]
     return Settlement(reservation.key, reservation.lease, corrections, budget_corrections)
 
 

@@ -39,7 +39,8 @@ DRAIN_WAIT = 1.0
 
 
 class StreamOutcome:
-    """What the access log needs once the stream is over."""
+    """What the relay saw of the stream, for the request's outcome once it is over
+    (app.serving.messages puts it there)."""
 
     __slots__ = ("first_token_at", "completed", "bytes_out")
 

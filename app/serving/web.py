@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
@@ -38,7 +38,8 @@ from app.policy import auth
 from app.policy.limits import KeyPolicy, key_table
 from app.serving.admin import create_admin_blueprint
 from app.serving.api import create_blueprint
-from app.serving.state import ENVIRON_KEY, Ledger, RequestState, current
+from app.serving.outcome import Delivery, RequestOutcome
+from app.serving.state import ENVIRON_KEY, Ledger, Phase, RequestState, current
 from app.serving.worker import close_connection
 from app.state.buffer import UsageBuffer
 from app.state.open import open_store
@@ -129,31 +130,30 @@ def _request_starter(keys: Mapping[bytes, KeyPolicy], ledger: Ledger) -> Callabl
             return
         key, digest = auth.identify(keys, environ)
         state.key = key
-        state.access = access = {
-            "request_id": request_id,
-            "method": environ.get("REQUEST_METHOD", "GET").upper(),
-            "path": path,
-            "stream": False,
-            "worker": worker,
-            "client": auth.client_id(digest),
-            "key": key.name if key is not None else None,
-            "forwarded_for": environ.get("HTTP_X_FORWARDED_FOR"),
-        }
+        state.outcome = outcome = RequestOutcome(
+            request_id=request_id,
+            method=environ.get("REQUEST_METHOD", "GET").upper(),
+            path=path,
+            worker=worker,
+            client=auth.client_id(digest),
+            key=key.name if key is not None else None,
+            forwarded_for=environ.get("HTTP_X_FORWARDED_FOR"),
+        )
         if keys and path.startswith("/v1/"):
             if key is None:
-                _refuse(digest, access)
+                _refuse(digest, outcome)
             refusal = key.refusal(time.time())
             if refusal is not None:
-                access["rejected"] = "key_revoked" if key.revoked else "key_expired"
+                outcome.rejected = "key_revoked" if key.revoked else "key_expired"
                 raise AuthenticationFailed(refusal, should_retry=False)
 
     return start_request
 
 
-def _refuse(digest: bytes | None, access: dict[str, Any]) -> None:
+def _refuse(digest: bytes | None, outcome: RequestOutcome) -> NoReturn:
     """A /v1/ request without a known key, refused before its body is read. (The key's
     limits are applied once the body is in: a slow upload must not hold a key's slot.)"""
-    access["rejected"] = "unauthenticated"
+    outcome.rejected = "unauthenticated"
     # x-should-retry: false, or Claude Code retries a wrong key for minutes.
     if digest is None:
         raise AuthenticationFailed(
@@ -167,16 +167,19 @@ def _finish_request(response: Response) -> Response:
     state = current()
     if state is None:
         return response
-    state.answered = True
+    streaming = state.phase is Phase.STREAMING
+    unread = state.phase < Phase.BODY_READ
+    state.advance(Phase.ANSWERED)
     response.headers["request-id"] = state.request_id
-    if not state.body_read and _has_body(request.environ):
+    if unread and _has_body(request.environ):
         close_connection(request.environ)  # rather than have gunicorn read the body to waste
     if state.rate_headers:
         response.headers.extend(state.rate_headers)
-    access = state.access
-    if not state.access_deferred and access is not None:
-        access["status"] = response.status_code
-        access["bytes_out"] = response.content_length
+    outcome = state.outcome
+    if not streaming and outcome is not None:
+        outcome.status = response.status_code
+        outcome.bytes_out = response.content_length
+        outcome.delivery = Delivery.BODY
         state.settle()
         # Once the answer is written: the line and the metrics (a tenth of a request's CPU)
         # stay off the client's wait, and the duration covers the write. A stream ends
@@ -195,9 +198,10 @@ def _end_request(error: BaseException | None) -> None:
     hung up while the backend worked, ``ClientGone``): what the request held goes back, and
     it still gets its access line and its settlement."""
     state = current()
-    if state is None or state.answered or state.access is None:
+    if state is None or state.phase >= Phase.ANSWERED or state.outcome is None:
         return
-    state.access.update(status=499, client_disconnected=True)
+    outcome = state.outcome
+    outcome.status, outcome.client_disconnected, outcome.delivery = 499, True, Delivery.NONE
     state.end()
 
 
@@ -205,12 +209,13 @@ def render(error: GatewayError) -> Response:
     """The Anthropic error envelope as an HTTP response."""
     state = current()
     request_id = state.request_id if state is not None else None
-    if state is not None and state.access is not None:
-        state.access["error"] = error.error_type
+    outcome = state.outcome if state is not None else None
+    if outcome is not None:
+        outcome.error = error.error_type
         if error.backend is not None:
-            state.access.update(backend=error.backend, attempts=error.attempts)
+            outcome.backend, outcome.attempts = error.backend, error.attempts
         if error.status >= 500:
-            state.access["error_message"] = error.message
+            outcome.error_message = error.message
     response = Response(
         jsonc.dumps(error.payload(request_id)), status=error.status, mimetype="application/json"
     )

@@ -9,9 +9,9 @@ key's, and writes the access line.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import requests
 from flask import Response
@@ -26,7 +26,7 @@ from app.policy.threads import ThreadTurn, begin_turn
 from app.serving.green import client_watch
 from app.serving.outcome import Answer, Delivery, RequestOutcome, Tokens
 from app.serving.prompt_count import PromptCount
-from app.serving.relay import StreamOutcome, Translator, relay
+from app.serving.relay import Observer, StreamOutcome, Translator, relay
 from app.serving.state import Phase, RequestState, run_each
 from app.state.guard import GuardedStore
 from app.translate.accumulate import MessageAccumulator
@@ -196,8 +196,8 @@ def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
             )
         return {**message, "model": body["model"], **passthrough_stop(message)}
     options = _answer_options(attempt, body)
-    translated: dict[str, Any] = translate_response(attempt.result, **options)
-    return translated
+    # A Message is a dict at run time; the views add to it as to any answer.
+    return cast(dict[str, Any], translate_response(attempt.result, **options))
 
 
 def _answer_options(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
@@ -214,6 +214,7 @@ def _answer_options(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
         "prefill": prefill_of(sent),
         "single_tool": parallel_disabled(body),
         "max_tokens": max_tokens if isinstance(max_tokens, int) else None,
+        "backend": attempt.client.name,
     }
 
 
@@ -334,12 +335,12 @@ def _note_end(
     answer.tokens = Tokens.of(translator.final_usage)
 
 
-def _thread_observer(turn: ThreadTurn) -> Callable[[list[dict[str, Any]]], None]:
+def _thread_observer(turn: ThreadTurn) -> Observer:
     """Adds up the streamed reply; at ``message_stop``, before it is written, the thread
     keeps it, so a client that continues on reading it finds it."""
     reply = MessageAccumulator()
 
-    def observe(events: list[dict[str, Any]]) -> None:
+    def observe(events: Sequence[Mapping[str, Any]]) -> None:
         reply.feed(events)
         if reply.complete and not turn.done:
             message = reply.message

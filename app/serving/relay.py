@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import requests
@@ -30,7 +30,7 @@ from app.translate.stream import PING, StreamTranslator
 
 log = logging.getLogger("gateway")
 Translator = StreamTranslator | PassthroughStream
-Observer = Callable[[list[dict[str, Any]]], None]
+Observer = Callable[[Sequence[Mapping[str, Any]]], None]
 PING_BYTES = encode(PING)
 # The longest the relay sleeps in a silent stream: how late it can notice a shutdown.
 MAX_WAKE = 1.0
@@ -210,7 +210,7 @@ def _translate(
             if data is None:
                 yield PING_BYTES
                 continue
-            events = []
+            events: list[Mapping[str, Any]] = []
             for payload in decoder.feed(data):
                 if payload == DONE:
                     saw_done = True

@@ -11,7 +11,7 @@ before the workers monkey-patch the network stack.
 """
 
 from app.config.checks import KEY_NAME, parse_instant
-from app.config.last_good import LAST_GOOD_ENV, load_settings_or_last_good, validate_for_master
+from app.config.last_good import has_last_good, load_settings_or_last_good, validate_for_master
 from app.config.loader import build_settings, load_settings, read_keys_file, read_raw
 from app.config.schema import (
     API_KEYS_ENV,
@@ -54,7 +54,6 @@ __all__ = [
     "ENV_OVERRIDES",
     "KEY_NAME",
     "KEY_NOTES",
-    "LAST_GOOD_ENV",
     "LIMIT_FIELDS",
     "LISTS",
     "LOG_LEVELS",
@@ -80,6 +79,7 @@ __all__ = [
     "TranslateSettings",
     "Upstream",
     "build_settings",
+    "has_last_good",
     "load_settings",
     "load_settings_or_last_good",
     "parse_instant",

@@ -4,7 +4,8 @@
   variable, secret or not, what it does);
 - app/config/loader.py: reads the file and the environment by walking those declarations;
 - app/config/checks.py and values.py: what a value must be (URLs, paths, numbers, choices);
-- app/config/last_good.py: the gunicorn master's last good config, for reloads.
+- app/config/last_good.py: the gunicorn master's last good config, for reloads;
+- app/config/reference.py: the README's table of every setting, made from the schema.
 
 Only the standard library is imported here, because the gunicorn master loads this package
 before the workers monkey-patch the network stack.

@@ -1,6 +1,7 @@
 """The settings, each declared once: its type, default, bounds, environment variable, whether it
 is a secret and what it does (app/config/setting.py says how). The loader (app/config/loader.py)
-is driven by these declarations, and the tables below are derived from them.
+and the README's reference (app/config/reference.py) are driven by these declarations, and the
+tables below are derived from them.
 
 The TOML file's layout: top-level keys and tables are Settings' own fields; ``[upstream]`` and
 ``[[backends]]`` hold Upstream's settings, ``[[routes]]`` Route's, ``[routing]`` Routing's,

@@ -3,9 +3,9 @@
 Each field of the settings dataclasses (app/config/schema.py) is made with ``setting(...)``,
 which keeps in the field's metadata what the rest of the package needs to know about it: its
 default (the field's own), its lowest value, the environment variable that overrides it, whether
-it is a secret, the TOML key when it differs from the field's name, and a line saying what it
-sets. The loader and the derived tables (ENV_OVERRIDES, the known keys) read them from there, so
-adding a setting is one line.
+it is a secret, the TOML key when it differs from the field's name, and a line for the README's
+reference. The loader, the derived tables (ENV_OVERRIDES, the known keys) and the reference read
+them from there, so adding a setting is one line.
 
 Only the standard library: the gunicorn master imports this before gevent patches anything.
 """

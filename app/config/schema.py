@@ -53,20 +53,24 @@ class Timeouts:
     chunks of a stream, and for a whole answer."""
 
     connect: float = setting(
-        5.0, key="connect_timeout", minimum=0.01, env="GATEWAY_CONNECT_TIMEOUT", doc="to connect"
+        5.0,
+        key="connect_timeout",
+        minimum=0.01,
+        env="GATEWAY_CONNECT_TIMEOUT",
+        doc="seconds to connect",
     )
     read: float = setting(
         600.0,
         key="read_timeout",
         minimum=0.01,
         env="GATEWAY_READ_TIMEOUT",
-        doc="longest wait for the first byte; also between chunks unless `idle_timeout` is set",
+        doc="seconds to wait for the first byte; also between chunks unless `idle_timeout` is set",
     )
     idle: float = setting(
-        0.0, key="idle_timeout", doc="longest gap between stream chunks (0: `read_timeout`)"
+        0.0, key="idle_timeout", doc="seconds between two stream chunks (0: `read_timeout`)"
     )
     total: float = setting(
-        0.0, key="total_timeout", doc="cap on a whole answer, stream included (0: none)"
+        0.0, key="total_timeout", doc="seconds for a whole answer, stream included (0: no cap)"
     )
 
     @property

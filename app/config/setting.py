@@ -12,10 +12,11 @@ Only the standard library: the gunicorn master imports this before gevent patche
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
@@ -133,23 +134,15 @@ def required(
 
 def section(factory: Callable[[], T], *places: Place, doc: str) -> T:
     """A Settings field built from the TOML ``places`` named."""
-    field: Any = dataclasses.field(
-        default_factory=factory, metadata={METADATA: Section(doc, places)}
-    )
-    return field  # type: ignore[no-any-return]
+    return dataclasses.field(default_factory=factory, metadata={METADATA: Section(doc, places)})
 
 
 def _field(default: T, meta: Setting, *, show: bool) -> T:
     if type(default).__hash__ is None:  # a dict: each instance gets its own copy
-        copy = type(default)
-        field: Any = dataclasses.field(
-            default_factory=lambda: copy(default),  # type: ignore[call-arg]
-            repr=show,
-            metadata={METADATA: meta},
+        return dataclasses.field(
+            default_factory=partial(copy.copy, default), repr=show, metadata={METADATA: meta}
         )
-    else:
-        field = dataclasses.field(default=default, repr=show, metadata={METADATA: meta})
-    return field  # type: ignore[no-any-return]
+    return dataclasses.field(default=default, repr=show, metadata={METADATA: meta})
 
 
 def declared(cls: type) -> Iterator[tuple[dataclasses.Field[Any], Setting]]:

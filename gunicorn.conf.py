@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 
-from app.config import LAST_GOOD_ENV, load_settings_or_last_good, validate_for_master
+from app.config import has_last_good, load_settings_or_last_good, validate_for_master
 from app.state.open import prepare
 
 
@@ -27,7 +27,11 @@ def _env_int(name: str, default: int) -> int:
 
 # Evaluated at start and again on every reload (HUP). At start a bad config stops gunicorn;
 # on a reload the running service keeps its last good config rather than losing its workers.
-_first_start = LAST_GOOD_ENV not in os.environ
+# The master keeps that config in its memory (app/config/last_good.py), never in the
+# environment: a binary upgrade (USR2) starts afresh and must fail on a bad config too.
+_first_start = not has_last_good()
+# Set by earlier versions, with the whole config, secrets included; not passed on to children.
+os.environ.pop("GATEWAY_LAST_GOOD_CONFIG", None)
 _problem = validate_for_master(os.environ)
 if _problem and _first_start:
     sys.exit(f"gateway: bad configuration: {_problem}")

@@ -1,4 +1,4 @@
-"""Client keys: ``[[auth.keys]]`` and GATEWAY_API_KEYS (app/config.py), the lookup
+"""Client keys: ``[[auth.keys]]`` and GATEWAY_API_KEYS (app/config/), the lookup
 (app/policy/auth.py), ``python -m app.keys hash``, and the official SDK against real gunicorn
 with keys configured (the keys file and its reload: test_keys.py)."""
 

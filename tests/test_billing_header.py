@@ -1,5 +1,5 @@
 """Claude Code's attribution line in the system prompt (app/translate/billing_header.py), as
-translate_request applies it, and its setting (``[translate] billing_header`` in app/config.py).
+translate_request applies it, and its setting (``[translate] billing_header`` in app/config/).
 """
 
 from __future__ import annotations

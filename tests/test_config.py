@@ -1,15 +1,40 @@
-"""Settings from a TOML file and environment overrides (app/config.py)."""
+"""Settings from a TOML file and environment overrides (app/config/)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from app.backends.routing import backend_model, resolve
-from app.config import ConfigError, Settings, build_settings, load_settings
+from app.config import (
+    API_KEYS_ENV,
+    BILLING_HEADER_MODES,
+    ENGINES,
+    LIMIT_FIELDS,
+    LISTS,
+    LOG_LEVELS,
+    PROTOCOLS,
+    STRATEGIES,
+    TABLES,
+    ConfigError,
+    Limits,
+    Routing,
+    Settings,
+    StateSettings,
+    ThreadSettings,
+    Timeouts,
+    TranslateSettings,
+    Upstream,
+    build_settings,
+    load_settings,
+)
+from app.config import ENV_OVERRIDES as DERIVED_OVERRIDES
+from app.config.loader import read
+from app.config.setting import Table
+from app.translate.billing_header import MODES
 from app.translate.dialect import DIALECTS
 
 SECRET = "sk-live-0123456789abcdef"
@@ -63,8 +88,8 @@ def test_defaults_without_file_or_environment() -> None:
     assert settings.upstream.url == "http://127.0.0.1:8000/v1"
     assert settings.upstream.api_key == ""
     assert settings.upstream.model == ""
-    assert settings.upstream.connect_timeout == 5.0
-    assert settings.upstream.read_timeout == 600.0
+    assert settings.upstream.timeouts.connect == 5.0
+    assert settings.upstream.timeouts.read == 600.0
     assert settings.upstream.pool_size == 0
     assert settings.upstream.trust_env is False
     assert settings.upstream.dialect == DIALECTS["generic"]
@@ -78,8 +103,8 @@ def test_toml_file_named_by_gateway_config_is_loaded(tmp_path: Path) -> None:
     upstream = settings.upstream
     assert upstream.url == "https://llm.internal:8443/v1"
     assert upstream.model == "qwen3-32b"
-    assert (upstream.connect_timeout, upstream.read_timeout) == (2.0, 30.5)
-    assert isinstance(upstream.connect_timeout, float)
+    assert (upstream.timeouts.connect, upstream.timeouts.read) == (2.0, 30.5)
+    assert isinstance(upstream.timeouts.connect, float)
     assert (upstream.pool_size, upstream.trust_env) == (8, True)
     assert upstream.dialect == replace(DIALECTS["vllm"], top_k=False, max_stop_sequences=2)
     assert settings.models == {"claude-sonnet-4-5": "qwen3-32b-awq"}
@@ -94,8 +119,8 @@ ENV_OVERRIDES = [
         "http://other:9000/v1",
     ),
     ("GATEWAY_UPSTREAM_API_KEY", SECRET, lambda s: s.upstream.api_key, SECRET),
-    ("GATEWAY_CONNECT_TIMEOUT", "0.5", lambda s: s.upstream.connect_timeout, 0.5),
-    ("GATEWAY_READ_TIMEOUT", "120", lambda s: s.upstream.read_timeout, 120.0),
+    ("GATEWAY_CONNECT_TIMEOUT", "0.5", lambda s: s.upstream.timeouts.connect, 0.5),
+    ("GATEWAY_READ_TIMEOUT", "120", lambda s: s.upstream.timeouts.read, 120.0),
     ("GATEWAY_MAX_BODY_BYTES", "1048576", lambda s: s.max_body_bytes, 1048576),
     ("GATEWAY_LOG_LEVEL", "WARNING", lambda s: s.log_level, "warning"),
     ("GATEWAY_UPSTREAM_DIALECT", "openai", lambda s: s.upstream.dialect.name, "openai"),
@@ -392,3 +417,185 @@ def test_dialect_of_the_wrong_type_is_a_config_error() -> None:
 def test_nan_timeout_is_a_config_error(var: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key}"):
         load_settings({var: "nan"})
+
+
+# --- whole numbers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[routing]\nretries = inf\n", "routing.retries:"),
+        ("[routing]\nretries = -inf\n", "routing.retries:"),
+        ("[routing]\nretries = nan\n", "routing.retries:"),
+        ("max_body_bytes = inf\n", "max_body_bytes:"),
+        ("[upstream]\npool_size = inf\n", "upstream.pool_size:"),
+        ("[upstream.quirks]\nmax_tokens_cap = inf\n", "upstream.quirks.max_tokens_cap:"),
+        ("[threads]\nmax_bytes = 1e400\n", "threads.max_bytes:"),
+    ],
+    ids=["inf", "minus_inf", "nan", "max_body_inf", "pool_inf", "quirk_inf", "huge"],
+)
+def test_inf_or_nan_in_a_whole_number_setting_is_a_config_error(
+    tmp_path: Path, text: str, key: str
+) -> None:
+    """Not an OverflowError with a traceback: the one line that names the key."""
+    with pytest.raises(ConfigError, match=f"^{key} must be a whole number"):
+        load_settings(write_config(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"routing": {"retries": 2.7}}, "routing.retries:"),
+        ({"routing": {"breaker_failures": 0.5}}, "routing.breaker_failures:"),
+        ({"max_body_bytes": 4096.5}, "max_body_bytes:"),
+        ({"upstream": {"max_concurrency": 1.25}}, "upstream.max_concurrency:"),
+        ({"upstream": {"quirks": {"context_window": 8192.5}}}, "upstream.quirks.context_window:"),
+        ({"routing": {"retries": "2.7"}}, "routing.retries:"),
+        ({"routing": {"retries": [2]}}, "routing.retries:"),
+    ],
+    ids=["retries", "breaker", "max_body", "concurrency", "quirk", "text", "list"],
+)
+def test_a_fraction_in_a_whole_number_setting_is_a_config_error(raw: dict, key: str) -> None:
+    """``retries = 2.7`` was silently 2."""
+    assert config_error(raw).startswith(f"{key} must be a whole number")
+
+
+def test_whole_numbers_may_be_written_as_integral_floats_or_text() -> None:
+    """TOML's ``2.0`` is exactly 2, and environment variables are text."""
+    settings = build_settings(
+        {"routing": {"retries": 3.0}, "upstream": {"quirks": {"max_tokens_cap": 8192.0}}}, {}
+    )
+    assert settings.routing.retries == 3 and type(settings.routing.retries) is int
+    assert settings.upstream.dialect.max_tokens_cap == 8192
+    assert load_settings({"GATEWAY_RETRIES": "4"}).routing.retries == 4
+    assert load_settings({"GATEWAY_MAX_BODY_BYTES": " 2048 "}).max_body_bytes == 2048
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"upstream": {"read_timeout": float("inf")}}, "upstream.read_timeout:"),
+        ({"ping_interval": float("nan")}, "ping_interval:"),
+        ({"routing": {"backoff": float("-inf")}}, "routing.backoff:"),
+    ],
+    ids=["timeout", "ping", "backoff"],
+)
+def test_inf_or_nan_in_a_number_setting_is_a_config_error(raw: dict, key: str) -> None:
+    assert config_error(raw).startswith(key)
+
+
+# --- URLs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://h:abc/v1", "the port must be a number from 1 to 65535"),
+        ("http://h:99999/v1", "the port must be a number from 1 to 65535"),
+        ("http://h:0/v1", "the port must be a number from 1 to 65535"),
+        ("http://h:-1/v1", "the port must be a number from 1 to 65535"),
+        ("http:///v1", "no valid host"),
+        ("http://:8000/v1", "no valid host"),
+        ("http://gpu box:8000/v1", "no valid host"),
+        ("http://[::1/v1", "not a URL"),
+        ("http:/h/v1", "must start with http:// or https://"),
+    ],
+    ids=["port_word", "port_high", "port_zero", "port_negative", "no_host", "port_only",
+         "space", "open_bracket", "one_slash"],
+)  # fmt: skip
+def test_a_backend_url_that_cannot_be_used_is_a_config_error(url: str, problem: str) -> None:
+    """Such a URL passed validation and then stopped every worker at boot."""
+    assert config_error({"upstream": {"url": url}}).startswith(f"upstream.url: {problem}")
+    message = config_error({"backends": [{"name": "b", "url": url}]})
+    assert message.startswith(f"backends.0.url: {problem}")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://[::1]:8000/v1", "https://llm.internal/v1", "http://127.0.0.1:65535"],
+    ids=["ipv6", "no_port", "top_port"],
+)
+def test_usable_backend_urls_are_accepted(url: str) -> None:
+    assert build_settings({"upstream": {"url": url}}, {}).upstream.url == url
+
+
+@pytest.mark.parametrize(
+    "proxy", ["http://proxy:abc", "http://proxy:70000", "socks5://proxy:1080", "http://"]
+)
+def test_a_proxy_url_that_cannot_be_used_is_a_config_error(proxy: str) -> None:
+    assert config_error({"upstream": {"proxy": proxy}}).startswith("upstream.proxy:")
+
+
+def test_a_bad_proxy_url_error_does_not_show_its_password() -> None:
+    message = config_error({"upstream": {"proxy": f"http://user:{SECRET}@proxy:abc"}})
+    assert message.startswith("upstream.proxy: the port must be")
+    assert SECRET not in message and "***@proxy:abc" in message
+
+
+def test_a_redis_url_with_a_bad_port_is_a_config_error() -> None:
+    message = config_error({"state": {"redis_url": "redis://127.0.0.1:x/0"}})
+    assert message.startswith("state.redis_url: the port must be")
+    ok = build_settings({"state": {"redis_url": "unix:///run/redis.sock"}}, {})
+    assert ok.state.engine == "redis"
+
+
+# --- the schema ------------------------------------------------------------------------------
+
+
+def test_environment_variable_names_and_their_keys_stay_as_operators_know_them() -> None:
+    """Derived from the schema now; deployed env files name these."""
+    assert DERIVED_OVERRIDES == {
+        "GATEWAY_UPSTREAM_URL": ("upstream", "url"),
+        "GATEWAY_UPSTREAM_API_KEY": ("upstream", "api_key"),
+        "GATEWAY_UPSTREAM_MODEL": ("upstream", "model"),
+        "GATEWAY_UPSTREAM_DIALECT": ("upstream", "dialect"),
+        "GATEWAY_CONNECT_TIMEOUT": ("upstream", "connect_timeout"),
+        "GATEWAY_READ_TIMEOUT": ("upstream", "read_timeout"),
+        "GATEWAY_MAX_BODY_BYTES": ("", "max_body_bytes"),
+        "GATEWAY_LOG_LEVEL": ("", "log_level"),
+        "GATEWAY_ADMIN_TOKEN": ("admin", "token"),
+        "GATEWAY_RETRIES": ("routing", "retries"),
+        "GATEWAY_PING_INTERVAL": ("", "ping_interval"),
+        "GATEWAY_BODY_TIMEOUT": ("", "body_timeout"),
+        "GATEWAY_STATE_DIR": ("state", "directory"),
+        "GATEWAY_REDIS_URL": ("state", "redis_url"),
+        "GATEWAY_STATE_ON_FAILURE": ("state", "on_failure"),
+        "GATEWAY_BILLING_HEADER": ("translate", "billing_header"),
+    }
+    assert API_KEYS_ENV == "GATEWAY_API_KEYS"
+    assert set(TABLES) == {
+        "upstream", "models", "routing", "admin", "auth", "limits", "state", "threads",
+        "translate",
+    }  # fmt: skip
+    assert set(LISTS) == {"backends", "routes"}
+    assert LIMIT_FIELDS == tuple(f.name for f in fields(Limits))
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [Upstream, Routing, Limits, StateSettings, ThreadSettings, TranslateSettings, Timeouts],
+    ids=lambda cls: cls.__name__,
+)
+def test_an_empty_table_reads_as_the_schemas_defaults(schema: type) -> None:
+    """The loader takes every default from the declaration: none is written a second time."""
+    assert read(schema, Table({}, "t", {})) == schema()
+
+
+def test_choices_come_from_the_literal_types() -> None:
+    assert PROTOCOLS == ("openai", "anthropic")
+    assert STRATEGIES == ("failover", "weighted", "least_busy")
+    assert ENGINES == ("sqlite", "redis")
+    assert LOG_LEVELS == ("debug", "info", "warning", "error")
+    assert BILLING_HEADER_MODES == MODES == ("normalize", "drop", "keep")
+    message = config_error({"routes": [{"match": "*", "backend": "default", "strategy": "x"}]})
+    assert message == ("routes.0.strategy: must be one of failover, weighted, least_busy (got 'x')")
+
+
+def test_the_four_timeouts_are_one_value() -> None:
+    timeouts = build_settings(
+        {"upstream": {"read_timeout": 60, "idle_timeout": 5, "total_timeout": 30}}, {}
+    ).upstream.timeouts
+    assert timeouts == Timeouts(connect=5.0, read=60.0, idle=5.0, total=30.0)
+    assert (timeouts.first_byte, timeouts.between_chunks) == (30.0, 5.0)
+    assert (Timeouts().first_byte, Timeouts().between_chunks) == (600.0, 600.0)

@@ -142,7 +142,7 @@ def test_runtime_directory_holds_the_worker_heartbeats():
 
 def test_state_directory_survives_restarts_and_is_the_gateways_default():
     # systemd makes /var/lib/anthropic-gateway for the service user and passes it as
-    # STATE_DIRECTORY, which app/config.py takes as the default state.directory.
+    # STATE_DIRECTORY, which app/config/loader.py takes as the default state.directory.
     assert one("StateDirectory") == "anthropic-gateway"
     assert one("StateDirectoryMode") == "0750"
     settings = build_settings({}, {"STATE_DIRECTORY": "/var/lib/anthropic-gateway"})

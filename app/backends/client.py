@@ -59,7 +59,7 @@ class BackendClient:
         self.stream_usage = config.dialect.stream_usage
         self.echoes_request_ids = False  # learnt from the answers: see _check_echo
         self.first_byte_timeout = _first_byte_timeout(config)
-        self.idle_timeout = config.idle_timeout or config.read_timeout
+        self.idle_timeout = config.timeouts.between_chunks
         # No compression asked for: on a stream a decompressor holds bytes back, and a JSON
         # answer is small and on loopback or a LAN. (One sent anyway is decoded, bounded.)
         base = {
@@ -183,7 +183,7 @@ class BackendClient:
 
     def _call(self, url: str, body: dict[str, Any], request_id: str) -> Any:
         template = self.transport.prepare(url, self.headers)
-        read_timeout = min(self.config.read_timeout, 30.0)
+        read_timeout = min(self.config.timeouts.read, 30.0)
         response = self._send(template, body, request_id, read_timeout=read_timeout)
         return self.read_json(response, limit=16 << 20)
 
@@ -408,9 +408,7 @@ class _StreamOptionsRejected(Exception):
 
 
 def _first_byte_timeout(config: Upstream) -> float:
-    if config.total_timeout:
-        return min(config.read_timeout, config.total_timeout)
-    return config.read_timeout
+    return config.timeouts.first_byte
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

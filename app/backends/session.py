@@ -116,7 +116,7 @@ class Transport:
                 (config.client_cert, config.client_key) if config.client_key else config.client_cert
             )
         self.proxies = proxies_for(config)
-        self.connect_timeout = config.connect_timeout
+        self.connect_timeout = config.timeouts.connect
         self.timeouts: dict[float, Timeout] = {}
 
     def prepare(self, url: str, headers: Mapping[str, str], method: str = "POST") -> Template:

@@ -2,7 +2,7 @@
 
 Clients send their key as ``x-api-key`` (the Anthropic SDKs) or ``Authorization: Bearer``
 (Claude Code with ``ANTHROPIC_AUTH_TOKEN``). The configuration holds only digests
-(``[[auth.keys]]`` in app/config.py), so the gateway never keeps a key it could leak; the key
+(``[[auth.keys]]`` in app/config/), so the gateway never keeps a key it could leak; the key
 a client presents is hashed once per request and the digest looked up in a dict: one SHA-256
 of a short string and one dict lookup, however many keys there are.
 

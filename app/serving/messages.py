@@ -220,7 +220,7 @@ def _answer_options(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
 
 def _deadline(attempt: Attempt, state: RequestState) -> float | None:
     """When the backend's answer must be over (monotonic), counted from the request's start."""
-    total = attempt.client.config.total_timeout
+    total = attempt.client.config.timeouts.total
     return state.started + total if total else None
 
 

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Literal, get_args
 
-MODES = ("normalize", "drop", "keep")
+Mode = Literal["normalize", "drop", "keep"]
+MODES: tuple[Mode, ...] = get_args(Mode)
 MARKER = "x-anthropic-billing-header:"
 
 # The line: the marker at the start of a line, then ``key=value;`` pairs. Claude Code gives it

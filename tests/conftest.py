@@ -17,6 +17,7 @@ from typing import Any
 import anthropic
 import pytest
 from fakebackend import FakeBackend
+from hypothesis import HealthCheck, settings
 from werkzeug.serving import make_server
 
 from app import create_app
@@ -24,6 +25,11 @@ from app.config import build_settings
 
 # Nothing a test starts writes state into the checkout (./state is the gateway's default).
 os.environ.setdefault("GATEWAY_STATE_DIR", tempfile.mkdtemp(prefix="gateway-test-state-"))
+
+# The properties are about answers, not speed: on a busy machine an example may take longer
+# than Hypothesis's 200 ms deadline, or its data longer to generate than its health check likes.
+settings.register_profile("gateway", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("gateway")
 
 
 class GatewayServer:

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import requests
-from servers import ROOT, Gunicorn, free_port
+from servers import ROOT, Gunicorn, free_port, stop_process
+from waiting import wait_until_ready
 
 from app.config import API_KEYS_ENV, ENV_OVERRIDES
 
@@ -79,31 +79,20 @@ class LlamaServer:
         if template:
             command += ["--chat-template-file", str(directory / TEMPLATES[template])]
         command += list(extra)
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         try:
-            self._wait_ready()
+            wait_until_ready(  # 503 while the model loads
+                lambda: requests.get(self.url + "/health", timeout=5).status_code == 200,
+                "llama-server",
+                process=self.process,
+                log=log_path,
+            )
         except BaseException:
             self.stop()
             raise
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"llama-server exited with {self.process.returncode}: "
-                    + self.log_path.read_text(errors="replace")[-2000:]
-                )
-            try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    return  # 503 while the model loads
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(
-            "llama-server did not become ready: " + self.log_path.read_text()[-2000:]
-        )
 
     # --- what llama.cpp itself says ---------------------------------------------------------
 
@@ -144,14 +133,7 @@ class LlamaServer:
         raise KeyError(name)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        stop_process(self.process)
 
 
 ADMIN_TOKEN = "llama-tier-admin"

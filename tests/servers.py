@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import requests
+from waiting import wait_until_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 GUNICORN = Path(sys.executable).with_name("gunicorn")
@@ -36,27 +37,25 @@ class Gunicorn:
             "GATEWAY_STATE_DIR": str(log_path.with_suffix(".state")),
             **env,
         }
-        self.log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
-            cwd=ROOT,
-            env=full_env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self._wait_ready()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError(f"gunicorn did not become ready: {self.log_path.read_text()}")
+        with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [str(GUNICORN), "-c", "gunicorn.conf.py", "wsgi:app"],
+                cwd=ROOT,
+                env=full_env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a group of its own: stop() takes the workers with it
+            )
+        try:
+            wait_until_ready(
+                lambda: requests.get(self.url + "/healthz", timeout=5).status_code == 200,
+                "gunicorn",
+                process=self.process,
+                log=log_path,
+            )
+        except BaseException:
+            self.stop()
+            raise
 
     def access_lines(self) -> list[dict]:
         lines = []
@@ -66,14 +65,26 @@ class Gunicorn:
         return lines
 
     def stop(self) -> None:
-        self.process.terminate()
+        stop_process(self.process, grace=15)
+
+
+def stop_process(
+    process: subprocess.Popen[bytes], grace: float = 10, signum: int = signal.SIGTERM
+) -> None:
+    """Stop a server started with ``start_new_session=True``: ``signum`` (its graceful stop) to
+    it, ``grace`` seconds, then SIGKILL to its whole process group, so that no worker of a
+    gunicorn or nginx outlives the test, even when the master died first. Safe to call twice."""
+    if process.poll() is None:
+        process.send_signal(signum)
         try:
-            self.process.wait(timeout=15)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            self.log.close()
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing is left of it
+    process.wait()
 
 
 def make_certificate(directory: Path) -> tuple[Path, Path]:
@@ -146,25 +157,25 @@ class RedisServer:
         self.start()
 
     def start(self) -> None:
-        self.process = subprocess.Popen(
-            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("redis-server did not start")
+        log_path = self.directory / "redis-server.log"
+        with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            wait_until_ready(self._pong, "redis-server", process=self.process, log=log_path)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _pong(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
 

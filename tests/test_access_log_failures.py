@@ -4,13 +4,13 @@ attempts, as real gunicorn writes it."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 import requests
 from fakebackend import FakeBackend, JSONReply, error_body
 from servers import Gunicorn
+from waiting import eventually
 
 BODY = {
     "model": "claude-haiku-4-5",
@@ -21,13 +21,10 @@ BODY = {
 
 def access_line(server: Gunicorn, request_id: str) -> dict:
     """The request's access line, once written (after the answer went out)."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for entry in server.access_lines():
-            if entry["request_id"] == request_id:
-                return entry
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {request_id}")
+    return eventually(
+        lambda: next((e for e in server.access_lines() if e["request_id"] == request_id), None),
+        f"no access line for {request_id}",
+    )
 
 
 def post(server: Gunicorn, stream: bool) -> requests.Response:

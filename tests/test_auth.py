@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 import requests
 from fakebackend import FakeBackend, StreamReply, chunks
 from servers import ROOT, Gunicorn
+from waiting import eventually
 
 from app.config import ClientKey, ConfigError, Limits, build_settings, load_settings
 from app.policy import auth
@@ -288,13 +288,10 @@ def sdk(server: Gunicorn, **kwargs: Any) -> anthropic.Anthropic:
 
 
 def access_line(server: Gunicorn, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        for line in server.access_lines():
-            if line["request_id"] == request_id:
-                return line
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {request_id}")
+    return eventually(
+        lambda: next((e for e in server.access_lines() if e["request_id"] == request_id), None),
+        f"no access line for {request_id}",
+    )
 
 
 def test_wrong_key_is_an_authentication_error(server, module_backend):

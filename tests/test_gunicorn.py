@@ -17,6 +17,7 @@ import pytest
 import requests
 from fakebackend import FakeBackend, JSONReply, StreamReply, chunk, chunks, error_body
 from servers import GUNICORN, ROOT, Gunicorn, free_port
+from waiting import eventually
 
 BODY = {
     "model": "claude-haiku-4-5",
@@ -94,13 +95,10 @@ def test_access_log_line_carries_the_request_id(server, sdk, module_backend):
     for _ in response.parse():
         pass
     request_id = response.headers["request-id"]
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        matching = [e for e in server.access_lines() if e["request_id"] == request_id]
-        if matching:
-            break
-        time.sleep(0.05)
-    assert matching, "no access log line for the request"
+    matching = eventually(
+        lambda: [e for e in server.access_lines() if e["request_id"] == request_id],
+        "no access log line for the request",
+    )
     entry = matching[0]
     assert entry["status"] == 200 and entry["stream"] is True
     assert entry["stop_reason"] == "end_turn" and entry["client_disconnected"] is False
@@ -257,13 +255,8 @@ def _backend_model(server: Gunicorn, backend: FakeBackend) -> str:
     return backend.requests[-1].json["model"]
 
 
-def _eventually(check, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
+def _eventually(check, timeout: float = 30.0) -> bool:
+    return bool(eventually(check, "the condition", timeout))
 
 
 def test_shutdown_ends_a_long_stream_with_an_error_event_not_a_cut(module_backend, tmp_path):

@@ -17,6 +17,7 @@ import pytest
 import requests
 from fakebackend import FakeBackend
 from servers import ROOT, Gunicorn
+from waiting import eventually
 
 from app.config import load_settings
 
@@ -130,12 +131,10 @@ def status(gateway: Gunicorn, key: str) -> int:
 def reload(gateway: Gunicorn, key: str, expected: int) -> None:
     """HUP the master, then wait until every worker answers ``key`` with ``expected``."""
     gateway.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        if all(status(gateway, key) == expected for _ in range(6)):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"after HUP the key still does not answer {expected}")
+    eventually(
+        lambda: all(status(gateway, key) == expected for _ in range(6)),
+        f"after HUP the key still does not answer {expected}",
+    )
 
 
 def test_a_key_created_then_revoked_takes_effect_on_hup(setup, gateway) -> None:

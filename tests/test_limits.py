@@ -22,6 +22,7 @@ import pytest
 import requests
 from fakebackend import FakeBackend, JSONReply, StreamReply, chunks, completion, error_body
 from servers import Gunicorn
+from waiting import eventually
 
 from app.config import ClientKey, Limits
 from app.policy.limits import KeyPolicy, budgets, rate_headers, settlement
@@ -232,25 +233,24 @@ def admin(server: Gunicorn, path: str) -> Any:
 def usage_of(server: Gunicorn, key: str, requests: int | None = None) -> dict[str, int]:
     """The key's usage totals, once they count ``requests`` requests if given (a stream
     settles when it closes, a moment after its client has read it)."""
-    deadline = time.monotonic() + 5
-    while True:
-        total = admin(server, f"/admin/usage?key={key}&by=key")["total"]
-        if requests is None or total["requests"] == requests or time.monotonic() > deadline:
-            return total
-        time.sleep(0.05)
+
+    def total() -> dict[str, int]:
+        return admin(server, f"/admin/usage?key={key}&by=key")["total"]
+
+    if requests is None:
+        return total()
+    return eventually(
+        lambda: (now := total())["requests"] == requests and now,
+        f"usage of {key} counting {requests} requests",
+    )
 
 
 def in_flight(server: Gunicorn, key: str) -> int:
     return admin(server, "/status")["keys"][key]["in_flight"]
 
 
-def wait_for(check, timeout: float = 5.0) -> Any:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
+def wait_for(check, timeout: float = 30.0) -> Any:  # type: ignore[no-untyped-def]
+    return eventually(check, "the condition", timeout)
 
 
 def rejections(server: Gunicorn, reason: str, key: str) -> float:

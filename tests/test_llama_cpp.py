@@ -30,6 +30,7 @@ import pytest
 import requests
 from llama import ADMIN_TOKEN, BUILD_HINT, LlamaServer, llama_dir, start_gateway
 from servers import Gunicorn
+from waiting import eventually
 
 pytestmark = pytest.mark.llama_cpp
 
@@ -385,15 +386,15 @@ def test_a_stream_refused_before_it_starts_is_logged_as_a_stream_with_its_backen
 
 
 def access_line(server: Gunicorn, request_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    def written() -> dict[str, Any] | None:
         for raw in server.log_path.read_text(errors="replace").split("\n"):
             if request_id in raw and raw.startswith("{"):
                 entry = json.loads(raw)
                 if entry.get("request_id") == request_id and "status" in entry:
                     return entry
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {request_id}")
+        return None
+
+    return eventually(written, f"no access line for {request_id}")
 
 
 # --- the model list --------------------------------------------------------------------------

@@ -30,7 +30,8 @@ import anthropic
 import pytest
 import requests
 from fakebackend import FakeBackend, StreamReply, chunks
-from servers import ROOT, Gunicorn, free_port, make_certificate
+from servers import ROOT, Gunicorn, free_port, make_certificate, stop_process
+from waiting import eventually, wait_until_ready
 
 SITE = ROOT / "deploy" / "nginx" / "anthropic-gateway.conf"
 BODY = {
@@ -165,44 +166,32 @@ class Nginx:
     def __init__(self, binary: str, config: NginxConfig) -> None:
         self.config = config
         self.url = f"https://127.0.0.1:{config.https_port}"
-        self.log = open(config.prefix / "stderr.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            [binary, "-p", str(config.prefix), "-c", str(config.conf)],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self._wait_ready()
+        log_path = config.prefix / "stderr.log"
+        with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [binary, "-p", str(config.prefix), "-c", str(config.conf)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a group of its own: stop() takes the workers with it
+            )
+        try:
+            wait_until_ready(
+                self._listening, "nginx", process=self.process, log=config.prefix / "error.log"
+            )
+        except BaseException:
+            self.stop()
+            raise
 
-    def _error_log(self) -> str:
-        return (self.config.prefix / "error.log").read_text(errors="replace")
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"nginx exited: {self._error_log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.config.https_port), timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"nginx did not start listening: {self._error_log()}")
+    def _listening(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.config.https_port), timeout=5):
+            return True
 
     def access_lines(self) -> list[dict]:
         text = self.config.access_log.read_text()
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGQUIT)  # graceful: the master waits for workers
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        stop_process(self.process, signum=signal.SIGQUIT)  # graceful: the master waits for workers
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,13 +263,7 @@ def https(nginx: Nginx) -> Iterator[HTTPS]:
 
 def wait_for(find: Callable[[], dict | None], what: str) -> dict:
     """Access lines are written when a response ends, a moment after the client saw it."""
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        found = find()
-        if found is not None:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"no {what}")
+    return eventually(find, f"no {what}")
 
 
 # --------------------------------------------------------------------------------------------

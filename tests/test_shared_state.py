@@ -7,9 +7,9 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 import requests
 from fakebackend import FakeBackend, StreamReply, chunks
 from servers import Gunicorn, RedisServer, redis_available
+from waiting import eventually
 
 ADMIN = "admin-token-shared-0123"
 BODY = {
@@ -71,11 +72,12 @@ def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
 def hosts(module_backend, redis_server, tmp_path_factory) -> Iterator[tuple[Gunicorn, Gunicorn]]:
     """Two gateways, as on two hosts behind one load balancer: nothing shared but Redis."""
     base = tmp_path_factory.mktemp("hosts")
-    first = start(module_backend, base / "a", redis_server.url)
-    second = start(module_backend, base / "b", redis_server.url)
-    yield first, second
-    first.stop()
-    second.stop()
+    with ExitStack() as started:  # the first is stopped too if the second fails to start
+        first = start(module_backend, base / "a", redis_server.url)
+        started.callback(first.stop)
+        second = start(module_backend, base / "b", redis_server.url)
+        started.callback(second.stop)
+        yield first, second
 
 
 def post(gateway: Gunicorn, name: str, **extra: Any) -> requests.Response:
@@ -135,9 +137,7 @@ def test_a_stream_on_one_host_holds_the_keys_only_slot_on_the_other(hosts, modul
         response.read()
     finally:
         conn.close()
-    deadline = time.monotonic() + 5
-    while admin(second, "/status")["keys"]["solo"]["in_flight"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: not admin(second, "/status")["keys"]["solo"]["in_flight"], "slot freed")
     assert post(second, "solo").status_code == 200
 
 
@@ -159,13 +159,8 @@ def test_a_thread_created_on_one_host_is_continued_on_the_other(hosts, module_ba
 # --- Redis goes away and comes back ----------------------------------------------------------
 
 
-def wait_until(check, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
+def wait_until(check, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
+    return bool(eventually(check, "the condition", timeout))
 
 
 @pytest.fixture

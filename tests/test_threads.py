@@ -5,7 +5,6 @@ real gunicorn with four workers, streamed and not, including a thread the gatewa
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import requests
 from fakebackend import FakeBackend, JSONReply, StreamReply, chunks, completion
 from servers import Gunicorn
 from test_agentic import tool_call_chunks
+from waiting import eventually
 
 from app.config import ThreadSettings
 from app.errors import GatewayError
@@ -335,12 +335,11 @@ def run_tools(server: Gunicorn, stream: bool, tools: list[Any] | None = None) ->
 def thread_lines(server: Gunicorn, since: int, count: int) -> list[dict[str, Any]]:
     """The access lines of /v1/messages after the first ``since``, once there are ``count``
     (a line is written once its answer has gone)."""
-    deadline = time.monotonic() + 5
-    while True:
-        lines = [x for x in server.access_lines()[since:] if x.get("path") == "/v1/messages"]
-        if len(lines) >= count or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.05)
+
+    def lines() -> list[dict[str, Any]]:
+        return [x for x in server.access_lines()[since:] if x.get("path") == "/v1/messages"]
+
+    return eventually(lambda: len(now := lines()) >= count and now, f"{count} access lines")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])

@@ -7,7 +7,7 @@ import base64
 import anthropic
 import pytest
 import requests
-from fakebackend import JSONReply, StreamReply, chunk, chunks, completion
+from fakebackend import JSONReply, StreamReply, chunk, chunks, completion, tool_call_chunks
 
 WEATHER_TOOL = {
     "name": "get_weather",
@@ -29,23 +29,6 @@ PNG = base64.b64encode(b"\x89PNG\r\n\x1a\nfake").decode()
 
 def image(media_type: str = "image/png") -> dict:
     return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": PNG}}
-
-
-def tool_call_chunks(calls: list[tuple[str | None, str, list[str]]], text: str = "") -> list[dict]:
-    """OpenAI-style fragments: id and name first, then argument pieces, one call after another."""
-    events = [chunk({"role": "assistant", "content": ""})]
-    if text:
-        events.append(chunk({"content": text}))
-    for index, (call_id, name, pieces) in enumerate(calls):
-        first = {"index": index, "type": "function", "function": {"name": name, "arguments": ""}}
-        if call_id:
-            first["id"] = call_id
-        events.append(chunk({"tool_calls": [first]}))
-        for piece in pieces:
-            fragment = {"index": index, "function": {"arguments": piece}}
-            events.append(chunk({"tool_calls": [fragment]}))
-    events.append(chunk({}, "tool_calls"))
-    return events
 
 
 def test_tool_use_loop_non_streaming(client, backend):

@@ -1,7 +1,7 @@
 """What every backend's answer becomes through the gateway, as Anthropic's API would give it:
 stop sequences matched by the gateway, a repeated prefill removed, one tool call when parallel
 calls are disabled, the prompt's size in ``message_start``. The official SDK against the fake
-backend; tests/test_llama_cpp.py checks the same against a real llama.cpp server."""
+backend; tests/system/test_llama_cpp.py checks the same against a real llama.cpp server."""
 
 from __future__ import annotations
 

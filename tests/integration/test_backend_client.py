@@ -15,10 +15,10 @@ import ssl
 import threading
 import time
 import tracemalloc
-import zlib
 from collections.abc import Callable
 
 import pytest
+from fakebackend import gzip_bomb
 from proxyserver import ForwardProxy
 from servers import ThrowawayCA
 
@@ -359,14 +359,6 @@ def test_gzip_body_is_decompressed(server):
     answer = answer_with(packed, headers="Content-Encoding: gzip\r\n")
     srv = server(serving(lambda n: answer))
     assert complete(client_for(srv)) == {"big": "answer"}
-
-
-def gzip_bomb(size: int) -> bytes:
-    """``size`` zero bytes, gzipped: about a thousandth of that on the wire."""
-    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
-    block = bytes(1 << 20)
-    parts = [packer.compress(block) for _ in range(size >> 20)]
-    return b"".join(parts) + packer.flush()
 
 
 def test_a_gzip_bomb_stops_at_the_body_cap_without_inflating_in_memory(server):

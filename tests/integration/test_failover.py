@@ -10,7 +10,6 @@ from typing import Any
 import anthropic
 import pytest
 import requests
-from conftest import GatewayServer
 from fakebackend import (
     FakeBackend,
     HangReply,
@@ -21,6 +20,7 @@ from fakebackend import (
     completion,
     error_body,
 )
+from inprocess import GatewayServer
 
 HI = [{"role": "user", "content": "hi"}]
 

@@ -497,7 +497,7 @@ def test_total_timeout_ends_a_long_stream_with_timeout_error(make_gateway, backe
 def test_trust_env_sends_backend_calls_through_the_environment_proxy(backend, monkeypatch):
     """With trust_env the environment's http_proxy is used, as curl would (the fake backend
     plays the proxy: it records the absolute URL a proxy is sent)."""
-    from conftest import GatewayServer
+    from inprocess import GatewayServer
 
     monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{backend.port}")
     monkeypatch.delenv("no_proxy", raising=False)

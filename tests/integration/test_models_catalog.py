@@ -10,8 +10,8 @@ from typing import Any
 import anthropic
 import pytest
 import requests
-from conftest import GatewayServer
 from fakebackend import FakeBackend, JSONReply, Recorded, error_body
+from inprocess import GatewayServer
 from servers import Gunicorn
 
 from app.config import build_settings

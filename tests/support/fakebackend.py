@@ -25,6 +25,7 @@ import socketserver
 import ssl
 import sys
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ __all__ = [
     "chunks",
     "completion",
     "error_body",
+    "gzip_bomb",
+    "tool_call_chunks",
 ]
 
 CHAT_PATH = "/v1/chat/completions"
@@ -751,6 +754,23 @@ def chunk(
     }
 
 
+def tool_call_chunks(calls: list[tuple[str | None, str, list[str]]], text: str = "") -> list[dict]:
+    """OpenAI-style fragments: id and name first, then argument pieces, one call after another."""
+    events = [chunk({"role": "assistant", "content": ""})]
+    if text:
+        events.append(chunk({"content": text}))
+    for index, (call_id, name, pieces) in enumerate(calls):
+        first = {"index": index, "type": "function", "function": {"name": name, "arguments": ""}}
+        if call_id:
+            first["id"] = call_id
+        events.append(chunk({"tool_calls": [first]}))
+        for piece in pieces:
+            fragment = {"index": index, "function": {"arguments": piece}}
+            events.append(chunk({"tool_calls": [fragment]}))
+    events.append(chunk({}, "tool_calls"))
+    return events
+
+
 def _usage_chunk(usage: dict, model: str) -> dict:
     """The include_usage chunk: no choices, only usage (B3)."""
     return {
@@ -844,3 +864,11 @@ def _llamacpp_chunks(
     finish["timings"] = _timings(usage)
     events.append(finish)
     return events
+
+
+def gzip_bomb(size: int) -> bytes:
+    """``size`` zero bytes, gzipped: about a thousandth of that on the wire."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1 << 20)
+    parts = [packer.compress(block) for _ in range(size >> 20)]
+    return b"".join(parts) + packer.flush()

@@ -14,7 +14,7 @@ from pathlib import Path
 import requests
 from waiting import wait_until_ready
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 

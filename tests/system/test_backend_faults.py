@@ -28,10 +28,10 @@ from fakebackend import (
     WireReply,
     chunks,
     error_body,
+    gzip_bomb,
 )
 from proxyserver import ForwardProxy
 from servers import Gunicorn, ThrowawayCA
-from test_backend_client import gzip_bomb
 
 ADMIN = "admin-token-for-faults"
 

@@ -19,7 +19,7 @@ import pytest
 from fakebackend import FakeBackend, StreamReply, chunk, chunks
 from servers import ROOT, Gunicorn
 
-CLAUDE = ROOT / "tests" / "e2e" / "node_modules" / ".bin" / "claude"
+CLAUDE = ROOT / "tests" / "system" / "e2e" / "node_modules" / ".bin" / "claude"
 # Everything that would make the CLI talk to anything but the gateway is switched off.
 OFFLINE_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -40,7 +40,9 @@ OFFLINE_ENV = {
 def stack(tmp_path_factory) -> Iterator[tuple[FakeBackend, Gunicorn]]:
     if not CLAUDE.exists():
         if os.environ.get("CI"):
-            pytest.fail("tests/e2e/node_modules is required in CI (scripts/test installs it)")
+            pytest.fail(
+                "tests/system/e2e/node_modules is required in CI (scripts/test installs it)"
+            )
         pytest.skip("Claude Code is not installed; run ./scripts/test")
     with FakeBackend() as backend:
         log = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"

@@ -5,7 +5,7 @@ up mid-stream or before the backend's first byte, bad input, and a backend that 
 Afterwards every backend slot, key slot, file descriptor and greenlet is back to what it was
 before, and the next client is served. CI runs it for a few seconds; a longer run by hand:
 
-    GATEWAY_SOAK_SECONDS=300 ./scripts/test tests/test_soak.py -s
+    GATEWAY_SOAK_SECONDS=300 ./scripts/test tests/system/test_soak.py -s
 """
 
 from __future__ import annotations

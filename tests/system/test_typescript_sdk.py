@@ -19,7 +19,8 @@ def run_scenario(gateway, scenario: str) -> dict:
     if node is None or not (TS_DIR / "node_modules" / "@anthropic-ai" / "sdk").is_dir():
         if os.environ.get("CI"):
             pytest.fail(
-                "node and tests/ts/node_modules are required in CI (scripts/test installs them)"
+                "node and tests/system/ts/node_modules are required in CI"
+                " (scripts/test installs them)"
             )
         pytest.skip("node or the TypeScript SDK is not installed; run ./scripts/test")
     result = subprocess.run(

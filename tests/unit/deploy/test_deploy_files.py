@@ -18,7 +18,7 @@ def model_for(settings, requested: str) -> str:
     return backend_model(resolve(settings, requested).targets[0], requested)
 
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "gateway.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "deploy" / "gateway.example.toml"
 HI = [{"role": "user", "content": "hi"}]
 
 

@@ -17,7 +17,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from app.ops import metrics
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana" / "anthropic-gateway.json"
+DASHBOARD = Path(__file__).resolve().parents[3] / "deploy" / "grafana" / "anthropic-gateway.json"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 METRIC_RE = re.compile(r"gateway_[a-z_]+")

@@ -12,9 +12,15 @@ from typing import Any
 import anthropic
 import pytest
 import requests
-from fakebackend import FakeBackend, JSONReply, StreamReply, chunks, completion
+from fakebackend import (
+    FakeBackend,
+    JSONReply,
+    StreamReply,
+    chunks,
+    completion,
+    tool_call_chunks,
+)
 from servers import Gunicorn
-from test_agentic import tool_call_chunks
 from waiting import eventually
 
 from app.config import ThreadSettings

@@ -64,7 +64,7 @@ _impure: list[str] | None = None  # what the unit test running now tried, when o
 def _refuse_impure(event: str, args: tuple[Any, ...]) -> None:
     if _impure is not None and event in IMPURE_EVENTS:
         _impure.append(f"{event}{args!r}")
-        raise RuntimeError(f"a unit test may not {event}: it belongs in tests/integration")
+        raise RuntimeError(f"a unit test may not {event}: move it to tests/integration or system")
 
 
 sys.addaudithook(_refuse_impure)  # an audit hook, not a patch: it only watches

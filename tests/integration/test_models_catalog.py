@@ -1,6 +1,7 @@
 """``GET /v1/models`` lists what is served, the backends' own names included, and
 ``GET /v1/models/{id}`` answers for every name ``POST /v1/messages`` would serve: through the
-official SDK, against the fake backend, in process and under real gunicorn."""
+official SDK, against the fake backend, in process (under real gunicorn:
+tests/system/test_models_catalog_gunicorn.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 import requests
 from fakebackend import FakeBackend, JSONReply, Recorded, error_body
 from inprocess import GatewayServer
-from servers import Gunicorn
 
 from app.config import build_settings
 from app.serving import catalog
@@ -275,28 +275,3 @@ def test_pages_cut_the_merged_list_as_the_api_does(make_gateway, backend, query,
     assert [m["id"] for m in body["data"]] == ids
     assert body["has_more"] is has_more
     assert (body["first_id"], body["last_id"]) == (ids[0], ids[-1])
-
-
-# --- under gunicorn's gevent worker -------------------------------------------------------------
-
-
-def test_gunicorn_lists_the_backend_models_with_only_an_upstream_url(tmp_path):
-    with FakeBackend() as backend:
-        lists(backend, LISTED)
-        server = Gunicorn({"GATEWAY_UPSTREAM_URL": backend.url}, tmp_path / "gunicorn.log")
-        try:
-            client = anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0)
-            with client:
-                assert ids_of(client) == ["qwen3-8b", "Qwen/Qwen3-32B"]
-                assert client.models.retrieve("Qwen/Qwen3-32B").display_name == "Qwen/Qwen3-32B"
-                assert client.models.retrieve("any-name").id == "any-name"
-                # llama.cpp names its model by its file; the SDK sends %2F for the slashes.
-                assert client.models.retrieve("/models/x.gguf").id == "/models/x.gguf"
-            # A path with "//" is an Anthropic 404, never werkzeug's HTML redirect.
-            answer = requests.post(
-                server.url + "/v1//messages", json={}, timeout=5, allow_redirects=False
-            )
-            assert answer.status_code == 404, answer.text
-            assert answer.json()["error"]["type"] == "not_found_error"
-        finally:
-            server.stop()

@@ -1,14 +1,11 @@
-"""The shipped example configuration loads, so a newcomer's first copy of it works."""
+"""The shipped example configuration loads, so a newcomer's first copy of it works (served by
+real gunicorn: tests/system/test_deploy_files_gunicorn.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from pathlib import Path
-
-import requests
-from fakebackend import FakeBackend
-from servers import Gunicorn
 
 from app.backends.routing import backend_model, resolve
 from app.config import load_settings
@@ -19,7 +16,6 @@ def model_for(settings, requested: str) -> str:
 
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "deploy" / "gateway.example.toml"
-HI = [{"role": "user", "content": "hi"}]
 
 
 def test_example_config_loads_for_a_backend_that_needs_no_key() -> None:
@@ -39,29 +35,6 @@ def test_example_backend_key_is_read_from_its_variable_once_uncommented(tmp_path
     config.write_text(text.replace(line, line.removeprefix("# ")))
     settings = load_settings({"GATEWAY_CONFIG": str(config), "BACKEND_API_KEY": "sk-test"})
     assert settings.upstream.api_key == "sk-test"
-
-
-def test_gunicorn_starts_with_the_example_config_and_serves_a_local_backend(
-    tmp_path: Path,
-) -> None:
-    """The README's first run with the example file: only a local upstream URL is set, no
-    backend key (an empty variable, whatever the test's environment holds)."""
-    env = {"GATEWAY_CONFIG": str(EXAMPLE), "BACKEND_API_KEY": ""}
-    with FakeBackend() as backend:
-        server = Gunicorn(env | {"GATEWAY_UPSTREAM_URL": backend.url}, tmp_path / "gunicorn.log")
-        try:
-            reply = requests.post(
-                server.url + "/v1/messages",
-                json={"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": HI},
-                headers={"anthropic-version": "2023-06-01"},
-                timeout=10,
-            )
-        finally:
-            server.stop()
-    assert reply.status_code == 200, reply.text
-    assert reply.json()["content"][0]["text"] == "Hello"
-    sent = backend.requests[-1].json
-    assert sent["model"] == "qwen3-32b" and "authorization" not in backend.requests[-1].headers
 
 
 def test_example_client_keys_limits_and_state_load_once_uncommented(tmp_path: Path) -> None:

@@ -1,73 +1,26 @@
-"""Static checks of the shipped deployment files (deploy/systemd, deploy/nginx), plus the
-offline tools that judge them: ``systemd-analyze verify``/``security --offline=true``,
-``gunicorn --check-config`` with the unit's own command line, and ``nginx -t``.
-
-systemd-analyze is skipped when absent; nginx follows test_nginx.py (required when CI is set).
-"""
+"""Static checks of the shipped deployment files (deploy/systemd, deploy/nginx); the offline
+tools that judge them run in tests/system/test_deploy_tools.py."""
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
-import shutil
-import subprocess
 
 import pytest
-from servers import GUNICORN, ROOT
-from test_nginx import make_prefix, nginx_check, require_nginx, write_config
+from servers import ROOT
+from systemd_unit import SERVICE, UNIT, environment, one
 
 from app.config import build_settings
 
-UNIT = ROOT / "deploy" / "systemd" / "anthropic-gateway.service"
 SITE = ROOT / "deploy" / "nginx" / "anthropic-gateway.conf"
 GUNICORN_CONF = (ROOT / "gunicorn.conf.py").read_text()
 INSTALL_DIR = "/opt/anthropic-gateway"
 RUNTIME_DIR = "/run/anthropic-gateway"
-# systemd-analyze security --offline=true scored 1.1 on systemd 252; small margin for versions
-# that weigh settings differently.
-MAX_EXPOSURE = 1.3
 
 
 # --------------------------------------------------------------------------------------------
 # systemd unit
 # --------------------------------------------------------------------------------------------
-
-
-def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
-    """{section: {key: [values in order]}}; repeated keys (Environment=...) keep every value."""
-    sections: dict[str, dict[str, list[str]]] = {}
-    current: dict[str, list[str]] | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("[") and line.endswith("]"):
-            current = sections.setdefault(line[1:-1], {})
-            continue
-        assert current is not None, f"directive outside a section: {line}"
-        assert not line.endswith("\\"), "keep directives on one line"
-        key, _, value = line.partition("=")
-        current.setdefault(key.strip(), []).append(value.strip())
-    return sections
-
-
-SERVICE = parse_unit(UNIT.read_text())["Service"]
-
-
-def one(key: str) -> str:
-    values = SERVICE.get(key)
-    assert values, f"{key}= missing from {UNIT.name}"
-    return values[-1]
-
-
-def environment() -> dict[str, str]:
-    env = {}
-    for value in SERVICE.get("Environment", []):
-        for item in shlex.split(value):
-            name, _, setting = item.partition("=")
-            env[name] = setting
-    return env
 
 
 def conf_default(name: str) -> int:
@@ -180,65 +133,6 @@ def test_hardening(key, value):
 def test_system_call_filter():
     assert SERVICE["SystemCallFilter"][0] == "@system-service"
     assert set(" ".join(SERVICE["SystemCallFilter"][1:]).split()) >= {"~@privileged"}
-
-
-@pytest.fixture(scope="module")
-def systemd_analyze() -> str:
-    binary = shutil.which("systemd-analyze")
-    if binary is None:
-        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
-    return binary
-
-
-def test_systemd_analyze_verify(systemd_analyze, tmp_path):
-    """verify also checks that ExecStart exists. The install path does not exist here, so a
-    copy of the unit points ExecStart at this checkout's gunicorn; nothing else changes."""
-    text = UNIT.read_text()
-    production = f"ExecStart={INSTALL_DIR}/.venv/bin/gunicorn "
-    assert production in text
-    copy = tmp_path / UNIT.name
-    copy.write_text(text.replace(production, f"ExecStart={GUNICORN} "))
-    result = subprocess.run(
-        [systemd_analyze, "verify", str(copy)], capture_output=True, text=True, timeout=60
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert UNIT.name not in output, output
-
-
-def test_systemd_analyze_security_score(systemd_analyze):
-    result = subprocess.run(
-        [systemd_analyze, "security", "--offline=true", "--no-pager", str(UNIT)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if "--offline" in result.stderr and "unrecognized" in result.stderr:
-        pytest.skip("systemd-analyze security --offline needs systemd >= 250")
-    match = re.search(r"Overall exposure level for \S+: ([\d.]+)", result.stdout)
-    assert match, result.stdout + result.stderr
-    assert float(match.group(1)) <= MAX_EXPOSURE, result.stdout
-
-
-def test_gunicorn_check_config_with_the_units_command_line(tmp_path):
-    """The unit's ExecStart arguments and Environment parse, with the shipped example config."""
-    argv = shlex.split(one("ExecStart"))
-    argv = [str(GUNICORN), *(str(tmp_path) if arg == RUNTIME_DIR else arg for arg in argv[1:])]
-    env = {
-        **os.environ,
-        **environment(),
-        "GATEWAY_CONFIG": str(ROOT / "deploy" / "gateway.example.toml"),
-        "BACKEND_API_KEY": "placeholder",
-    }
-    result = subprocess.run(
-        [*argv[:-1], "--check-config", argv[-1]],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,14 +312,3 @@ def test_deploy_files_name_no_address_but_loopback():
     for path in files:
         addresses = set(re.findall(r"\b\d{1,3}(?:\.\d{1,3}){3}\b", path.read_text()))
         assert addresses <= {"127.0.0.1"}, (path.name, addresses)
-
-
-def test_nginx_accepts_the_generated_test_config():
-    binary = require_nginx()
-    prefix = make_prefix()
-    try:
-        result = nginx_check(binary, write_config(prefix, gateway_port=8082))
-    finally:
-        shutil.rmtree(prefix, ignore_errors=True)
-    assert result.returncode == 0, result.stderr
-    assert "test is successful" in result.stderr

@@ -33,7 +33,7 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "support")]
 
 from llama import BUILD_HINT, LlamaServer, llama_dir, start_gateway  # noqa: E402
 from servers import Gunicorn  # noqa: E402

@@ -1,66 +1,90 @@
-"""Fixtures: a real fake backend, the gateway served over real HTTP, and SDK clients on it.
+"""The tiers, and the fixtures every tier may use: a real fake backend, the gateway served in
+process over real HTTP (tests/support/inprocess.py), and SDK clients on it.
 
-The in-process gateway runs on Werkzeug's threaded server (fast to start per test, with its own
-settings); tests that need the production server start real gunicorn with the gevent worker
-(see test_gunicorn.py). Both listen on 127.0.0.1 only.
+tests/unit is pure: no socket is connected or bound and no process started there, so it runs in
+seconds on every save. tests/integration runs the WSGI app in process against the fake backend
+on 127.0.0.1. tests/system runs the real things: gunicorn with the gevent worker, nginx, Redis,
+llama.cpp, Node.js and the Claude Code CLI. Each test is marked by its directory (``-m unit``,
+``-m "not system"``). Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import sys
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import anthropic
 import pytest
 from fakebackend import FakeBackend
-from werkzeug.serving import make_server
+from hypothesis import HealthCheck, settings
+from inprocess import GatewayServer
 
-from app import create_app
-from app.config import build_settings
+if TYPE_CHECKING:
+    import anthropic
 
 # Nothing a test starts writes state into the checkout (./state is the gateway's default).
 os.environ.setdefault("GATEWAY_STATE_DIR", tempfile.mkdtemp(prefix="gateway-test-state-"))
 
+# The properties are about answers, not speed: on a busy machine an example may take longer
+# than Hypothesis's 200 ms deadline, or its data longer to generate than its health check likes.
+settings.register_profile("gateway", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("gateway")
 
-class GatewayServer:
-    """The Flask app from the factory, on an ephemeral loopback port, in a daemon thread."""
+TIERS = ("unit", "integration", "system")
+TESTS = Path(__file__).parent
 
-    def __init__(self, raw_settings: dict[str, Any]) -> None:
-        # Its own state (limits, usage, threads), unless the test shares one.
-        self.state_dir = tempfile.mkdtemp(prefix="gateway-state-")
-        raw_settings = {**raw_settings, "state": {"directory": self.state_dir}} | (
-            {"state": raw_settings["state"]} if "state" in raw_settings else {}
-        )
-        self.settings = build_settings(raw_settings, {})
-        self.app = create_app(self.settings)
-        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
 
-    def client(self, **kwargs: Any) -> anthropic.Anthropic:
-        kwargs.setdefault("max_retries", 0)
-        return anthropic.Anthropic(base_url=self.url, api_key="test-key", **kwargs)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with its tier, the directory it is in below tests/."""
+    for item in items:
+        tier = item.path.relative_to(TESTS).parts[0]
+        if tier in TIERS:
+            item.add_marker(tier)
 
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        for client in self.app.extensions["gateway.dispatcher"].clients.values():
-            client.close()
-        ledger = self.app.extensions["gateway.ledger"]
-        ledger.usage.close()
-        ledger.store.close()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
 
-    @property
-    def store(self) -> Any:
-        return self.app.extensions["gateway.ledger"].store
+# What a unit test may not do: reach a socket (not even to resolve a name) or start a process.
+IMPURE_EVENTS = frozenset(
+    {
+        "socket.connect",
+        "socket.bind",
+        "socket.getaddrinfo",
+        "subprocess.Popen",
+        "os.system",
+        "os.posix_spawn",
+        "os.exec",
+        "os.fork",
+    }
+)
+_impure: list[str] | None = None  # what the unit test running now tried, when one is running
+
+
+def _refuse_impure(event: str, args: tuple[Any, ...]) -> None:
+    if _impure is not None and event in IMPURE_EVENTS:
+        _impure.append(f"{event}{args!r}")
+        raise RuntimeError(f"a unit test may not {event}: move it to tests/integration or system")
+
+
+sys.addaudithook(_refuse_impure)  # an audit hook, not a patch: it only watches
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_pure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Keeps tests/unit the loop that runs in seconds anywhere: a test there that opens a
+    socket or starts a process fails, even if it swallowed the error it got."""
+    global _impure
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    _impure = tried = []
+    try:
+        yield
+    finally:
+        _impure = None
+    if tried:
+        pytest.fail("a unit test touched a socket or a process: " + "; ".join(tried))
 
 
 @pytest.fixture
@@ -103,10 +127,3 @@ def gateway(make_gateway: Callable[..., GatewayServer]) -> GatewayServer:
 def client(gateway: GatewayServer) -> Iterator[anthropic.Anthropic]:
     with gateway.client() as sdk:
         yield sdk
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "llama_cpp: the real-backend tier, through a real llama-server (scripts/llama-server)",
-    )

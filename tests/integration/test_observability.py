@@ -1,0 +1,124 @@
+"""Access log fields, /metrics, /healthz and /readyz, in process (under multi-worker gunicorn:
+tests/system/test_observability_gunicorn.py; the log line itself: tests/unit/ops)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import requests
+from fakebackend import FakeBackend, StreamReply, chunks
+
+BODY = {
+    "model": "claude-haiku-4-5",
+    "max_tokens": 20,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_access_log_has_the_fields_an_operator_needs(gateway, backend, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    backend.reply(StreamReply(chunks(["a", "b"])))
+    with requests.post(
+        gateway.url + "/v1/messages",
+        json={**BODY, "stream": True},
+        headers={"x-api-key": "sk-client-secret", "X-Forwarded-For": "198.51.100.7"},
+        timeout=10,
+    ) as reply:
+        assert reply.status_code == 200
+    entry = next(r.msg for r in caplog.records if r.name == "gateway.access")
+    for key in (
+        "request_id",
+        "client",
+        "route",
+        "backend",
+        "model",
+        "backend_model",
+        "status",
+        "stop_reason",
+        "input_tokens",
+        "output_tokens",
+        "ttft_ms",
+        "duration_ms",
+        "bytes_out",
+        "client_disconnected",
+        "forwarded_for",
+    ):
+        assert key in entry, key
+    assert entry["client"].startswith("key_") and "sk-client-secret" not in json.dumps(entry)
+    assert entry["forwarded_for"] == "198.51.100.7"
+    assert entry["request_id"] == reply.headers["request-id"]
+
+
+def test_metrics_count_requests_tokens_and_errors(gateway, backend):
+    before = requests.get(gateway.url + "/metrics", timeout=10).text
+    requests.post(gateway.url + "/v1/messages", json=BODY, timeout=10)
+    backend.reply(StreamReply(chunks(["x"])))
+    requests.post(gateway.url + "/v1/messages", json={**BODY, "stream": True}, timeout=10)
+    after = requests.get(gateway.url + "/metrics", timeout=10)
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+
+    def grew(name: str, **labels: str) -> float:
+        return metric_sum(text, name, **labels) - metric_sum(before, name, **labels)
+
+    assert grew("gateway_requests_total", route="default", status="200", stream="false") == 1
+    assert grew("gateway_requests_total", route="default", status="200", stream="true") == 1
+    assert grew("gateway_tokens_total", direction="output") == 10
+    assert grew("gateway_request_duration_seconds_count", route="default") == 2
+    assert grew("gateway_time_to_first_token_seconds_count", route="default") == 1
+    assert "gateway_streams_in_flight" in text
+
+
+def test_healthz_and_readyz(make_gateway, backend):
+    gateway = make_gateway()
+    assert requests.get(gateway.url + "/healthz", timeout=10).json() == {"status": "ok"}
+    ready = requests.get(gateway.url + "/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["backends"] == {"default": True}
+
+
+def test_readyz_is_503_when_no_backend_is_reachable(make_gateway):
+    dead = FakeBackend().start()
+    url = dead.url
+    dead.stop()
+    gateway = make_gateway({"url": url})
+    ready = requests.get(gateway.url + "/readyz", timeout=10)
+    assert ready.status_code == 503
+    assert ready.json() == {"status": "unavailable", "backends": {"default": False}}
+
+
+def test_a_json_answer_is_logged_once_it_has_been_written(gateway, backend, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    client = gateway.app.test_client()
+    reply = client.post(
+        "/v1/messages", json=BODY, headers={"x-api-key": "sk-client-secret"}, buffered=False
+    )
+    assert reply.status_code == 200
+    assert not [r for r in caplog.records if r.name == "gateway.access"]  # not yet written
+    assert reply.get_data()
+    reply.close()  # what the server does once the body is out
+    entries = [r.msg for r in caplog.records if r.name == "gateway.access"]
+    assert len(entries) == 1
+    assert entries[0]["status"] == 200 and entries[0]["bytes_out"] == len(reply.get_data())
+
+
+def test_probes_and_scrapes_leave_no_access_line_and_no_request_metrics(gateway, caplog):
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    before = requests.get(gateway.url + "/metrics", timeout=10).text
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert requests.get(gateway.url + path, timeout=10).headers["request-id"]
+    after = requests.get(gateway.url + "/metrics", timeout=10).text
+    assert metric_sum(after, "gateway_requests_total") == metric_sum(
+        before, "gateway_requests_total"
+    )
+    assert not [r for r in caplog.records if r.name == "gateway.access"]

@@ -199,17 +199,21 @@ def test_stream_retried_only_before_the_first_byte(backends, gateway_for):
 def test_breaker_takes_a_failing_backend_out_and_probes_it_back(backends, gateway_for):
     flaky, steady = backends(), backends()
     flaky.default = JSONReply(error_body("down"), status=500)
-    routing = {"breaker_failures": 2, "breaker_cooldown": 0.5, "retries": 1}
+    # The cooldown is long enough for the three requests while the breaker is open to be
+    # served within it on a machine that is busy with other work.
+    cooldown = 3.0
+    routing = {"breaker_failures": 2, "breaker_cooldown": cooldown, "retries": 1}
     gateway = gateway_for({"flaky": flaky, "steady": steady}, ["flaky", "steady"], routing=routing)
     for _ in range(2):
         create(gateway)
+    opened = time.monotonic()
     assert len(flaky.requests) == 2
     for _ in range(3):
         create(gateway)  # breaker open: flaky is skipped
     assert len(flaky.requests) == 2 and len(steady.requests) == 5
 
     flaky.default = JSONReply(completion("flaky is back"))
-    time.sleep(0.6)
+    time.sleep(max(0.0, opened + cooldown + 0.1 - time.monotonic()))
     assert create(gateway).parse().content[0].text == "flaky is back"  # the probe
     assert create(gateway).parse().content[0].text == "flaky is back"  # closed again
 

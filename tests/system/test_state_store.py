@@ -32,7 +32,7 @@ from app.state.store import (
     Usage,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 REQUESTS = Bucket("requests", per=0.5, capacity=3)  # 120 a minute, three at once
 TOKENS = Bucket("output_tokens", per=60 / 6000, capacity=6000)  # 6000 a minute
@@ -237,6 +237,7 @@ def open_at_once(directory: Path, processes: int) -> list[str]:
             master.kill()
             master.wait()
             master.stdout.close()
+            master.stdin.close()
 
 
 def test_gateways_starting_together_on_one_fresh_state_directory_all_open_it(tmp_path):

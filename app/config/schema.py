@@ -82,6 +82,12 @@ class Timeouts:
         return min(self.read, self.total) if self.total else self.read
 
 
+# gunicorn's worker_connections, from GATEWAY_WORKER_CONNECTIONS (gunicorn.conf.py; not in the
+# TOML file): a worker's open streams and idle keep-alives, and its backend connections too
+# when ``pool_size`` is 0.
+WORKER_CONNECTIONS = 1000
+
+
 @dataclass(frozen=True)
 class Upstream:
     """One backend. ``[upstream]`` is the backend named "default"; ``[[backends]]`` add more."""

@@ -239,7 +239,9 @@ class Limits:
     usage once it is over.
     """
 
-    requests_per_minute: float = setting(0.0, doc="`POST /v1/messages` per key")
+    requests_per_minute: float = setting(
+        0.0, doc="`POST /v1/messages` and `count_tokens` per key, from one bucket"
+    )
     burst: int = setting(
         0, doc="requests at once", shown="`requests_per_minute` (a minute's worth)"
     )

@@ -39,7 +39,6 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 PROTOCOLS: tuple[BackendProtocol, ...] = get_args(BackendProtocol)
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 ENGINES: tuple[Engine, ...] = get_args(Engine)
-ON_FAILURE: tuple[OnFailure, ...] = get_args(OnFailure)
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 BILLING_HEADER_MODES: tuple[BillingHeader, ...] = get_args(BillingHeader)
 

@@ -13,7 +13,12 @@ import os
 import sys
 import tempfile
 
-from app.config import has_last_good, load_settings_or_last_good, validate_for_master
+from app.config import (
+    WORKER_CONNECTIONS,
+    has_last_good,
+    load_settings_or_last_good,
+    validate_for_master,
+)
 from app.state.open import prepare
 
 
@@ -38,9 +43,12 @@ if _problem and _first_start:
 if _problem:
     print(f"gateway: bad configuration, keeping the last good one: {_problem}", file=sys.stderr)
 
+# What the workers will run with: the new config, or on a bad reload the last good one.
+_settings = load_settings_or_last_good(os.environ)
+
 # A state directory the service cannot write would leave every limit open: stop at start.
 if _first_start and not _problem:
-    _state_problem = prepare(load_settings_or_last_good(os.environ).state)
+    _state_problem = prepare(_settings.state)
     if _state_problem:
         sys.exit(f"gateway: {_state_problem}")
 
@@ -59,7 +67,7 @@ workers = _env_int("GATEWAY_WORKERS", 2)
 # gunicorn's gevent worker, with the garbage collector tuned (app/serving/worker.py).
 worker_class = "app.serving.worker.GatewayWorker"
 # Open streams and idle keep-alive connections each hold one slot per worker.
-worker_connections = _env_int("GATEWAY_WORKER_CONNECTIONS", 1000)
+worker_connections = _env_int("GATEWAY_WORKER_CONNECTIONS", WORKER_CONNECTIONS)
 os.environ.setdefault("GATEWAY_WORKER_CONNECTIONS", str(worker_connections))
 # A heartbeat watchdog, not a request limit: it fires only if a worker blocks its event loop.
 timeout = 30
@@ -73,7 +81,7 @@ preload_app = False
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 accesslog = None  # the gateway writes its own JSON access line per request
 errorlog = "-"
-loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
+loglevel = _settings.log_level  # the TOML log_level or GATEWAY_LOG_LEVEL, as the app reads it
 forwarded_allow_ips = "127.0.0.1,::1"
 proc_name = "anthropic-gateway"
 # gunicorn's control socket defaults to a path in $HOME shared by every instance on the host;

@@ -58,7 +58,7 @@ class BackendClient:
         self.name = display_name(config.url)
         self.stream_usage = config.dialect.stream_usage
         self.echoes_request_ids = False  # learnt from the answers: see _check_echo
-        self.first_byte_timeout = _first_byte_timeout(config)
+        self.first_byte_timeout = config.timeouts.first_byte
         self.idle_timeout = config.timeouts.between_chunks
         # No compression asked for: on a stream a decompressor holds bytes back, and a JSON
         # answer is small and on loopback or a LAN. (One sent anyway is decoded, bounded.)
@@ -405,10 +405,6 @@ def _check_framing(response: requests.Response, name: str) -> None:
 
 class _StreamOptionsRejected(Exception):
     """The backend refused ``stream_options``: retry once without it."""
-
-
-def _first_byte_timeout(config: Upstream) -> float:
-    return config.timeouts.first_byte
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

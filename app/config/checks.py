@@ -5,6 +5,7 @@ value found, and returns what the settings hold or raises ConfigError naming the
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import re
 from dataclasses import fields, replace
@@ -19,6 +20,9 @@ from app.translate.dialect import DIALECTS, Dialect
 HTTP_SCHEMES = ("http", "https")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
+LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+PORT = re.compile(r"[0-9]{1,5}")
+ZONE = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 def backend_url(key: str, value: Any) -> str:
@@ -52,17 +56,53 @@ def _url(key: str, value: Any, schemes: tuple[str, ...], *, need_host: bool = Tr
         raise ConfigError(f"{key}: not a URL (got {_shown(value)!r})") from None
     if parts.scheme not in schemes or not value.startswith(f"{parts.scheme}://"):
         raise ConfigError(f"{key}: must start with {wanted} (got {_shown(value, parts)!r})")
-    if any(c.isspace() or not c.isprintable() for c in value) or (need_host and not parts.hostname):
+    host, port = _host_and_port(parts.netloc.rpartition("@")[2])
+    if any(c.isspace() or not c.isprintable() for c in value) or not _valid_host(host, need_host):
         raise ConfigError(f"{key}: no valid host in {_shown(value, parts)!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
+    if port is not None and not (PORT.fullmatch(port) and 1 <= int(port) <= 65535):
         raise ConfigError(
             f"{key}: the port must be a number from 1 to 65535 (got {_shown(value, parts)!r})"
         )
     return value
+
+
+def _host_and_port(authority: str) -> tuple[str | None, str | None]:
+    """The host and the port text of ``host[:port]``; a host of None when nothing but a port
+    may follow a bracketed address and something else does."""
+    if authority.startswith("["):
+        literal, bracket, rest = authority[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None, None
+        return f"[{literal}]", rest[1:] if rest else None
+    host, colon, port = authority.rpartition(":")
+    return (host, port) if colon else (authority, None)
+
+
+def _valid_host(host: str | None, need_host: bool) -> bool:
+    """A host requests and urllib3 will take, checked strictly rather than as they parse it:
+    DNS labels (``_`` allowed, as container names have it), a dotted IPv4 address, or an IPv6
+    address in brackets with an optional zone. What passes here cannot fail them at boot."""
+    if host is None:
+        return False
+    if not host:
+        return not need_host
+    if host.startswith("["):
+        address, percent, zone = host[1:-1].partition("%")
+        return _is_address(address, ipaddress.IPv6Address) and (
+            not percent or ZONE.fullmatch(zone) is not None
+        )
+    labels = host.removesuffix(".").split(".")
+    if all(label.isdigit() for label in labels):
+        return _is_address(host, ipaddress.IPv4Address)
+    return all(LABEL.fullmatch(label) for label in labels)
+
+
+def _is_address(text: str, kind: type[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _shown(value: str, parts: SplitResult | None = None) -> str:

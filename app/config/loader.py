@@ -28,12 +28,9 @@ from app.config.schema import (
     ClientKey,
     Limits,
     Route,
-    Routing,
     Settings,
     StateSettings,
     Target,
-    ThreadSettings,
-    TranslateSettings,
     Upstream,
     table_keys,
     top_level_keys,
@@ -41,15 +38,24 @@ from app.config.schema import (
 from app.config.setting import (
     NO_DEFAULT,
     ConfigError,
+    Place,
     Setting,
     Table,
     declared,
     default_of,
     default_value,
     known_keys,
+    sections,
 )
 
 D = TypeVar("D")
+# Where the route for unmatched names is named ("routing.default"), as Settings declares it.
+DEFAULT_ROUTE_KEY = next(
+    place.path
+    for field, meta in sections(Settings)
+    if field.name == "default_route"
+    for place in meta.places
+)
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -135,19 +141,30 @@ def build_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> Settings:
     backends = _backends(raw, env)
     models = _models(raw.get("models", {}), backends)
     routes = _routes(raw.get("routes", []), models, backends, env)
-    routing = _table(raw, "routing", env)
     return Settings(
         backends=backends,
         routes=routes,
-        default_route=_default_route(routing.values, routes, backends),
-        routing=read(Routing, routing),
+        default_route=_default_route(raw, routes, backends, env),
         models=models,
         keys=_keys(raw, env),
-        state=_state(_table(raw, "state", env)),
-        threads=read(ThreadSettings, _table(raw, "threads", env)),
-        translate=read(TranslateSettings, _table(raw, "translate", env)),
+        **_single_tables(raw, env),
         **_top_level(raw, env),
     )
+
+
+def _single_tables(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Each section of Settings that is one table of its own with a schema ([routing],
+    [state], [threads], [translate]...), read as its schema declares: a new one needs no
+    line here."""
+    found: dict[str, Any] = {}
+    for field, meta in sections(Settings):
+        match meta.places:
+            case (Place(kind="table", schema=type() as schema, path=path),):
+                table = _table(raw, path, env)
+                found[field.name] = (
+                    _state(table) if schema is StateSettings else read(schema, table)
+                )
+    return found
 
 
 # --- the generic reader ------------------------------------------------------------------------
@@ -322,16 +339,20 @@ def _target(table: Table, backends: Mapping[str, Upstream]) -> Target:
 
 
 def _default_route(
-    routing: Mapping[str, Any], routes: tuple[Route, ...], backends: Mapping[str, Upstream]
+    raw: Mapping[str, Any],
+    routes: tuple[Route, ...],
+    backends: Mapping[str, Upstream],
+    env: Mapping[str, str],
 ) -> Route | None:
     """The route for model names nothing matches: named in [routing], else the default backend."""
-    name = routing.get("default")
+    path, _, key = DEFAULT_ROUTE_KEY.rpartition(".")
+    name = _table(raw, path, env).values.get(key)
     if name is not None:
         for route in routes:
             if route.name == name:
                 return route
         known = ", ".join(r.name for r in routes) or "none"
-        raise ConfigError(f"routing.default: no route named {name!r} (routes: {known})")
+        raise ConfigError(f"{DEFAULT_ROUTE_KEY}: no route named {name!r} (routes: {known})")
     if DEFAULT_BACKEND in backends:
         target = Target(DEFAULT_BACKEND, backends[DEFAULT_BACKEND].model)
         return Route(DEFAULT_BACKEND, (), (target,))

@@ -39,7 +39,6 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 PROTOCOLS: tuple[BackendProtocol, ...] = get_args(BackendProtocol)
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
 ENGINES: tuple[Engine, ...] = get_args(Engine)
-ON_FAILURE: tuple[OnFailure, ...] = get_args(OnFailure)
 LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 BILLING_HEADER_MODES: tuple[BillingHeader, ...] = get_args(BillingHeader)
 
@@ -80,6 +79,12 @@ class Timeouts:
     @property
     def first_byte(self) -> float:
         return min(self.read, self.total) if self.total else self.read
+
+
+# gunicorn's worker_connections, from GATEWAY_WORKER_CONNECTIONS (gunicorn.conf.py; not in the
+# TOML file): a worker's open streams and idle keep-alives, and its backend connections too
+# when ``pool_size`` is 0.
+WORKER_CONNECTIONS = 1000
 
 
 @dataclass(frozen=True)
@@ -233,7 +238,9 @@ class Limits:
     usage once it is over.
     """
 
-    requests_per_minute: float = setting(0.0, doc="`POST /v1/messages` per key")
+    requests_per_minute: float = setting(
+        0.0, doc="`POST /v1/messages` and `count_tokens` per key, from one bucket"
+    )
     burst: int = setting(
         0, doc="requests at once", shown="`requests_per_minute` (a minute's worth)"
     )

@@ -84,41 +84,39 @@ def access_line(outcome: RequestOutcome) -> dict[str, Any]:
         "key": outcome.key,
         "forwarded_for": outcome.forwarded_for,
     }
-    if outcome.rejected is not None:
-        line["rejected"] = outcome.rejected
-    if outcome.thread is not None:
-        line["thread"] = outcome.thread
+    line.update(_those_set(outcome, "rejected", "thread"))
     if outcome.model is not None:
-        line["model"] = outcome.model
-        line["route"] = outcome.route
-    if outcome.backend is not None:
-        line["backend"] = outcome.backend
-    if outcome.backend_model is not None:
-        line["backend_model"] = outcome.backend_model
-    if outcome.attempts is not None:
-        line["attempts"] = outcome.attempts
-    if outcome.status is not None:
-        line["status"] = outcome.status
-    answer = outcome.answer
-    if answer is not None:
-        line["stop_reason"] = answer.stop_reason
+        line.update(model=outcome.model, route=outcome.route)
+    line.update(_those_set(outcome, "backend", "backend_model", "attempts", "status"))
+    line.update(_what_was_answered(outcome))
+    return line
+
+
+def _those_set(outcome: RequestOutcome, *names: str) -> dict[str, Any]:
+    """The named fields the request came to (None: it never did), in the order named."""
+    return {name: value for name in names if (value := getattr(outcome, name)) is not None}
+
+
+def _what_was_answered(outcome: RequestOutcome) -> dict[str, Any]:
+    """How the answer ended, what went wrong and what it cost. A stream always has ``error``
+    (null when it ended well): it may fail after its 200 was sent."""
+    found: dict[str, Any] = {}
+    if outcome.answer is not None:
+        found["stop_reason"] = outcome.answer.stop_reason
     streamed = outcome.delivery is Delivery.STREAM
     if outcome.error is not None or streamed:
-        line["error"] = outcome.error
-    if outcome.error_message is not None:
-        line["error_message"] = outcome.error_message
-    if outcome.client_disconnected is not None:
-        line["client_disconnected"] = outcome.client_disconnected
+        found["error"] = outcome.error
+    found.update(_those_set(outcome, "error_message", "client_disconnected"))
     if outcome.delivery is Delivery.BODY or streamed:
-        line["bytes_out"] = outcome.bytes_out
+        found["bytes_out"] = outcome.bytes_out
     tokens = outcome.tokens
     if tokens is not None:
-        line["input_tokens"] = tokens.prompt
-        line["output_tokens"] = tokens.output
-        line["cached_tokens"] = tokens.cached
+        found.update(
+            input_tokens=tokens.prompt, output_tokens=tokens.output, cached_tokens=tokens.cached
+        )
     if outcome.ttft is not None:
-        line["ttft_ms"] = round(outcome.ttft * 1000, 1)
-    return line
+        found["ttft_ms"] = round(outcome.ttft * 1000, 1)
+    return found
 
 
 def log_access(entry: dict[str, Any], started: float) -> None:

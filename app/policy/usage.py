@@ -21,6 +21,10 @@ DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 RELATIVE = re.compile(r"(\d{1,5})d")
 MAX_DAYS = 3660  # ten years: an admin query never walks more days than this
 
+# One line of a report: the values of the fields it is summed by (day, key, model) as text,
+# and its COUNTS as whole numbers.
+Entry = dict[str, str | int]
+
 
 class BadPeriod(ValueError):
     """A period that names no days; the message says what was expected."""
@@ -38,21 +42,24 @@ def period(since: str | None, until: str | None, now: float) -> tuple[str, str]:
     return first, last
 
 
-def summed(rows: Iterable[UsageRow], by: Sequence[str]) -> list[dict[str, object]]:
+def summed(rows: Iterable[UsageRow], by: Sequence[str]) -> list[Entry]:
     """The rows added up per distinct value of the ``by`` fields, in their order."""
     for name in by:
         if name not in GROUPS:
             raise BadPeriod(f"cannot group by {name!r}: one of {', '.join(GROUPS)}")
-    totals: dict[tuple[str, ...], dict[str, object]] = {}
+    totals: dict[tuple[str, ...], dict[str, int]] = {}
     for row in rows:
-        group = tuple(getattr(row, name) for name in by)
-        entry = totals.get(group)
-        if entry is None:
-            entry = totals[group] = {name: value for name, value in zip(by, group, strict=True)}
-            entry.update(dict.fromkeys(COUNTS, 0))
+        group = tuple(str(getattr(row, name)) for name in by)
+        counts = totals.setdefault(group, dict.fromkeys(COUNTS, 0))
         for name in COUNTS:
-            entry[name] = int(entry[name]) + getattr(row, name)  # type: ignore[call-overload]
-    return [totals[group] for group in sorted(totals)]
+            counts[name] += getattr(row, name)
+    return [_entry(by, group, totals[group]) for group in sorted(totals)]
+
+
+def _entry(by: Sequence[str], group: tuple[str, ...], counts: dict[str, int]) -> Entry:
+    entry: Entry = {name: value for name, value in zip(by, group, strict=True)}
+    entry.update(counts)
+    return entry
 
 
 def total(rows: Iterable[UsageRow]) -> dict[str, int]:
@@ -76,10 +83,10 @@ def report(
     }
 
 
-def table(entries: list[dict[str, object]], by: Sequence[str]) -> str:
+def table(entries: list[Entry], by: Sequence[str]) -> str:
     """Aligned columns, counts to the right with thousands separators, and a total line."""
     columns = [*by, *COUNTS]
-    sums: dict[str, object] = {name: sum(int(e[name]) for e in entries) for name in COUNTS}  # type: ignore[call-overload]
+    sums: Entry = {name: sum(int(e[name]) for e in entries) for name in COUNTS}
     if by:
         sums[by[0]] = "total"
     lines = [[name.upper() for name in columns]]
@@ -95,7 +102,7 @@ def table(entries: list[dict[str, object]], by: Sequence[str]) -> str:
     return "\n".join(text) + "\n"
 
 
-def comma_separated(entries: list[dict[str, object]], by: Sequence[str]) -> str:
+def comma_separated(entries: list[Entry], by: Sequence[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*by, *COUNTS])

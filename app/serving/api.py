@@ -31,8 +31,17 @@ JSON = "application/json"
 
 def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedStore) -> Blueprint:
     bp = Blueprint("messages", __name__)
-    readiness = Readiness()
+    _add_api(bp, settings, dispatcher, store)
+    _add_probes(bp, dispatcher)
+    return bp
+
+
+def _add_api(
+    bp: Blueprint, settings: Settings, dispatcher: Dispatcher, store: GuardedStore
+) -> None:
+    """The Anthropic API: messages, token counts and models."""
     messages = Messages(settings, dispatcher, store)
+    catalog = Catalog(settings, dispatcher.clients)
 
     @bp.post("/v1/messages")
     def create_message() -> Response:
@@ -48,8 +57,6 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
         body = _json_body(settings)
         return counting.count_tokens(body, _state(), settings, dispatcher)
 
-    catalog = Catalog(settings, dispatcher.clients)
-
     @bp.get("/v1/models")
     def list_models() -> Response:
         """The configured names and the pass-through backends' own (app.serving.catalog)."""
@@ -62,6 +69,11 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
         A model named by its file (llama.cpp's ``/models/x.gguf``, which the SDK sends as
         ``%2Fmodels%2Fx.gguf``) starts with a slash: the ``model_id`` converter keeps it."""
         return Response(jsonc.dumps(catalog.find(model_id)), mimetype=JSON)
+
+
+def _add_probes(bp: Blueprint, dispatcher: Dispatcher) -> None:
+    """What systemd, a load balancer and Prometheus ask: alive, ready, the metrics."""
+    readiness = Readiness()
 
     @bp.get("/healthz")
     def healthz() -> Response:
@@ -82,8 +94,6 @@ def create_blueprint(settings: Settings, dispatcher: Dispatcher, store: GuardedS
     def metrics_endpoint() -> Response:
         data, content_type = metrics.render()
         return Response(data, content_type=content_type)
-
-    return bp
 
 
 def _state() -> RequestState:

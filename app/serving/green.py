@@ -50,7 +50,7 @@ def client_watch(environ: Mapping[str, Any]) -> Iterator[None]:
 
     Behind nginx this is what a client hanging up looks like (nginx closes its connection to
     the gateway); without it, a backend keeps generating for an absent client until its
-    answer is complete or ``read_timeout`` (600 s) runs out. A client that pipelines its next
+    answer is complete or ``read_timeout`` runs out. A client that pipelines its next
     request instead is left alone: its connection is readable, but not closed.
 
     An event-loop watcher on the client's socket does the watching (a few microseconds a

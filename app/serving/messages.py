@@ -19,7 +19,7 @@ from flask import Response
 from app import ids, jsonc
 from app.backends.dispatch import Attempt, Dispatcher, backend_streams
 from app.backends.routing import resolve
-from app.config import Settings
+from app.config import Route, Settings
 from app.errors import GatewayError, UpstreamError
 from app.ops import metrics
 from app.policy.threads import ThreadTurn, begin_turn
@@ -92,16 +92,7 @@ class Messages:
         # Until the first byte goes to the client, a client that hangs up ends the request,
         # and with it the backend's work on it.
         with client_watch(environ):
-            attempt = dispatcher.send(
-                route,
-                body,
-                state.request_id,
-                headers,
-                on_send=count.start if count is not None else None,
-            )
-            outcome.backend = attempt.target.backend
-            outcome.backend_model = attempt.model
-            outcome.attempts = attempt.attempts
+            attempt = self._send(route, body, state, headers, count)
             try:
                 if count is not None and _is_event_stream(attempt.result):
                     translator = _translator(attempt, body, count, relayed=stream)
@@ -115,6 +106,29 @@ class Messages:
                 raise
         dispatcher.finish(attempt, ok=True)
         return response
+
+    def _send(
+        self,
+        route: Route,
+        body: Any,
+        state: RequestState,
+        headers: Mapping[str, str],
+        count: PromptCount | None,
+    ) -> Attempt:
+        """The first backend that answered, recorded in the request's outcome; ``count``
+        learns the prompt each attempt sends, to count it while the backend works."""
+        attempt = self.dispatcher.send(
+            route,
+            body,
+            state.request_id,
+            headers,
+            on_send=count.start if count is not None else None,
+        )
+        outcome = _outcome(state)
+        outcome.backend = attempt.target.backend
+        outcome.backend_model = attempt.model
+        outcome.attempts = attempt.attempts
+        return attempt
 
 
 def _outcome(state: RequestState) -> RequestOutcome:

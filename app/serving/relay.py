@@ -87,7 +87,7 @@ def relay(
     on_end: Callable[[StreamOutcome], None],
     *,
     deadline: float | None = None,
-    ping_interval: float = 15.0,
+    ping_interval: float,
     observe: Observer | None = None,
 ) -> StreamBody:
     """``deadline`` (monotonic): past it the stream ends with a timeout error event.

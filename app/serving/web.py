@@ -22,7 +22,7 @@ from app.backends.balancer import Balancer
 from app.backends.client import BackendClient
 from app.backends.dispatch import Dispatcher
 from app.backends.session import Transport, new_session
-from app.config import Settings, load_settings_or_last_good
+from app.config import WORKER_CONNECTIONS, Settings, load_settings_or_last_good
 from app.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -98,7 +98,7 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
     """The worker's one requests session, a client (adapter and pool) per backend on it, and
     the worker's health bookkeeping."""
     # Keep as many backend connections as the worker can have requests in flight.
-    concurrency = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS", "1000"))
+    concurrency = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS") or WORKER_CONNECTIONS)
     session = new_session()
     clients = {
         name: BackendClient(config, Transport(session, config, config.pool_size or concurrency))

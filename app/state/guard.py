@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from app.config import OnFailure, StateSettings
 from app.errors import Overloaded
 from app.state.store import (
     THREAD_NOT_FOUND,
@@ -35,14 +36,13 @@ log = logging.getLogger("gateway")
 T = TypeVar("T")
 HOLD_OFF = 1.0
 WARN_EVERY = 10.0
-ON_FAILURE = ("open", "closed")
 
 
 class GuardedStore:
     def __init__(
         self,
         opener: Callable[[], Store],
-        on_failure: str = "open",
+        on_failure: OnFailure = StateSettings.on_failure,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[bool], None] | None = None,
     ) -> None:

@@ -25,6 +25,8 @@ import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from app.config import StateSettings
+
 EPSILON = 1e-9
 
 
@@ -63,7 +65,7 @@ class Ask:
     takes: list[tuple[Bucket, float]] = field(default_factory=list)
     spends: list[tuple[Budget, int]] = field(default_factory=list)
     max_concurrent: int = 0
-    lease_ttl: float = 900.0
+    lease_ttl: float = StateSettings.lease_seconds
 
 
 @dataclass

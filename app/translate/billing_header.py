@@ -39,7 +39,7 @@ FIXED_CCH = "cch=00000;"  # what Claude Code itself writes before the value is f
 FIXED_FINGERPRINT = "000"
 
 
-def clean_system_texts(texts: list[str], mode: str = "normalize") -> list[str]:
+def clean_system_texts(texts: list[str], mode: Mode) -> list[str]:
     """The system prompt's texts with the attribution line normalised, dropped or kept.
 
     Returns ``texts`` itself when there is nothing to do (a substring test, before any

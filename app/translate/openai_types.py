@@ -199,13 +199,3 @@ class Usage(TypedDict, total=False):
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None
     prompt_cache_hit_tokens: int  # DeepSeek's name for the cached part
-
-
-class Chunk(TypedDict, total=False):
-    """One ``data:`` object of a stream, and a complete answer (``chat.completion``)."""
-
-    id: str
-    object: str
-    model: str
-    choices: list[Choice]  # empty in the final usage chunk
-    usage: Usage | None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypeGuard
 
 from app.errors import InvalidRequest, field_error
+from app.translate.billing_header import Mode as BillingHeader
 from app.translate.billing_header import clean_system_texts
 from app.translate.content import (
     SERVER_BLOCKS,
@@ -55,7 +56,7 @@ def translate_request(
     backend_model: str,
     dialect: Dialect,
     dropped: list[str] | None = None,
-    billing_header: str = "normalize",
+    billing_header: BillingHeader,
 ) -> ChatRequest:
     """Build the Chat Completions payload for a validated Messages request body.
 

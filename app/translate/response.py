@@ -218,10 +218,11 @@ def context_window_exceeded(obj: Mapping[str, Any], max_tokens: int | None = Non
     ``truncated`` at a ``limit`` stop before ``n_predict`` tokens), or, given the
     ``max_tokens`` it was sent, a ``timings`` count of fewer tokens than that. Stream callers
     test every chunk: the two arrive in different ones. Meant for ``map_stop_reason``, which
-    heeds it only for a ``length`` stop.
+    heeds it only for a ``length`` stop. Safe on any shape: what is not as expected is no
+    evidence.
     """
     choices = obj.get("choices")
-    if choices and isinstance(choices[0], dict):
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         if choices[0].get("finish_reason") in CONTEXT_FULL_REASONS:
             return True
     return _verbose_says_context_full(obj.get("__verbose")) or _stopped_short(

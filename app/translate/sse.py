@@ -14,8 +14,6 @@ from app import jsonc
 from app.errors import UpstreamError
 
 DONE = b"[DONE]"
-# The longest line a decoder takes unless told otherwise (app.config: max_line_bytes).
-MAX_LINE = 4 * 1024 * 1024
 
 
 class LineTooLong(UpstreamError):
@@ -40,7 +38,7 @@ class SSEDecoder:
 
     __slots__ = ("_parts", "_size", "_pending_cr", "max_line")
 
-    def __init__(self, max_line: int = MAX_LINE) -> None:
+    def __init__(self, max_line: int) -> None:
         self._parts: list[bytes] = []  # the pieces of the line not yet ended
         self._size = 0
         self._pending_cr = False

@@ -249,6 +249,7 @@ class StreamTranslator(Ending):
     def _feed(self, chunk: Mapping[str, Any]) -> list[Event]:
         if "error" in chunk or chunk.get("object") == "error":
             return self.fail(error_from_body(chunk))
+        choice = first_choice(chunk, self.backend)  # checked before anything reads the chunk
         # llama.cpp's evidence of a full context (its timings) and the finish reason come in
         # separate chunks; only those that carry it are looked at.
         if not self.context_full and ("timings" in chunk or "__verbose" in chunk):
@@ -256,7 +257,6 @@ class StreamTranslator(Ending):
         usage = chunk.get("usage")
         if usage and isinstance(usage, dict):
             self.usage = usage
-        choice = first_choice(chunk, self.backend)
         if choice is None:
             return []  # the usage chunk (choices: []) and keep-alive objects
         events: list[Event] = []

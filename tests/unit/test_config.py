@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+from hypothesis import given
+from hypothesis import strategies as st
 
 from app.backends.routing import backend_model, resolve
 from app.config import (
@@ -513,8 +516,14 @@ def test_a_backend_url_that_cannot_be_used_is_a_config_error(url: str, problem: 
 
 @pytest.mark.parametrize(
     "url",
-    ["http://[::1]:8000/v1", "https://llm.internal/v1", "http://127.0.0.1:65535"],
-    ids=["ipv6", "no_port", "top_port"],
+    [
+        "http://[::1]:8000/v1",
+        "http://[fe80::1%25eth0]:8000/v1",
+        "https://llm.internal/v1",
+        "http://127.0.0.1:65535",
+        "http://vllm_1:8000/v1",
+    ],
+    ids=["ipv6", "ipv6_zone", "no_port", "top_port", "underscore"],
 )
 def test_usable_backend_urls_are_accepted(url: str) -> None:
     assert build_settings({"upstream": {"url": url}}, {}).upstream.url == url
@@ -538,6 +547,81 @@ def test_a_redis_url_with_a_bad_port_is_a_config_error() -> None:
     assert message.startswith("state.redis_url: the port must be")
     ok = build_settings({"state": {"redis_url": "unix:///run/redis.sock"}}, {})
     assert ok.state.engine == "redis"
+
+
+NASTY_URLS = [
+    "http://h%zz/v1",
+    "http://[::1]x:80/v1",
+    "http://[::1/v1",
+    "http://[::1]]/v1",
+    "http://[v1.x]/v1",
+    "http://[::1%]/v1",
+    "http://[::1%e th]/v1",
+    "http://::1/v1",
+    "http://h:0/v1",
+    "http://h:65536/v1",
+    "http://h:-1/v1",
+    "http://h:+80/v1",
+    "http://h: 80/v1",
+    "http://h:/v1",
+    "http:///v1",
+    "http://a b/v1",
+    "http://h\n/v1",
+    "http://h\x00/v1",
+    "http://user@/v1",
+    "http://user@:80/v1",
+    "http://.h/v1",
+    "http://*.h/v1",
+    "http://h..x/v1",
+    "http://bücher.example/v1",
+    "http://\u3002/v1",
+    "http://999.1.1.1/v1",
+    "http://h#x/v1",
+]
+
+
+def requests_refuses(url: str) -> bool:
+    try:
+        requests.Request("POST", url).prepare()
+    except Exception:  # noqa: BLE001 - whatever requests raises, it refuses the URL
+        return True
+    return False
+
+
+def config_refuses(key: str, url: str) -> bool:
+    """Whether the config refuses ``url`` as ``key`` (upstream.url or upstream.proxy), with
+    the one-line error naming the key: any other exception fails the test."""
+    try:
+        build_settings({"upstream": {key: url}}, {})
+    except ConfigError as error:
+        assert str(error).startswith(f"upstream.{key}: ") and "\n" not in str(error)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("key", ["url", "proxy"])
+@pytest.mark.parametrize("url", NASTY_URLS)
+def test_no_url_the_config_accepts_is_one_requests_refuses(key: str, url: str) -> None:
+    """A URL the config took and requests refused stopped every worker at boot."""
+    assert config_refuses(key, url) or not requests_refuses(url)
+
+
+URL_PIECES = st.sampled_from(
+    ["h", "llm", "a-b", "x_y", "127.0.0.1", "::1", "[", "]", "[::1]", "[fe80::1%25eth0]",
+     "%", "%zz", "%41", "@", "user@", ":", ":80", ":0", ":65536", ".", "-", "*", " ", "\n",
+     "\t", "/", "?", "#", "ü", "\u3002", "0", "99999"]
+)  # fmt: skip
+
+
+@given(
+    pieces=st.lists(URL_PIECES | st.text(max_size=3), max_size=6),
+    key=st.sampled_from(["url", "proxy"]),
+)
+def test_no_generated_url_the_config_accepts_is_one_requests_refuses(
+    pieces: list[str], key: str
+) -> None:
+    url = "http://" + "".join(pieces) + "/v1"
+    assert config_refuses(key, url) or not requests_refuses(url)
 
 
 # --- the schema ------------------------------------------------------------------------------

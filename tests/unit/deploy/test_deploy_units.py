@@ -10,6 +10,7 @@ import pytest
 from servers import ROOT
 from systemd_unit import SERVICE, UNIT, environment, one
 
+import app.config
 from app.config import build_settings
 
 SITE = ROOT / "deploy" / "nginx" / "anthropic-gateway.conf"
@@ -24,9 +25,10 @@ RUNTIME_DIR = "/run/anthropic-gateway"
 
 
 def conf_default(name: str) -> int:
-    match = re.search(rf'_env_int\("{name}", (\d+)\)', GUNICORN_CONF)
+    match = re.search(rf'_env_int\("{name}", (\w+)\)', GUNICORN_CONF)
     assert match, f"{name} default not found in gunicorn.conf.py"
-    return int(match.group(1))
+    default = match.group(1)
+    return int(default) if default.isdigit() else int(getattr(app.config, default))
 
 
 def seconds(value: str) -> float:

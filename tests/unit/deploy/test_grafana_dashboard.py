@@ -1,6 +1,6 @@
 """The shipped Grafana dashboard stays consistent with the metrics the gateway exports.
 
-Every metric a query names must exist in app/metrics.py with the labels the query uses, every
+Every metric a query names must exist in app/ops/metrics.py with the labels the query uses, every
 panel must read from the ``$datasource`` variable, and the layout must be a valid 24-column grid.
 """
 
@@ -147,7 +147,7 @@ def test_every_metric_in_a_query_is_exported(expr: str) -> None:
     names = {base_name(name) for name in METRIC_RE.findall(expr)}
     assert names, f"query names no gateway metric: {expr}"
     unknown = names - EXPORTED.keys()
-    assert not unknown, f"{sorted(unknown)} not in app/metrics.py (query: {expr})"
+    assert not unknown, f"{sorted(unknown)} not in app/ops/metrics.py (query: {expr})"
 
 
 @pytest.mark.parametrize("expr", exprs())

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from app import jsonc
-from app.config import ConfigError, build_settings, load_settings
+from app.config import ConfigError, TranslateSettings, build_settings, load_settings
 from app.translate.billing_header import clean_system_texts
 from app.translate.dialect import DIALECTS
 from app.translate.request import translate_request
@@ -39,9 +39,11 @@ def blocks(*texts: str) -> list[dict[str, Any]]:
 
 def system_prompt(system: Any, mode: str | None = None) -> str:
     """The system message the backend gets for ``system`` (the default mode when None)."""
-    options = {} if mode is None else {"billing_header": mode}
     payload = translate_request(
-        body(system), backend_model="qwen3", dialect=DIALECTS["vllm"], **options
+        body(system),
+        backend_model="qwen3",
+        dialect=DIALECTS["vllm"],
+        billing_header=mode or TranslateSettings.billing_header,
     )
     first = payload["messages"][0]
     assert first["role"] == "system"
@@ -125,7 +127,7 @@ def test_kept_the_hashes_reach_the_backend_as_sent() -> None:
 def test_only_the_values_that_change_per_request_or_conversation_are_fixed(
     header: str, expected: str
 ) -> None:
-    assert clean_system_texts([header, PROMPT]) == [expected, PROMPT]
+    assert clean_system_texts([header, PROMPT], "normalize") == [expected, PROMPT]
 
 
 # --- what is left alone -----------------------------------------------------------------------
@@ -146,7 +148,9 @@ def test_the_marker_quoted_inside_a_line_is_not_the_line(mode: str) -> None:
 def test_the_clients_request_body_is_not_changed() -> None:
     request = body(blocks(HEADER, PROMPT))
     before = copy.deepcopy(request)
-    translate_request(request, backend_model="qwen3", dialect=DIALECTS["vllm"])
+    translate_request(
+        request, backend_model="qwen3", dialect=DIALECTS["vllm"], billing_header="normalize"
+    )
     assert request == before
 
 

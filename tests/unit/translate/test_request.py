@@ -38,7 +38,10 @@ def body(**fields: Any) -> dict[str, Any]:
 
 def translate(dialect: str = "generic", **fields: Any) -> dict[str, Any]:
     return translate_request(
-        body(**fields), backend_model="backend-model", dialect=DIALECTS[dialect]
+        body(**fields),
+        backend_model="backend-model",
+        dialect=DIALECTS[dialect],
+        billing_header="normalize",
     )
 
 
@@ -74,7 +77,12 @@ def tool_result(call_id: str, content: Any = "ok", **extra: Any) -> dict[str, An
 def rejection(raw: Any) -> str:
     """The message of the InvalidRequest a body is rejected with."""
     with pytest.raises(InvalidRequest) as caught:
-        translate_request(raw, backend_model="backend-model", dialect=DIALECTS["generic"])
+        translate_request(
+            raw,
+            backend_model="backend-model",
+            dialect=DIALECTS["generic"],
+            billing_header="normalize",
+        )
     assert caught.value.status == 400
     assert caught.value.error_type == "invalid_request_error"
     return caught.value.message
@@ -151,7 +159,7 @@ def test_input_body_is_not_modified() -> None:
         ],
     )
     before = copy.deepcopy(raw)
-    translate_request(raw, backend_model="m", dialect=DIALECTS["vllm"])
+    translate_request(raw, backend_model="m", dialect=DIALECTS["vllm"], billing_header="normalize")
     assert raw == before
 
 

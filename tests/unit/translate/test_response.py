@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.errors import GatewayError, Overloaded, RateLimited, UpstreamError
 from app.translate.response import (
+    context_window_exceeded,
     map_stop_reason,
     map_usage,
     parse_arguments,
@@ -500,3 +504,66 @@ def test_an_unusable_answer_counts_against_the_backend() -> None:
     with pytest.raises(UpstreamError) as caught:
         translate({"id": "x", "choices": []})
     assert caught.value.backend_fault
+
+
+@pytest.mark.parametrize(
+    "choices", [1, "abc", {"a": 1}, [5]], ids=["number", "string", "object", "choice_number"]
+)
+@pytest.mark.parametrize("extra", [{"timings": -1}, {"timings": {"predicted_n": 300}}, {}])
+def test_choices_of_a_shape_it_does_not_know_are_no_evidence_of_a_full_context(
+    choices: Any, extra: dict
+) -> None:
+    """It is read before the choices are checked: it must not raise on them."""
+    assert context_window_exceeded({"choices": choices, **extra}, 100) is False
+
+
+# --- any field of a valid answer replaced by a value of another type ---------------------------
+
+VALID_ANSWERS = [
+    completion(),
+    completion(tool_message(call("c1", "get_weather", '{"city": "Paris"}'), content="Let me see."),
+               finish_reason="tool_calls", stop_reason=None)
+    | {"timings": {"predicted_n": 5}},
+    completion({"role": "assistant", "content": "<think>hm</think>Hi", "reasoning_content": "r"},
+               finish_reason="length"),
+]  # fmt: skip
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=5,
+)
+
+
+def json_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in a JSON value where another value could stand."""
+    found = [path] if path else []
+    if isinstance(value, dict):
+        items: Any = value.items()
+    else:
+        items = enumerate(value) if isinstance(value, list) else []
+    for key, inner in items:
+        found += json_paths(inner, (*path, key))
+    return found
+
+
+@settings(max_examples=300)
+@given(data=st.data())
+def test_any_field_of_an_answer_of_another_type_is_an_answer_or_a_gateway_error(
+    data: st.DataObject,
+) -> None:
+    answer = copy.deepcopy(data.draw(st.sampled_from(VALID_ANSWERS)))
+    path = data.draw(st.sampled_from(json_paths(answer)))
+    holder = answer
+    for key in path[:-1]:
+        holder = holder[key]
+    holder[path[-1]] = data.draw(JSON_VALUES)
+    try:
+        message = translate_response(
+            answer, model="m", message_id="msg_1", stop_sequences=["STOP"], max_tokens=100
+        )
+    except GatewayError:
+        return
+    assert message["type"] == "message" and isinstance(message["content"], list)

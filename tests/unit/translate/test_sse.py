@@ -10,10 +10,12 @@ from hypothesis import strategies as st
 
 from app.translate.sse import DONE, LineTooLong, SSEDecoder, encode, encode_all
 
+LONG_LINE = 4 << 20  # longer than any line these tests send
+
 
 def decode(*chunks: bytes) -> list[bytes]:
     """All payloads for a stream delivered in ``chunks``, including what close() flushes."""
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(LONG_LINE)
     payloads: list[bytes] = []
     for piece in chunks:
         payloads += decoder.feed(piece)
@@ -59,7 +61,7 @@ def test_only_one_space_after_the_colon_is_removed() -> None:
 
 
 def test_crlf_split_across_feeds_does_not_add_a_line() -> None:
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(LONG_LINE)
     first = decoder.feed(b'data: {"a":1}\r')
     second = decoder.feed(b'\ndata: {"b":2}\r')
     third = decoder.feed(b"\n\r\n")
@@ -68,14 +70,14 @@ def test_crlf_split_across_feeds_does_not_add_a_line() -> None:
 
 
 def test_lone_cr_at_the_end_of_a_feed_still_ends_the_line() -> None:
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(LONG_LINE)
     payloads = decoder.feed(b"data: one\r") + decoder.feed(b"data: two\r")
     assert payloads + decoder.close() == [b"one", b"two"]
 
 
 def test_a_line_split_over_many_feeds_is_reassembled() -> None:
     line = b'data: {"choices":[{"delta":{"content":"Hello world"}}]}\n'
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(LONG_LINE)
     collected = []
     for i in range(len(line)):
         collected += decoder.feed(line[i : i + 1])
@@ -102,7 +104,7 @@ def test_a_line_at_the_limit_in_many_pieces_is_whole() -> None:
 def test_a_long_line_is_joined_once_not_on_every_feed() -> None:
     """Held pieces are kept as they came; only the end of the line joins them. (Joining on
     every feed copies the line again each time: quadratic, and a 30 MB line took seconds.)"""
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(LONG_LINE)
     piece = b"z" * 65536
     decoder.feed(b"data: ")
     for _ in range(16):
@@ -116,14 +118,14 @@ def test_empty_feeds_change_nothing() -> None:
 
 
 def test_close_flushes_a_final_unterminated_data_line() -> None:
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(LONG_LINE)
     assert decoder.feed(b'data: {"a":1}\n\ndata: {"tail":true}') == [b'{"a":1}']
     assert decoder.close() == [b'{"tail":true}']
     assert decoder.close() == []
 
 
 def test_close_ignores_an_unterminated_comment() -> None:
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(LONG_LINE)
     decoder.feed(b": keep-al")
     assert decoder.close() == []
 
@@ -183,7 +185,7 @@ def test_any_split_of_a_stream_yields_the_same_payloads(
 )
 def test_a_read_yields_what_the_same_bytes_yield_one_at_a_time(raw: bytes, before: bytes) -> None:
     """Whole, a read may take the one-whole-line fast path; a byte at a time it cannot."""
-    whole, bytewise = SSEDecoder(), SSEDecoder()
+    whole, bytewise = SSEDecoder(LONG_LINE), SSEDecoder(LONG_LINE)
     whole.feed(before)  # a decoder part-way through a line, or after a CR
     bytewise.feed(before)
     assert whole.feed(raw) == [p for i in range(len(raw)) for p in bytewise.feed(raw[i : i + 1])]

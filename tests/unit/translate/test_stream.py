@@ -1073,3 +1073,90 @@ def test_content_or_a_finish_reason_that_is_not_a_string_is_ignored() -> None:
     events = run([chunk({"content": 5}), chunk({"content": "Hi"}, {"odd": 1}), chunk({}, "stop")])
     assert accumulate(events)["content"] == [{"type": "text", "text": "Hi"}]
     assert last_delta(events)["delta"]["stop_reason"] == "end_turn"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"timings": -1},
+        {"timings": {"predicted_n": 3}},
+        {"__verbose": {"truncated": True, "stop_type": "limit"}},
+    ],
+    ids=["timings_number", "timings", "verbose"],
+)
+@pytest.mark.parametrize(
+    "choices",
+    [1, "abc", {"a": 1}, {"0": {"delta": {}}}, ["not a choice"]],
+    ids=["number", "string", "object", "object_of_choices", "choice_string"],
+)
+def test_choices_not_of_the_shape_are_a_backend_error_beside_llama_cpp_timings(
+    choices: Any, extra: dict
+) -> None:
+    """llama.cpp sends timings; a chunk carrying them was read for a full context before its
+    choices were checked, and a TypeError or KeyError escaped instead of the named error."""
+    tr = translator(backend="llama", max_tokens=100)
+    events = tr.start() + tr.feed({"choices": choices, **extra})
+    check_grammar(events)
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["message"].startswith("backend llama sent")
+    assert tr.error is not None and tr.error.backend_fault
+
+
+# --- any field of a valid stream replaced by a value of another type ---------------------------
+
+VALID_STREAM: list[dict[str, Any]] = [
+    ROLE,
+    chunk({"reasoning_content": "Let me think."}),
+    chunk({"content": "Hi "}),
+    chunk(fragment(0, "call_1", "get_weather", '{"city"')),
+    chunk(fragment(0, args=': "Paris"}')),
+    chunk({}, "tool_calls", stop_reason=None),
+    usage_chunk(USAGE) | {"timings": {"predicted_n": 5}},
+]
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=5,
+)
+
+
+def json_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in a JSON value where another value could stand."""
+    found = [path] if path else []
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else []
+    )
+    for key, inner in items:
+        found += json_paths(inner, (*path, key))
+    return found
+
+
+def replaced(value: Any, path: tuple[Any, ...], new: Any) -> Any:
+    copied = copy.deepcopy(value)
+    holder = copied
+    for key in path[:-1]:
+        holder = holder[key]
+    holder[path[-1]] = new
+    return copied
+
+
+@settings(max_examples=300)
+@given(data=st.data())
+def test_any_field_of_a_stream_of_another_type_ends_it_cleanly(data: st.DataObject) -> None:
+    """Whatever a backend puts anywhere in its chunks, the stream ends in its grammar (with an
+    error event at worst): no exception reaches the relay."""
+    path = data.draw(st.sampled_from(json_paths(VALID_STREAM)))
+    chunks = replaced(VALID_STREAM, path, data.draw(JSON_VALUES))
+    tr = translator(backend="b", max_tokens=100)
+    events = tr.start()
+    for item in chunks:
+        events += tr.feed_data(json.dumps(item).encode())
+    events += tr.finish(saw_done=True)
+    check_grammar(events)

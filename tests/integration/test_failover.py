@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -511,7 +510,7 @@ def _backend_errors(gateway: GatewayServer, backend: str) -> float:
 
 
 def test_a_stream_whose_end_cannot_be_read_still_frees_the_keys_slot_and_is_logged(
-    backends, gateway_for, caplog
+    backends, gateway_for, gateway_log
 ):
     # An Anthropic backend whose usage is not a number: reading the stream's usage at its end
     # fails. The rest of the end must run all the same: the client gets the whole stream, the
@@ -528,15 +527,14 @@ def test_a_stream_whose_end_cannot_be_read_still_frees_the_keys_slot_and_is_logg
         native_extra={"protocol": "anthropic", "max_concurrency": 1},
         auth={"keys": [key]},
     )
-    caplog.set_level(logging.INFO, logger="gateway.access")
     with gateway.client() as client:
         for _ in range(2):  # the second is refused if the first still holds the key's slot
             with client.messages.stream(model="claude-x", max_tokens=20, messages=HI) as s:
                 assert s.get_final_message().content[0].text == "native stream"
-    lines = [r.msg for r in caplog.records if r.name == "gateway.access"]
+    lines = [r.msg for r in gateway_log.records if r.name == "gateway.access"]
     assert [(line["status"], line["key"]) for line in lines] == [(200, "solo")] * 2
     assert lines[0]["stop_reason"] == "end_turn" and lines[0]["client_disconnected"] is False
-    failures = [r for r in caplog.records if r.name == "gateway" and r.levelname == "ERROR"]
+    failures = [r for r in gateway_log.records if r.name == "gateway" and r.levelname == "ERROR"]
     assert len(failures) == 2  # once for each stream, in the gateway's log
 
 

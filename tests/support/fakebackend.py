@@ -25,6 +25,7 @@ import socketserver
 import ssl
 import sys
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -154,6 +155,8 @@ class StreamReply(Reply):
     before ``[DONE]``. ``chunked=False`` gives a close-delimited body. ``cut_after=k`` drops the
     connection after k events, with neither ``[DONE]`` nor the final zero-length chunk.
     A failed write means the client hung up: the stream stops and ``closed_by_client`` counts it.
+    ``sent_at`` gets the ``time.monotonic()`` of each event as it is written, so a test can say
+    "the client had this before the backend had even sent that" whatever the machine's speed.
     """
 
     events: list[dict | str]
@@ -166,6 +169,7 @@ class StreamReply(Reply):
     chunked: bool = True
     cut_after: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    sent_at: list[float] = field(default_factory=list)
 
     def _response_headers(self) -> dict[str, str]:
         defaults = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -203,6 +207,7 @@ class StreamReply(Reply):
                 return False
             self._emit(handler, self._comment_bytes(index))
             self._emit(handler, self._event_bytes(event))
+            self.sent_at.append(time.monotonic())
         if self._is_cut(len(self.events)):
             return False
         self._emit(handler, self._comment_bytes(len(self.events)))

@@ -312,12 +312,14 @@ def last_text(request: Recorded) -> str:
 class WireReply(Reply):
     """Exactly these bytes on the wire, status line included: answers no HTTP server should
     give (a 101 to a POST, a second response nobody asked for). ``then`` is written
-    ``then_after`` seconds later, on the same connection; ``close`` ends it afterwards."""
+    ``then_after`` seconds later, on the same connection; ``close`` ends it afterwards.
+    ``then_written`` is set once ``then`` is on the wire (on loopback: in the client's buffer)."""
 
     data: bytes
     then: bytes = b""
     then_after: float = 0.0
     close: bool = False
+    then_written: threading.Event = field(default_factory=threading.Event)
 
     def send(self, handler: _Handler, request: Recorded) -> None:
         data = self.data
@@ -331,6 +333,7 @@ class WireReply(Reply):
                 if self.then_after and not handler.pause(self.then_after):
                     return
                 handler.write(self.then)
+                self.then_written.set()
         except OSError:
             handler.close_connection = True
             return

@@ -7,22 +7,7 @@ import json
 
 import requests
 from fakebackend import FakeBackend, StreamReply, chunks
-
-BODY = {
-    "model": "claude-haiku-4-5",
-    "max_tokens": 20,
-    "messages": [{"role": "user", "content": "hi"}],
-}
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+from metrics import BODY, metric_sum
 
 
 def test_access_log_has_the_fields_an_operator_needs(gateway, backend, gateway_log):

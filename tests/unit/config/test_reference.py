@@ -26,7 +26,7 @@ from app.config.schema import places, table_keys, top_level_keys
 from app.config.setting import known_keys
 from app.translate.dialect import Dialect
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 EXAMPLE = (ROOT / "deploy" / "gateway.example.toml").read_text(encoding="utf-8")
 # Variables the README's tables name that are not settings of the file.

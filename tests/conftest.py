@@ -10,6 +10,7 @@ llama.cpp, Node.js and the Claude Code CLI. Each test is marked by its directory
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -21,6 +22,8 @@ import pytest
 from fakebackend import FakeBackend
 from hypothesis import HealthCheck, settings
 from inprocess import GatewayServer
+
+from app.ops.access_log import configure_logging
 
 if TYPE_CHECKING:
     import anthropic
@@ -127,3 +130,16 @@ def gateway(make_gateway: Callable[..., GatewayServer]) -> GatewayServer:
 def client(gateway: GatewayServer) -> Iterator[anthropic.Anthropic]:
     with gateway.client() as sdk:
         yield sdk
+
+
+@pytest.fixture
+def gateway_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """``caplog`` that sees the gateway's records, the access lines at INFO included.
+
+    The gateway's logger does not propagate to the root, so pytest's capture reaches it only
+    if it is non-propagating when a test phase starts: a gateway first built in the test's body
+    would make it so too late, and its records would go unseen (only when the test runs alone,
+    or first). Configuring it here, as a gateway will, puts it in that state before the test."""
+    configure_logging("INFO")
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    return caplog

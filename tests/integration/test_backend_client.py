@@ -263,6 +263,8 @@ def test_a_status_under_200_is_a_502_and_its_connection_is_never_reused(server, 
     """After a 101 the connection speaks another protocol; after a 103 the real answer is
     still to come on it. Either way the next request must not read what follows."""
 
+    stray_sent = threading.Event()
+
     def handler(conn, srv):
         while request := read_request(conn):
             srv.requests.append(request)
@@ -270,6 +272,7 @@ def test_a_status_under_200_is_a_502_and_its_connection_is_never_reused(server, 
                 conn.sendall(interim)
                 time.sleep(0.1)
                 conn.sendall(numbered(0))  # what a reused connection would hand the next one
+                stray_sent.set()
             else:
                 conn.sendall(numbered(len(srv.requests) - 1))
 
@@ -280,7 +283,7 @@ def test_a_status_under_200_is_a_502_and_its_connection_is_never_reused(server, 
     assert caught.value.status == 502
     assert f"backend 127.0.0.1:{srv.port}" in caught.value.message
     assert "not a final answer" in caught.value.message
-    time.sleep(0.2)
+    assert stray_sent.wait(30)
     assert complete(client) == {"n": 1}
     assert srv.connections == 2
 
@@ -313,6 +316,8 @@ def test_bytes_sent_after_an_answer_never_reach_the_next_request(server):
 
 
 def test_bytes_arriving_after_an_answer_retire_the_connection(server):
+    strays = threading.Semaphore(0)
+
     def handler(conn, srv):
         while request := read_request(conn):
             srv.requests.append(request)
@@ -320,13 +325,14 @@ def test_bytes_arriving_after_an_answer_retire_the_connection(server):
             conn.sendall(numbered(n))
             time.sleep(0.05)
             conn.sendall(answer_with(b'{"leaked":%d}' % n))
+            strays.release()
 
     srv = server(handler)
     client = client_for(srv)
     answers = []
     for _ in range(3):
         answers.append(complete(client))
-        time.sleep(0.15)  # the stray bytes are on the pooled connection by now
+        assert strays.acquire(timeout=30)  # the stray bytes are on the pooled connection now
     assert answers == [{"n": 0}, {"n": 1}, {"n": 2}]
     assert srv.connections == 3
 
@@ -387,15 +393,20 @@ def test_a_declared_length_over_the_cap_is_refused_before_reading(server):
 
 
 def test_silent_backend_times_out_as_a_read_timeout_and_is_not_retryable(server):
+    released = threading.Event()
+
     def handler(conn, srv):
         read_request(conn)
-        time.sleep(2)
+        released.wait(30)  # silent until the test is over
 
     srv = server(handler)
     started = time.monotonic()
-    with pytest.raises(UpstreamTimeout) as caught:
-        complete(client_for(srv, read_timeout=0.3))
-    assert time.monotonic() - started < 1.5
+    try:
+        with pytest.raises(UpstreamTimeout) as caught:
+            complete(client_for(srv, read_timeout=0.3))
+        assert time.monotonic() - started < 15  # the read timeout, not the backend, ended it
+    finally:
+        released.set()
     assert not caught.value.retryable
 
 
@@ -473,20 +484,27 @@ def test_passthrough_header_values_that_would_split_the_head_are_refused(server)
     ids=["chunked", "close_delimited"],
 )
 def test_a_streamed_body_is_handed_over_as_it_arrives(server, head, first, second):
+    got_first = threading.Event()
+    second_sent: list[float] = []
+
     def handler(conn, srv):
         read_request(conn)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + head + b"\r\n")
         conn.sendall(first)
-        time.sleep(0.3)
+        got_first.wait(10)  # the rest only once the client has the first (or has waited 10 s)
+        second_sent.append(time.monotonic())
         conn.sendall(second)
 
     srv = server(handler)
     client = client_for(srv)
     response = client.open_stream({"model": "m"}, "req_test0001")
-    started = time.monotonic()
-    seen = [(piece, time.monotonic() - started < 0.2) for piece in client.chunks(response)]
+    seen = []
+    for piece in client.chunks(response):
+        seen.append((piece, time.monotonic()))
+        got_first.set()
     response.close()
-    assert seen == [(b"first", True), (b"second", False)]
+    assert [piece for piece, _ in seen] == [b"first", b"second"]
+    assert seen[0][1] < second_sent[0]  # handed over before the backend sent any more
 
 
 # --- proxies --------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_stop_ends_a_hanging_reply_promptly() -> None:
         post(conn, {"model": "m"})
     started = time.monotonic()
     backend.stop()
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 10  # not the reply's 30 s
 
 
 def test_stop_closes_idle_keep_alive_connections() -> None:
@@ -102,7 +102,7 @@ def test_stop_closes_idle_keep_alive_connections() -> None:
         post(conn, {"model": "m"}).read()
         started = time.monotonic()
         backend.stop()  # the handler thread is blocked reading the next request
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 10
 
 
 # --- JSON replies ---------------------------------------------------------------------------
@@ -231,9 +231,9 @@ def test_reject_stream_options_does_not_consume_the_queue() -> None:
 
 
 def test_stream_events_arrive_incrementally(fb: FakeBackend) -> None:
-    fb.reply(StreamReply([{"n": i} for i in range(5)], delay=0.1))
+    reply = StreamReply([{"n": i} for i in range(5)], delay=0.1)
+    fb.reply(reply)
     with connect(fb) as conn:
-        started = time.monotonic()
         resp = post(conn, {"stream": True})
         assert resp.getheader("Transfer-Encoding") == "chunked"
         arrivals: list[tuple[float, bytes]] = []
@@ -242,7 +242,7 @@ def test_stream_events_arrive_incrementally(fb: FakeBackend) -> None:
                 arrivals.append((time.monotonic(), line))
     assert [line for _, line in arrivals][-1] == b"data: [DONE]\n"
     assert len(arrivals) == 6
-    assert arrivals[0][0] - started < 0.3
+    assert arrivals[0][0] < reply.sent_at[-1]  # the first before the last was even written
     assert arrivals[4][0] - arrivals[0][0] >= 0.35  # four gaps of 0.1 s
 
 
@@ -303,15 +303,15 @@ def test_cut_after_close_delimited(fb: FakeBackend) -> None:
 
 
 def test_wait_closed_detects_client_hang_up(fb: FakeBackend) -> None:
-    fb.reply(StreamReply([{"n": i} for i in range(100)], delay=0.05))
+    fb.reply(StreamReply([{"n": i} for i in range(100)], delay=0.2))  # 20 s unless hung up on
     assert fb.wait_closed(1, timeout=0.05) is False
     with connect(fb) as conn:
         resp = post(conn, {"stream": True})
         assert resp.readline().startswith(b"data: ")
         resp.close()
     started = time.monotonic()
-    assert fb.wait_closed(1, timeout=5.0) is True
-    assert time.monotonic() - started < 2
+    assert fb.wait_closed(1, timeout=15.0) is True
+    assert time.monotonic() - started < 15
     assert fb.closed_by_client == 1
 
 

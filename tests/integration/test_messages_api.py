@@ -502,7 +502,7 @@ def event_names(body: str) -> list[str]:
 
 def test_silent_backend_gets_pings_and_the_stream_completes(make_gateway, backend):
     gateway = make_gateway(ping_interval=0.2)
-    backend.reply(StreamReply(chunks(["late", " answer"]), first_delay=0.9))
+    backend.reply(StreamReply(chunks(["late", " answer"]), first_delay=2.0))  # ~10 ping times
     names = event_names(raw_stream(gateway))
     assert names[0] == "message_start" and names[-1] == "message_stop"
     first_block = names.index("content_block_start")
@@ -520,8 +520,10 @@ def test_idle_gap_beyond_idle_timeout_ends_with_timeout_error(make_gateway, back
 
 
 def test_total_timeout_ends_a_long_stream_with_timeout_error(make_gateway, backend):
-    gateway = make_gateway({"total_timeout": 0.6})
-    backend.reply(StreamReply(chunks([f"w{i}" for i in range(40)]), delay=0.05))
+    # text comes every 0.25 s for 10 s, so some has come however slow the machine when the
+    # 3 s are up
+    gateway = make_gateway({"total_timeout": 3.0})
+    backend.reply(StreamReply(chunks([f"w{i}" for i in range(40)]), delay=0.25))
     body = raw_stream(gateway)
     names = event_names(body)
     assert names[-1] == "error" and "content_block_delta" in names

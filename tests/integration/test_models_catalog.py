@@ -11,8 +11,9 @@ from typing import Any
 import anthropic
 import pytest
 import requests
-from fakebackend import FakeBackend, JSONReply, Recorded, error_body
+from fakebackend import FakeBackend
 from inprocess import GatewayServer
+from model_lists import LISTED, MODELS_PATH, fails_to_list, ids_of, list_requests, lists
 
 from app.config import build_settings
 from app.serving import catalog
@@ -20,36 +21,6 @@ from app.serving.catalog import Catalog
 from app.serving.web import build_dispatcher
 
 HI = [{"role": "user", "content": "hi"}]
-MODELS_PATH = "/v1/models"
-# vLLM's shape: OpenAI's list, epoch ``created``.
-LISTED = [
-    {"id": "qwen3-8b", "object": "model", "created": 1760000000, "owned_by": "vllm"},
-    {"id": "Qwen/Qwen3-32B", "object": "model", "created": 1760000100, "owned_by": "vllm"},
-]
-
-
-def lists(backend: FakeBackend, models: list[dict[str, Any]]) -> None:
-    """The backend answers ``GET /v1/models`` with these models from now on."""
-    backend.routes[("GET", MODELS_PATH)] = lambda _request: JSONReply(
-        {"object": "list", "data": models}
-    )
-
-
-def fails_to_list(backend: FakeBackend, status: int = 500) -> None:
-    backend.routes[("GET", MODELS_PATH)] = lambda _request: JSONReply(
-        error_body("model list unavailable", error_type="server_error"), status=status
-    )
-
-
-def list_requests(backend: FakeBackend) -> list[Recorded]:
-    return [r for r in backend.requests if r.method == "GET" and r.path.startswith(MODELS_PATH)]
-
-
-def ids_of(client: anthropic.Anthropic, **params: Any) -> list[str]:
-    """Every id, as the SDK's auto-pager collects them page after page."""
-    return [m.id for m in client.models.list(**params)]
-
-
 # --- the list: configured names and the backend's own ------------------------------------------
 
 

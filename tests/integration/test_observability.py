@@ -4,30 +4,13 @@ tests/system/test_observability_gunicorn.py; the log line itself: tests/unit/ops
 from __future__ import annotations
 
 import json
-import logging
 
 import requests
 from fakebackend import FakeBackend, StreamReply, chunks
-
-BODY = {
-    "model": "claude-haiku-4-5",
-    "max_tokens": 20,
-    "messages": [{"role": "user", "content": "hi"}],
-}
+from metrics import BODY, metric_sum
 
 
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def test_access_log_has_the_fields_an_operator_needs(gateway, backend, caplog):
-    caplog.set_level(logging.INFO, logger="gateway.access")
+def test_access_log_has_the_fields_an_operator_needs(gateway, backend, gateway_log):
     backend.reply(StreamReply(chunks(["a", "b"])))
     with requests.post(
         gateway.url + "/v1/messages",
@@ -36,7 +19,7 @@ def test_access_log_has_the_fields_an_operator_needs(gateway, backend, caplog):
         timeout=10,
     ) as reply:
         assert reply.status_code == 200
-    entry = next(r.msg for r in caplog.records if r.name == "gateway.access")
+    entry = next(r.msg for r in gateway_log.records if r.name == "gateway.access")
     for key in (
         "request_id",
         "client",
@@ -97,23 +80,21 @@ def test_readyz_is_503_when_no_backend_is_reachable(make_gateway):
     assert ready.json() == {"status": "unavailable", "backends": {"default": False}}
 
 
-def test_a_json_answer_is_logged_once_it_has_been_written(gateway, backend, caplog):
-    caplog.set_level(logging.INFO, logger="gateway.access")
+def test_a_json_answer_is_logged_once_it_has_been_written(gateway, backend, gateway_log):
     client = gateway.app.test_client()
     reply = client.post(
         "/v1/messages", json=BODY, headers={"x-api-key": "sk-client-secret"}, buffered=False
     )
     assert reply.status_code == 200
-    assert not [r for r in caplog.records if r.name == "gateway.access"]  # not yet written
+    assert not [r for r in gateway_log.records if r.name == "gateway.access"]  # not yet written
     assert reply.get_data()
     reply.close()  # what the server does once the body is out
-    entries = [r.msg for r in caplog.records if r.name == "gateway.access"]
+    entries = [r.msg for r in gateway_log.records if r.name == "gateway.access"]
     assert len(entries) == 1
     assert entries[0]["status"] == 200 and entries[0]["bytes_out"] == len(reply.get_data())
 
 
-def test_probes_and_scrapes_leave_no_access_line_and_no_request_metrics(gateway, caplog):
-    caplog.set_level(logging.INFO, logger="gateway.access")
+def test_probes_and_scrapes_leave_no_access_line_and_no_request_metrics(gateway, gateway_log):
     before = requests.get(gateway.url + "/metrics", timeout=10).text
     for path in ("/healthz", "/readyz", "/metrics"):
         assert requests.get(gateway.url + path, timeout=10).headers["request-id"]
@@ -121,4 +102,4 @@ def test_probes_and_scrapes_leave_no_access_line_and_no_request_metrics(gateway,
     assert metric_sum(after, "gateway_requests_total") == metric_sum(
         before, "gateway_requests_total"
     )
-    assert not [r for r in caplog.records if r.name == "gateway.access"]
+    assert not [r for r in gateway_log.records if r.name == "gateway.access"]

@@ -25,6 +25,7 @@ import socketserver
 import ssl
 import sys
 import threading
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable
@@ -154,6 +155,8 @@ class StreamReply(Reply):
     before ``[DONE]``. ``chunked=False`` gives a close-delimited body. ``cut_after=k`` drops the
     connection after k events, with neither ``[DONE]`` nor the final zero-length chunk.
     A failed write means the client hung up: the stream stops and ``closed_by_client`` counts it.
+    ``sent_at`` gets the ``time.monotonic()`` of each event as it is written, so a test can say
+    "the client had this before the backend had even sent that" whatever the machine's speed.
     """
 
     events: list[dict | str]
@@ -166,6 +169,7 @@ class StreamReply(Reply):
     chunked: bool = True
     cut_after: int | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    sent_at: list[float] = field(default_factory=list)
 
     def _response_headers(self) -> dict[str, str]:
         defaults = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -203,6 +207,7 @@ class StreamReply(Reply):
                 return False
             self._emit(handler, self._comment_bytes(index))
             self._emit(handler, self._event_bytes(event))
+            self.sent_at.append(time.monotonic())
         if self._is_cut(len(self.events)):
             return False
         self._emit(handler, self._comment_bytes(len(self.events)))
@@ -307,12 +312,14 @@ def last_text(request: Recorded) -> str:
 class WireReply(Reply):
     """Exactly these bytes on the wire, status line included: answers no HTTP server should
     give (a 101 to a POST, a second response nobody asked for). ``then`` is written
-    ``then_after`` seconds later, on the same connection; ``close`` ends it afterwards."""
+    ``then_after`` seconds later, on the same connection; ``close`` ends it afterwards.
+    ``then_written`` is set once ``then`` is on the wire (on loopback: in the client's buffer)."""
 
     data: bytes
     then: bytes = b""
     then_after: float = 0.0
     close: bool = False
+    then_written: threading.Event = field(default_factory=threading.Event)
 
     def send(self, handler: _Handler, request: Recorded) -> None:
         data = self.data
@@ -326,6 +333,7 @@ class WireReply(Reply):
                 if self.then_after and not handler.pause(self.then_after):
                     return
                 handler.write(self.then)
+                self.then_written.set()
         except OSError:
             handler.close_connection = True
             return

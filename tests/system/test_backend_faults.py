@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import ssl
-import time
 from pathlib import Path
 
 import anthropic
@@ -199,9 +198,10 @@ def test_bytes_after_an_answer_never_reach_another_client(sdk, world):
     plain.reply(answer_then(text, stray))
     assert ask_for(sdk, text) == text
     serves_the_next_request(sdk)
-    plain.reply(answer_then(text, stray, after=0.02))
+    late = answer_then(text, stray, after=0.02)
+    plain.reply(late)
     assert ask_for(sdk, text) == text
-    time.sleep(0.2)  # the stray is on the pooled connection now
+    assert late.then_written.wait(30)  # the stray is on the pooled connection now
     for _ in range(3):
         serves_the_next_request(sdk)  # each gets its own marker, never "LEAKED"
 

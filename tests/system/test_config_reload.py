@@ -9,14 +9,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 from fakebackend import FakeBackend
 from servers import ROOT, Gunicorn
+from waiting import eventually, wait_until_ready
 
 API_KEY = "sk-inline-backend-key-5f1e0c"
 ADMIN_TOKEN = "admin-token-inline-9a7b3d"
@@ -49,16 +49,6 @@ def is_master(pid: int) -> bool:
         return False
 
 
-def eventually(check: Callable[[], object], timeout: float = 20.0) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.1)
-    return None
-
-
 def assert_no_secret(pids: set[int]) -> None:
     assert pids
     for pid in pids:
@@ -82,24 +72,36 @@ def gateway(module_backend: FakeBackend, tmp_path: Path) -> Iterator[tuple[Gunic
             if is_master(pid):
                 started.append(pid)
                 os.kill(pid, signal.SIGTERM)
-        eventually(lambda: not any(p in children(server.process.pid) for p in started), 15)
-        server.stop()
+        try:
+            eventually(
+                lambda: not any(p in children(server.process.pid) for p in started),
+                "the new masters gone",
+            )
+        finally:
+            server.stop()
 
 
 def hup(server: Gunicorn) -> None:
     """Reload and wait until the workers are new ones that answer."""
     before = children(server.process.pid)
     os.kill(server.process.pid, signal.SIGHUP)
-    assert eventually(lambda: children(server.process.pid) - before)
-    assert eventually(lambda: not before & children(server.process.pid))
-    assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
+    eventually(lambda: children(server.process.pid) - before, "new workers")
+    eventually(lambda: not before & children(server.process.pid), "the old workers gone")
+    wait_until_ready(
+        lambda: requests.get(server.url + "/healthz", timeout=10).status_code == 200,
+        "the reloaded gateway",
+        process=server.process,
+        log=server.log_path,
+    )
 
 
-def usr2(server: Gunicorn) -> int | None:
+def usr2(server: Gunicorn) -> int:
     """Start a new binary as an operator upgrading would; the new master's pid while it runs."""
     os.kill(server.process.pid, signal.SIGUSR2)
-    found = eventually(lambda: [p for p in children(server.process.pid) if is_master(p)], 10)
-    return found[0] if isinstance(found, list) else None
+    found = eventually(
+        lambda: [p for p in children(server.process.pid) if is_master(p)], "a new master"
+    )
+    return found[0]
 
 
 def test_no_worker_or_new_binary_inherits_the_keys_in_its_environment(gateway) -> None:
@@ -109,8 +111,7 @@ def test_no_worker_or_new_binary_inherits_the_keys_in_its_environment(gateway) -
     hup(server)
     assert_no_secret({master, *children(master)})
     new_master = usr2(server)
-    assert new_master is not None
-    assert eventually(lambda: children(new_master))  # its workers
+    eventually(lambda: children(new_master), "the new master's workers")
     assert_no_secret({new_master, *children(new_master)})
 
 
@@ -121,11 +122,17 @@ def test_a_new_binary_started_after_a_reload_fails_on_a_broken_config(gateway) -
     hup(server)
     config.write_text("[upstream\nbroken")
     os.kill(server.process.pid, signal.SIGUSR2)
-    assert eventually(lambda: "gateway: bad configuration" in server.log_path.read_text())
+    eventually(
+        lambda: "gateway: bad configuration" in server.log_path.read_text(),
+        "the new master's refusal logged",
+    )
     log = server.log_path.read_text()
     assert "keeping the last good one" not in log
     assert "gateway: bad configuration: GATEWAY_CONFIG=" in log
-    assert eventually(lambda: not [p for p in children(server.process.pid) if is_master(p)])
+    eventually(
+        lambda: not [p for p in children(server.process.pid) if is_master(p)],
+        "the new master gone",
+    )
     assert requests.get(server.url + "/healthz", timeout=10).status_code == 200
 
 
@@ -135,7 +142,9 @@ def test_a_reload_with_a_broken_file_keeps_the_last_good_config_from_memory(
     server, config = gateway
     config.write_text("[upstream\nbroken")
     hup(server)
-    assert "keeping the last good one" in server.log_path.read_text()
+    eventually(
+        lambda: "keeping the last good one" in server.log_path.read_text(), "the reload's refusal"
+    )
     reply = requests.post(
         server.url + "/v1/messages",
         json={"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]},

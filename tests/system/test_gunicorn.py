@@ -57,27 +57,29 @@ def read_events(port: int, body: dict) -> Iterator[tuple[float, str]]:
 
 def test_events_arrive_as_the_backend_produces_them(server, module_backend):
     pieces = [f"w{i} " for i in range(8)]
-    module_backend.reply(StreamReply(chunks(pieces), first_delay=0.1, delay=0.3))
-    started = time.monotonic()
+    reply = StreamReply(chunks(pieces), first_delay=0.1, delay=0.5)
+    module_backend.reply(reply)
     arrivals = list(read_events(server.port, {**BODY, "stream": True}))
     names = [name for _, name in arrivals]
     assert names[0] == "message_start" and names[-1] == "message_stop"
-    first_delta = next(t for t, name in arrivals if name == "content_block_delta")
-    last = arrivals[-1][0]
-    # The backend spreads the answer over ~2.2 s: a buffered relay would deliver it all at once.
-    assert first_delta - started < 1.0
-    assert last - first_delta > 1.5
+    deltas = [t for t, name in arrivals if name == "content_block_delta"]
+    # The backend spreads the answer over ~5 s. A buffered relay would deliver nothing before
+    # the backend's last event; a streaming one has delivered most of the text by then.
+    last_sent = reply.sent_at[-1]
+    assert deltas[0] < last_sent
+    assert sum(t < last_sent for t in deltas) >= len(deltas) // 2
 
 
 def test_message_start_does_not_wait_for_the_first_token(server, module_backend):
     """A backend that sends its role chunk at once and then takes its time over the first
-    token: the client has the response head and message_start long before that token."""
-    module_backend.reply(StreamReply(chunks(["late"]), delay=1.5))
-    started = time.monotonic()
+    token: the client has the response head and message_start before that token is sent."""
+    reply = StreamReply(chunks(["late"]), delay=3.0)
+    module_backend.reply(reply)
     arrivals = list(read_events(server.port, {**BODY, "stream": True}))
-    first = {name: t - started for t, name in reversed(arrivals)}
-    assert first["message_start"] < 0.8
-    assert first["content_block_delta"] > 1.3
+    first = {name: t for t, name in reversed(arrivals)}
+    token_sent = reply.sent_at[1]  # the role chunk is event 0, the first token event 1
+    assert first["message_start"] < token_sent
+    assert first["content_block_delta"] >= token_sent
 
 
 def test_sdk_create_and_stream_through_gunicorn(sdk, module_backend):
@@ -113,7 +115,7 @@ def test_client_disconnect_closes_the_backend_stream(server, module_backend):
         if name == "content_block_delta":
             break
     events.close()  # hang up mid-stream
-    assert module_backend.wait_closed(before + 1, timeout=5)
+    assert module_backend.wait_closed(before + 1, timeout=30)
 
 
 def test_backend_failures_do_not_take_the_worker_down(server, sdk, module_backend):
@@ -224,7 +226,8 @@ def test_hup_reloads_config_without_dropping_streams(module_backend, tmp_path):
     env = {"GATEWAY_CONFIG": str(config), "GATEWAY_GRACEFUL_TIMEOUT": "10"}
     server = Gunicorn(env, tmp_path / "gunicorn.log")
     try:
-        module_backend.reply(StreamReply(chunks([f"t{i} " for i in range(10)]), delay=0.2))
+        stream = StreamReply(chunks([f"t{i} " for i in range(10)]), delay=0.5)  # ~5 s
+        module_backend.reply(stream)
         finished: list[list[str]] = []
         reader = threading.Thread(
             target=lambda: finished.append(
@@ -232,19 +235,23 @@ def test_hup_reloads_config_without_dropping_streams(module_backend, tmp_path):
             )
         )
         reader.start()
-        time.sleep(0.5)  # the stream is under way
+        eventually(lambda: stream.sent_at, "the stream under way")
         config.write_text(f'[upstream]\nurl = "{module_backend.url}"\nmodel = "model-b"\n')
         os.kill(server.process.pid, signal.SIGHUP)
-        assert _eventually(lambda: _backend_model(server, module_backend) == "model-b")
-        reader.join(timeout=10)
+        eventually(
+            lambda: _backend_model(server, module_backend) == "model-b", "the new config in use"
+        )
+        reader.join(timeout=30)
         assert finished and finished[0][-1] == "message_stop"  # the old worker drained it
 
         config.write_text("[upstream\nbroken")
         os.kill(server.process.pid, signal.SIGHUP)
-        time.sleep(1.5)
+        eventually(
+            lambda: "keeping the last good one" in server.log_path.read_text(),
+            "the bad reload logged",
+        )
         assert server.process.poll() is None  # the master survives a bad reload
         assert _backend_model(server, module_backend) == "model-b"  # the last good config
-        assert "keeping the last good one" in server.log_path.read_text()
     finally:
         server.stop()
 
@@ -253,10 +260,6 @@ def _backend_model(server: Gunicorn, backend: FakeBackend) -> str:
     reply = requests.post(server.url + "/v1/messages", json=BODY, timeout=10)
     assert reply.status_code == 200, reply.text
     return backend.requests[-1].json["model"]
-
-
-def _eventually(check, timeout: float = 30.0) -> bool:
-    return bool(eventually(check, "the condition", timeout))
 
 
 def test_shutdown_ends_a_long_stream_with_an_error_event_not_a_cut(module_backend, tmp_path):
@@ -279,7 +282,7 @@ def test_shutdown_ends_a_long_stream_with_an_error_event_not_a_cut(module_backen
     assert last.startswith(b"event: error\n")
     assert json.loads(last.split(b"data: ", 1)[1])["error"]["type"] == "overloaded_error"
     assert b"event: message_stop" not in rest
-    assert module_backend.wait_closed(before + 1, timeout=5)
+    assert module_backend.wait_closed(before + 1, timeout=30)
 
 
 def test_term_with_an_idle_keep_alive_connection_stops_at_once(module_backend, tmp_path):
@@ -294,7 +297,7 @@ def test_term_with_an_idle_keep_alive_connection_stops_at_once(module_backend, t
         started = time.monotonic()
         server.process.terminate()
         server.process.wait(timeout=30)
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 20  # far from the 60 s it would wait for the idle one
     finally:
         idle.close()
         server.stop()

@@ -21,6 +21,7 @@ import pytest
 import requests
 from fakebackend import FakeBackend, HoldReply
 from servers import Gunicorn
+from waiting import eventually
 
 ADMIN = "admin-token-hostile"
 KEYS = {"alice": "sk-gw-alice-0123456789", "single": "sk-gw-single-0123456789"}
@@ -79,7 +80,7 @@ def exchange(gateway: Gunicorn, raw: bytes, *, wait: float = 5.0) -> tuple[bytes
                 break
             received += piece
             if _complete(received):
-                conn.settimeout(0.5)  # is the connection closed after the answer?
+                conn.settimeout(wait)  # is the connection closed after the answer?
         return received, closed
 
 
@@ -307,13 +308,13 @@ def test_a_stalled_upload_times_out_and_holds_no_key_slot(gateway):
 def test_a_client_that_hangs_up_while_the_backend_thinks_ends_the_backend_request(
     gateway, module_backend, stream
 ):
-    before = module_backend.closed_by_client
-    module_backend.reply(HoldReply(30))
+    before, seen = module_backend.closed_by_client, len(module_backend.requests)
+    module_backend.reply(HoldReply(60))
     body = json.dumps({**BODY, "stream": stream}).encode()
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as conn:
         conn.sendall(sized(KEYS["single"], body))
-        time.sleep(0.3)  # the backend has the request and is thinking
-    assert module_backend.wait_closed(before + 1, timeout=5)  # not after read_timeout (600 s)
+        eventually(lambda: len(module_backend.requests) > seen, "the backend thinking about it")
+    assert module_backend.wait_closed(before + 1, timeout=30)  # not after read_timeout (600 s)
     served(gateway, KEYS["single"])  # and its key slot is back
     lines = [e for e in gateway.access_lines() if e.get("status") == 499]
     assert lines and lines[-1]["client_disconnected"] is True

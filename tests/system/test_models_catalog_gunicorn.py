@@ -4,32 +4,11 @@ with only an upstream URL set (in process, in detail: tests/integration/test_mod
 
 from __future__ import annotations
 
-from typing import Any
-
 import anthropic
 import requests
-from fakebackend import FakeBackend, JSONReply
+from fakebackend import FakeBackend
+from model_lists import LISTED, ids_of, lists
 from servers import Gunicorn
-
-MODELS_PATH = "/v1/models"
-# vLLM's shape: OpenAI's list, epoch ``created``.
-LISTED = [
-    {"id": "qwen3-8b", "object": "model", "created": 1760000000, "owned_by": "vllm"},
-    {"id": "Qwen/Qwen3-32B", "object": "model", "created": 1760000100, "owned_by": "vllm"},
-]
-
-
-def lists(backend: FakeBackend, models: list[dict[str, Any]]) -> None:
-    """The backend answers ``GET /v1/models`` with these models from now on."""
-    backend.routes[("GET", MODELS_PATH)] = lambda _request: JSONReply(
-        {"object": "list", "data": models}
-    )
-
-
-def ids_of(client: anthropic.Anthropic, **params: Any) -> list[str]:
-    """Every id, as the SDK's auto-pager collects them page after page."""
-    return [m.id for m in client.models.list(**params)]
-
 
 # --- under gunicorn's gevent worker -------------------------------------------------------------
 

@@ -22,7 +22,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,11 +261,6 @@ def https(nginx: Nginx) -> Iterator[HTTPS]:
     client.session.close()
 
 
-def wait_for(find: Callable[[], dict | None], what: str) -> dict:
-    """Access lines are written when a response ends, a moment after the client saw it."""
-    return eventually(find, f"no {what}")
-
-
 # --------------------------------------------------------------------------------------------
 # Tests
 # --------------------------------------------------------------------------------------------
@@ -273,10 +268,10 @@ def wait_for(find: Callable[[], dict | None], what: str) -> dict:
 
 def test_stream_arrives_event_by_event_over_https(nginx, tls, backend):
     pieces = [f"w{i} " for i in range(8)]
-    backend.reply(StreamReply(chunks(pieces), first_delay=0.1, delay=0.3))
+    reply = StreamReply(chunks(pieces), first_delay=0.1, delay=0.5)
+    backend.reply(reply)
     conn = http.client.HTTPSConnection("127.0.0.1", nginx.config.https_port, context=tls)
     try:
-        started = time.monotonic()
         body = json.dumps({**BODY, "stream": True})
         conn.request("POST", "/v1/messages", body, {"Content-Type": "application/json"})
         response = conn.getresponse()
@@ -294,11 +289,11 @@ def test_stream_arrives_event_by_event_over_https(nginx, tls, backend):
     assert names[0] == "message_start" and names[-1] == "message_stop"
     deltas = [t for t, name in arrivals if name == "content_block_delta"]
     assert len(deltas) == len(pieces)
-    # The backend spreads the answer over ~2.2 s; a buffering proxy would deliver it at once.
-    assert deltas[0] - started < 1.0
-    assert arrivals[-1][0] - deltas[0] > 1.5
-    gaps = [later - earlier for earlier, later in zip(deltas, deltas[1:], strict=False)]
-    assert sum(gap > 0.15 for gap in gaps) >= len(gaps) - 1
+    # The backend spreads the answer over ~5 s. A buffering proxy would deliver nothing before
+    # the backend's last event; a streaming one has delivered most of the text by then.
+    last_sent = reply.sent_at[-1]
+    assert deltas[0] < last_sent
+    assert sum(t < last_sent for t in deltas) >= len(deltas) // 2
 
 
 def test_large_image_body_passes_through_to_the_backend(https, backend):
@@ -330,14 +325,15 @@ def test_request_id_is_the_same_in_both_logs_and_the_response(https, nginx, gate
         assert request_id == client_id
     else:
         assert len(request_id) == 32  # nginx's $request_id: 16 random bytes in hex
-    edge = wait_for(
+    # Access lines are written when a response ends, a moment after the client saw it.
+    edge = eventually(
         lambda: next((e for e in nginx.access_lines() if e["request_id"] == request_id), None),
         f"nginx access line for {request_id}",
     )
     assert edge["uri"] == "/v1/messages" and edge["status"] == 200
     assert float(edge["request_time"]) >= 0
     assert edge["upstream_addr"] == f"127.0.0.1:{gateway.port}"
-    app = wait_for(
+    app = eventually(
         lambda: next((e for e in gateway.access_lines() if e["request_id"] == request_id), None),
         f"gateway access line for {request_id}",
     )

@@ -9,23 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from fakebackend import FakeBackend, StreamReply, chunks
+from metrics import BODY, metric_sum
 from servers import Gunicorn
-
-BODY = {
-    "model": "claude-haiku-4-5",
-    "max_tokens": 20,
-    "messages": [{"role": "user", "content": "hi"}],
-}
-
-
-def metric_sum(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 @pytest.mark.parametrize("workers", [3])

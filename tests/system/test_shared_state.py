@@ -115,14 +115,16 @@ def test_requests_at_once_on_both_hosts_get_exactly_the_burst(hosts):
     assert sorted(statuses) == [200] * 12 + [429] * 12
     # Either host reports the usage of both (each worker writes its records once a second).
     for host in (first, second):
-        assert wait_until(
-            lambda h=host: admin(h, "/admin/usage?key=pair&by=key")["total"]["requests"] == 12
+        eventually(
+            lambda h=host: admin(h, "/admin/usage?key=pair&by=key")["total"]["requests"] == 12,
+            "both hosts' usage reported",
         )
 
 
 def test_a_stream_on_one_host_holds_the_keys_only_slot_on_the_other(hosts, module_backend):
     first, second = hosts
-    module_backend.reply(StreamReply(chunks([f"t{i} " for i in range(30)]), delay=0.03))
+    # ~6 s of stream: still open when the other host is asked, however slow the machine
+    module_backend.reply(StreamReply(chunks([f"t{i} " for i in range(30)]), delay=0.2))
     conn = http.client.HTTPConnection("127.0.0.1", first.port, timeout=30)
     headers = {"Content-Type": "application/json", "x-api-key": secret("solo")}
     conn.request("POST", "/v1/messages", json.dumps({**BODY, "stream": True}), headers)
@@ -160,10 +162,6 @@ def test_a_thread_created_on_one_host_is_continued_on_the_other(hosts, module_ba
 # --- Redis goes away and comes back ----------------------------------------------------------
 
 
-def wait_until(check, timeout: float = 30.0) -> bool:  # type: ignore[no-untyped-def]
-    return bool(eventually(check, "the condition", timeout))
-
-
 @pytest.fixture
 def own_redis(tmp_path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path / "redis")
@@ -190,12 +188,12 @@ def test_store_outage_fails_open_loudly_and_recovers_by_itself(module_backend, o
         status = admin(gateway, "/status")
         assert status["state"]["up"] is False or status["keys"]["guarded"]["in_flight"] is None
         own_redis.start()  # an empty Redis: the limits start again from a rested key
-        assert wait_until(lambda: post(gateway, "guarded").status_code == 429)
+        eventually(lambda: post(gateway, "guarded").status_code == 429, "limits back on")
         # The worker that answered has found the store; the other finds it on its own (its
         # watcher pings every second), and the gauge is the lowest of the two until then.
-        assert wait_until(lambda: metric(gateway, "gateway_state_store_up") == 1)
+        eventually(lambda: metric(gateway, "gateway_state_store_up") == 1, "the store up gauge")
         # Logged by whichever worker saw it go, which need not be the one that answered.
-        assert wait_until(lambda: "state store is back" in gateway.log_path.read_text())
+        eventually(lambda: "state store is back" in gateway.log_path.read_text(), "its return")
         assert gateway.process.poll() is None and len(worker_pids(gateway)) <= 2
     finally:
         gateway.stop()
@@ -218,7 +216,7 @@ def test_store_outage_fails_closed_with_503_overloaded_and_recovers(
         # Routes that need no store still answer.
         assert requests.get(gateway.url + "/healthz", timeout=5).status_code == 200
         own_redis.start()
-        assert wait_until(lambda: post(gateway, "guarded").status_code == 200)
+        eventually(lambda: post(gateway, "guarded").status_code == 200, "requests admitted")
         assert gateway.process.poll() is None
     finally:
         gateway.stop()
@@ -231,7 +229,7 @@ def test_a_redis_down_at_start_is_found_once_it_is_up(module_backend, tmp_path):
     try:
         assert post(gateway, "guarded").status_code == 200
         redis.start()
-        assert wait_until(lambda: post(gateway, "guarded").status_code == 429)
+        eventually(lambda: post(gateway, "guarded").status_code == 429, "limits on")
     finally:
         gateway.stop()
         redis.stop()

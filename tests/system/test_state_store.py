@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -252,39 +252,54 @@ def test_gateways_starting_together_on_one_fresh_state_directory_all_open_it(tmp
         db.close()
 
 
-def hold_the_write_lock(directory: Path, seconds: float) -> threading.Thread:
+def hold_the_write_lock(directory: Path) -> Callable[[], None]:
     """Another process's write, as SQLite sees it: a connection of its own holding an
-    exclusive lock on the (fresh) database for ``seconds``."""
+    exclusive lock on the (fresh) database until the function returned is called."""
     os.makedirs(directory, exist_ok=True)
     holder = sqlite3.connect(directory / FILE, isolation_level=None, check_same_thread=False)
     holder.execute("BEGIN EXCLUSIVE")
 
     def release() -> None:
-        time.sleep(seconds)
         holder.execute("ROLLBACK")
         holder.close()
 
-    thread = threading.Thread(target=release)
-    thread.start()
-    return thread
+    return release
 
 
 def test_opening_waits_while_another_process_holds_the_write_lock(tmp_path):
-    holder = hold_the_write_lock(tmp_path, 1.0)
-    started = time.monotonic()
-    store = SQLiteStore(str(tmp_path))
-    waited = time.monotonic() - started
-    holder.join()
-    assert waited >= 0.9
+    release = hold_the_write_lock(tmp_path)
+    opening = threading.Event()
+    opened: list[SQLiteStore | Exception] = []
+
+    def open_store() -> None:
+        opening.set()
+        try:
+            opened.append(SQLiteStore(str(tmp_path)))
+        except Exception as exc:  # noqa: BLE001 - the test says what it was
+            opened.append(exc)
+
+    opener = threading.Thread(target=open_store)
+    opener.start()
+    try:
+        opening.wait(30)
+        time.sleep(0.5)  # the opener meets the lock meanwhile (if slower, it waits less)
+        assert opened == []  # still waiting: neither open nor given up
+    finally:
+        release()
+        opener.join(30)
+    (store,) = opened
+    assert isinstance(store, SQLiteStore), store
     assert store.admit(Ask("k", takes=[(REQUESTS, 1)])).admitted
     store.close()
 
 
 def test_opening_gives_up_with_the_reason_once_its_wait_is_over(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_store, "OPEN_WAIT", 0.2)
-    holder = hold_the_write_lock(tmp_path, 1.0)
-    with pytest.raises(
-        StoreUnavailable, match="cannot open the state store .*: database is locked"
-    ):
-        SQLiteStore(str(tmp_path))
-    holder.join()
+    release = hold_the_write_lock(tmp_path)  # held until the open has given up
+    try:
+        with pytest.raises(
+            StoreUnavailable, match="cannot open the state store .*: database is locked"
+        ):
+            SQLiteStore(str(tmp_path))
+    finally:
+        release()

@@ -4,7 +4,7 @@ tests/system/test_threads_gunicorn.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ def user(text: str) -> dict[str, Any]:
     return {"role": "user", "content": text}
 
 
-def rejection(call) -> ThreadRejected:  # type: ignore[no-untyped-def]
+def rejection(call: Callable[[], object]) -> ThreadRejected:
     with pytest.raises(ThreadRejected) as caught:
         call()
     return caught.value

@@ -26,7 +26,7 @@ from app.config.schema import places, table_keys, top_level_keys
 from app.config.setting import known_keys
 from app.translate.dialect import Dialect
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 EXAMPLE = (ROOT / "deploy" / "gateway.example.toml").read_text(encoding="utf-8")
 # Variables the README's tables name that are not settings of the file.
@@ -175,19 +175,70 @@ def test_the_quirks_table_names_every_dialect_field() -> None:
     assert named == {f.name for f in fields(Dialect)} - {"name"}
 
 
-@pytest.mark.parametrize(
-    ("key", "quoted"),
-    [
-        (m.group(1), m.group(2))
-        for m in re.finditer(r"`([a-z_]+)` \((?:default )?([0-9][0-9.]*)(?: s)?[,)]", README)
-        if not m.group(1).startswith("thread_")
-    ],
+def prose(text: str) -> str:
+    """The README without its generated reference and its code blocks: the text written by
+    hand, where a default quoted in passing is the one to go stale."""
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    return re.sub(r"```.*?```", "", text[:start] + text[end:], flags=re.S)
+
+
+# A literal as prose quotes it: a number (``900``, ``0.5``; `` s`` may follow) or a code span
+# that starts with a digit (```127.0.0.1:8082```), never another key's name.
+_VALUE = r"(?:`(?P<{0}c>[0-9][^`\s]*)`|(?P<{0}n>[0-9](?:[0-9.]*[0-9])?))(?: s\b)?"
+# A key (or its GATEWAY_ variable) and the default quoted for it in the same clause: "`key`
+# (900)", "`key` (default 2)", "`key` (first byte, default 900 s)", "`GATEWAY_X`, by default
+# `v`", "`key` is 15 s by default". No other code span, and no full stop, may come between.
+QUOTED_DEFAULT = re.compile(
+    r"`(?P<key>[a-z][a-z_]*|GATEWAY_[A-Z_]+)`(?:"
+    r" \(" + _VALUE.format("paren") + r"[,)]"
+    r"|[^`.;:\n]{0,60}?\bdefault(?:s to| is| of|:)? "
+    + _VALUE.format("default")
+    + r"|[^`.;:\n]{0,60}?\b"
+    + _VALUE.format("by")
+    + r" by default"
+    r")"
 )
+
+
+def quoted_defaults(text: str) -> list[tuple[str, str]]:
+    """(key or variable, the value quoted as its default) for each default the prose quotes.
+    Error codes (``thread_…``) are followed by their HTTP status, not a default; a variable
+    that is not a setting's (``GATEWAY_BIND``: gunicorn's) has its own table."""
+    found = []
+    for match in QUOTED_DEFAULT.finditer(prose(text)):
+        key = match.group("key")
+        value = next(v for name, v in match.groupdict().items() if name != "key" and v)
+        if key.startswith("thread_") or (key.startswith("GATEWAY_") and key not in ENV_OVERRIDES):
+            continue
+        found.append((key, value))
+    return found
+
+
+@pytest.mark.parametrize(("key", "quoted"), quoted_defaults(README))
 def test_defaults_quoted_in_the_text_are_the_schemas(key: str, quoted: str) -> None:
-    found = [setting_at(path, key) for path in setting_paths()]
-    defaults = {shown_default(*f) for f in found if f is not None}
+    places_of_key = [ENV_OVERRIDES[key]] if key in ENV_OVERRIDES else []
+    places_of_key += [(path, key) for path in setting_paths()]
+    found = [setting_at(path, name) for path, name in places_of_key]
+    defaults = {shown_default(*f).strip("`") for f in found if f is not None}
     assert defaults, f"`{key}` is not a setting"
-    assert quoted in defaults
+    assert quoted in defaults, f"`{key}`: the text says {quoted}, the schema {defaults}"
+
+
+def test_the_quoted_defaults_are_found_in_each_form_the_text_uses() -> None:
+    """The pattern itself: each way of quoting a default is read, and a number that is not
+    one (a status, a count in passing) is not."""
+    text = (
+        "`a_key` (900). `b_key` (default 2, more). `c_key` (first byte, default 900 s). "
+        "`d_key` is 15 s by default. `GATEWAY_READ_TIMEOUT`, by default `600`. "
+        "`e_key` takes `f_key` 3 times. `thread_gone` (404). `g_key` defaults to `h_key`."
+    )
+    assert quoted_defaults(BEGIN + END + text) == [
+        ("a_key", "900"),
+        ("b_key", "2"),
+        ("c_key", "900"),
+        ("d_key", "15"),
+        ("GATEWAY_READ_TIMEOUT", "600"),
+    ]
 
 
 # --- TOML examples: the README's blocks and deploy/gateway.example.toml --------------------

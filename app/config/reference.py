@@ -1,6 +1,6 @@
 """The README's reference of every setting, made from the schema so that it cannot drift:
 ``python -m app.config.reference`` prints it, ``--write`` puts it in README.md between its
-markers, and tests/unit/test_config_reference.py fails while the README's copy differs."""
+markers, and tests/unit/config/test_reference.py fails while the README's copy differs."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from app.serving.relay import StreamOutcome, relay
 from app.serving.state import RequestState, current
 from app.state.guard import GuardedStore
 from app.translate.accumulate import MessageAccumulator
-from app.translate.passthrough import PassthroughStream, passthrough_stop
+from app.translate.passthrough import PassthroughStream, passthrough_id, passthrough_stop
 from app.translate.request import check_request, stop_sequences, translate_request
 from app.translate.response import translate_response
 from app.translate.sse import encode_all
@@ -252,7 +252,8 @@ def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(message, dict) or message.get("type") != "message":
             message = f"backend {attempt.client.name} returned no message"
             raise UpstreamError(message, backend_fault=True)
-        return {**message, "model": body["model"], **passthrough_stop(message)}
+        fixed = {**passthrough_stop(message), **passthrough_id(message)}
+        return {**message, "model": body["model"], **fixed}
     return translate_response(attempt.result, **_answer_options(attempt, body))
 
 

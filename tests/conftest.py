@@ -110,3 +110,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "llama_cpp: the real-backend tier, through a real llama-server (scripts/llama-server)",
     )
+    config.addinivalue_line(
+        "markers", "vllm: the vLLM tier, through a real vLLM on the CPU (scripts/vllm-server)"
+    )

@@ -54,7 +54,7 @@ class Gunicorn:
             try:
                 if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # a busy machine: try again
                 time.sleep(0.1)
         raise RuntimeError(f"gunicorn did not become ready: {self.log_path.read_text()}")
 

@@ -232,6 +232,36 @@ def test_stream_message_start_reports_the_exact_prompt_size(client, vllm):
     assert prompt_of(message) == expected
 
 
+def test_message_start_counts_a_prefilled_prompt_as_vllm_renders_it(client, vllm):
+    """A prefill is continued (``continue_final_message``), not closed and followed by a new
+    assistant turn: the count asked of /tokenize must render it the same way."""
+    prefilled = [*COLORS, {"role": "assistant", "content": PREFILL}]
+    expected = vllm.prompt_tokens(
+        prefilled, continue_final_message=True, add_generation_prompt=False
+    )
+    assert expected < vllm.prompt_tokens(prefilled)  # the closed turn is a few tokens more
+    events, message = stream_events(client, max_tokens=3, messages=prefilled)
+    assert events[0].message.usage.input_tokens == expected == prompt_of(message)
+
+
+CACHED = [{"role": "user", "content": "Summarise: " + "the cat sat on the mat. " * 60}]
+
+
+@pytest.mark.parametrize("side", ["client", "native"])
+def test_a_repeated_prompt_reports_vllms_prefix_cache_as_cache_read_input_tokens(
+    side, request, vllm
+):
+    """vLLM reuses the KV blocks of an earlier prompt and, with --enable-prompt-tokens-details,
+    says how many tokens came from them: Anthropic's cache_read_input_tokens, through chat
+    completions and through vLLM's own /v1/messages alike."""
+    sdk = request.getfixturevalue(side)
+    size = vllm.prompt_tokens(CACHED)
+    ask(sdk, False, max_tokens=2, messages=CACHED)
+    usage = ask(sdk, False, max_tokens=2, messages=CACHED).usage
+    assert usage.cache_read_input_tokens and usage.cache_read_input_tokens > size // 2, usage
+    assert usage.input_tokens + usage.cache_read_input_tokens == size
+
+
 # --- stop sequences, max_tokens, prefill -----------------------------------------------------
 
 

@@ -39,6 +39,8 @@ log = logging.getLogger("gateway")
 READ_SIZE = 65536
 ERROR_BODY_LIMIT = 65536
 READY_TIMEOUT = 2.0
+# What vLLM's /tokenize takes beside the messages that changes how they are rendered.
+VLLM_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
 # Client headers an Anthropic-speaking backend should see as the client sent them.
 ANTHROPIC_HEADERS = ("anthropic-version", "anthropic-beta")
 # Betas the gateway serves itself (app/policy/threads.py): a backend must not see them, or it
@@ -153,6 +155,9 @@ class BackendClient:
                 )
                 return int(counted["input_tokens"])
             if tokenizer == "vllm":
+                # Rendered as the request is: a prefill continued, not closed and followed by
+                # a new assistant turn, and the template's switches (thinking) the same.
+                request.update({k: payload[k] for k in VLLM_TEMPLATE_FIELDS if k in payload})
                 return int(self._call(self.root + "/tokenize", request, request_id)["count"])
             if tokenizer == "llamacpp":
                 applied = self._call(self.root + "/apply-template", request, request_id)

@@ -30,7 +30,7 @@ from app.serving.relay import Observer, StreamOutcome, Translator, relay
 from app.serving.state import Phase, RequestState, run_each
 from app.state.guard import GuardedStore
 from app.translate.accumulate import MessageAccumulator
-from app.translate.passthrough import PassthroughStream, passthrough_stop
+from app.translate.passthrough import PassthroughStream, passthrough_id, passthrough_stop
 from app.translate.request import check_request, stop_sequences
 from app.translate.response import translate_response
 from app.translate.sse import encode_all
@@ -208,7 +208,8 @@ def _message(attempt: Attempt, body: dict[str, Any]) -> dict[str, Any]:
             raise UpstreamError(
                 f"backend {attempt.client.name} returned no message", backend_fault=True
             )
-        return {**message, "model": body["model"], **passthrough_stop(message)}
+        fixed = {**passthrough_stop(message), **passthrough_id(message)}
+        return {**message, "model": body["model"], **fixed}
     options = _answer_options(attempt, body)
     # A Message is a dict at run time; the views add to it as to any answer.
     return cast(dict[str, Any], translate_response(attempt.result, **options))

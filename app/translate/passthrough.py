@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from app import jsonc
+from app import ids, jsonc
 from app.errors import UpstreamError
 from app.translate.anthropic_types import StreamEvent, Usage
 from app.translate.redact import redact
@@ -48,6 +48,7 @@ class PassthroughStream(Ending):
         kind = event["type"]
         if kind == "message_start" and isinstance(event.get("message"), dict):
             event["message"]["model"] = self.model
+            event["message"].update(passthrough_id(event["message"]))
             self._usage.update(event["message"].get("usage") or {})
         elif kind == "message_delta":
             self._usage.update(
@@ -84,6 +85,15 @@ class PassthroughStream(Ending):
             "cache_creation_input_tokens": int(usage.get("cache_creation_input_tokens") or 0),
             "cache_read_input_tokens": int(usage.get("cache_read_input_tokens") or 0),
         }
+
+
+def passthrough_id(message: dict[str, Any]) -> dict[str, Any]:
+    """A message id of Anthropic's form (``msg_…``) for one that has another: vLLM's own
+    /v1/messages names its messages ``chatcmpl-…``, and clients may check the prefix."""
+    backend_id = message.get("id")
+    if isinstance(backend_id, str) and backend_id.startswith("msg_"):
+        return {}
+    return {"id": ids.message_id()}
 
 
 def passthrough_stop(message: dict[str, Any]) -> dict[str, Any]:

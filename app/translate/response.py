@@ -211,12 +211,14 @@ def context_window_exceeded(obj: Mapping[str, Any], max_tokens: int | None = Non
     stop came from the context window filling up rather than from ``max_tokens``.
 
     Clients act differently on the two (Claude Code says the context is full instead of
-    suggesting a larger output cap). Most backends cannot tell them apart by then: vLLM,
+    suggesting a larger output cap). Most backends cannot tell them apart by then: older vLLM,
     SGLang, OpenAI and DeepSeek refuse up front a request whose prompt plus ``max_tokens``
     does not fit, Ollama shifts its context. llama.cpp only checks the prompt, then stops with
-    the same ``length`` either way; what tells it apart is its debugging block (``__verbose``,
+    the same ``length`` either way, and so does vLLM 0.32 (it lowers ``max_tokens`` to
+    what fits); what tells it apart is llama.cpp's debugging block (``__verbose``,
     ``truncated`` at a ``limit`` stop before ``n_predict`` tokens), or, given the
-    ``max_tokens`` it was sent, a ``timings`` count of fewer tokens than that. Stream callers
+    ``max_tokens`` it was sent, a count of fewer tokens than that (llama.cpp's ``timings``,
+    anyone's ``usage``: a ``length`` stop short of ``max_tokens`` is the window's). Stream callers
     test every chunk: the two arrive in different ones. Meant for ``map_stop_reason``, which
     heeds it only for a ``length`` stop. Safe on any shape: what is not as expected is no
     evidence.
@@ -225,8 +227,11 @@ def context_window_exceeded(obj: Mapping[str, Any], max_tokens: int | None = Non
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         if choices[0].get("finish_reason") in CONTEXT_FULL_REASONS:
             return True
-    return _verbose_says_context_full(obj.get("__verbose")) or _stopped_short(
-        obj.get("timings"), max_tokens
+    usage = obj.get("usage")
+    return (
+        _verbose_says_context_full(obj.get("__verbose"))
+        or _stopped_short(obj.get("timings"), "predicted_n", max_tokens)
+        or _stopped_short(usage, "completion_tokens", max_tokens)
     )
 
 
@@ -240,10 +245,10 @@ def _verbose_says_context_full(verbose: object) -> bool:
     return budget <= 0 or _int(verbose.get("tokens_predicted")) < budget
 
 
-def _stopped_short(timings: object, max_tokens: int | None) -> bool:
-    if not isinstance(timings, dict) or not max_tokens:
+def _stopped_short(counts: object, key: str, max_tokens: int | None) -> bool:
+    if not isinstance(counts, dict) or not max_tokens:
         return False
-    predicted = timings.get("predicted_n")
+    predicted = counts.get(key)
     if not isinstance(predicted, int) or isinstance(predicted, bool):
         return False  # no count is no evidence
     return predicted < max_tokens

@@ -250,9 +250,11 @@ class StreamTranslator(Ending):
         if "error" in chunk or chunk.get("object") == "error":
             return self.fail(error_from_body(chunk))
         choice = first_choice(chunk, self.backend)  # checked before anything reads the chunk
-        # llama.cpp's evidence of a full context (its timings) and the finish reason come in
-        # separate chunks; only those that carry it are looked at.
-        if not self.context_full and ("timings" in chunk or "__verbose" in chunk):
+        # The evidence of a full context (llama.cpp's timings, the usage chunk) and the finish
+        # reason come in separate chunks; only those that carry it are looked at.
+        if not self.context_full and (
+            "timings" in chunk or "__verbose" in chunk or "usage" in chunk
+        ):
             self.context_full = context_window_exceeded(chunk, self.max_tokens)
         usage = chunk.get("usage")
         if usage and isinstance(usage, dict):

@@ -347,6 +347,17 @@ def test_count_tokens_uses_vllm_tokenizer(make_gateway, backend):
     assert sent["tools"][0]["function"]["name"] == "get_weather"
 
 
+def test_vllm_tokenizer_renders_a_prefill_as_the_request_does(make_gateway, backend):
+    """A prefill is continued, so /tokenize must not close it and open a new assistant turn."""
+    backend.routes[("POST", "/tokenize")] = lambda req: JSONReply({"count": 9, "tokens": []})
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    with make_gateway({"dialect": "vllm"}).client() as client:
+        client.messages.count_tokens(model="m", messages=messages, thinking={"type": "disabled"})
+    sent = backend.tokenizer_requests[-1].json
+    assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+    assert sent["chat_template_kwargs"] == {"enable_thinking": False}
+
+
 def test_count_tokens_uses_llamacpp_template_then_tokenizer(make_gateway, backend):
     backend.routes[("POST", "/apply-template")] = lambda req: JSONReply({"prompt": "<|user|>hello"})
     backend.routes[("POST", "/tokenize")] = lambda req: JSONReply({"tokens": [1, 2, 3, 4]})

@@ -120,18 +120,22 @@ def test_vllm_stop_reason_string_becomes_stop_sequence(client, backend):
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == "###"
 
 
+# The fake backend's answers say they used 5 output tokens.
 @pytest.mark.parametrize(
-    ("finish_reason", "stop_reason"),
+    ("finish_reason", "max_tokens", "stop_reason"),
     [
-        ("stop", "end_turn"),
-        ("length", "max_tokens"),
-        ("content_filter", "refusal"),
-        (None, "end_turn"),
+        ("stop", 64, "end_turn"),
+        ("length", 5, "max_tokens"),
+        # A length stop short of the cap it was sent: the context window filled first (vLLM
+        # 0.32 lowers max_tokens to what fits, llama.cpp checks only the prompt).
+        ("length", 64, "model_context_window_exceeded"),
+        ("content_filter", 64, "refusal"),
+        (None, 64, "end_turn"),
     ],
 )
-def test_finish_reason_maps_to_stop_reason(client, backend, finish_reason, stop_reason):
+def test_finish_reason_maps_to_stop_reason(client, backend, finish_reason, max_tokens, stop_reason):
     backend.reply(JSONReply(completion("x", finish_reason=finish_reason)))
-    assert create(client).stop_reason == stop_reason
+    assert create(client, max_tokens=max_tokens).stop_reason == stop_reason
 
 
 def test_request_id_is_returned_and_sent_to_backend(client, backend):

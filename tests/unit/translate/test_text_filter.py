@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.translate.passthrough import PassthroughStream, passthrough_stop
+from app.translate.passthrough import PassthroughStream, passthrough_id, passthrough_stop
 from app.translate.text_filter import PrefillEcho, StopMatcher, TextFilter, prefill_of
 
 
@@ -108,3 +108,14 @@ def test_a_passthrough_stop_sequence_called_end_turn_becomes_stop_sequence() -> 
     out = stream.feed_data(json.dumps(event).encode())
     assert out[0]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "###"}
     assert stream.stop_reason == "stop_sequence"
+
+
+def test_a_passthrough_message_id_not_of_anthropics_form_is_replaced() -> None:
+    """vLLM's own /v1/messages names its messages ``chatcmpl-…``; Anthropic's are ``msg_…``."""
+    assert passthrough_id({"id": "msg_01abc"}) == {}
+    assert passthrough_id({"id": "chatcmpl-req_01abc"})["id"].startswith("msg_01")
+    stream = PassthroughStream(model="claude-x")
+    [start] = stream.feed_data(
+        b'{"type": "message_start", "message": {"id": "chatcmpl-1", "model": "m", "usage": {}}}'
+    )
+    assert start["message"]["id"].startswith("msg_01") and start["message"]["model"] == "claude-x"

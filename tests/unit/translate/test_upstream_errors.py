@@ -822,11 +822,24 @@ def test_evidence_of_a_full_context_changes_only_a_length_stop() -> None:
     "chunk",
     [
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "length", "stop_reason": None}]},
-        {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 5}},
+        {"choices": [], "usage": {"prompt_tokens": 10, "completion_tokens": 4096}},
+        {"choices": [], "usage": {"prompt_tokens": 10}},
         {"choices": [{"delta": {"content": "x"}, "finish_reason": None}]},
         {"choices": ["not a choice"]},
     ],
-    ids=["vllm_finish", "usage_chunk", "content_delta", "malformed_choice"],
+    ids=["vllm_finish", "usage_at_max_tokens", "usage_uncounted", "content_delta", "malformed"],
 )
 def test_a_plain_length_stop_stays_max_tokens(chunk: dict) -> None:
     assert not context_window_exceeded(chunk, max_tokens=4096)
+
+
+def test_a_length_stop_short_of_max_tokens_by_the_usage_is_the_context_windows() -> None:
+    """vLLM 0.32 lowers a max_tokens that does not fit beside the prompt and stops at the
+    window's end with "length"; its usage shows fewer tokens than were asked for."""
+    answer = {
+        "choices": [{"index": 0, "finish_reason": "length", "message": {"content": "x"}}],
+        "usage": {"prompt_tokens": 2011, "completion_tokens": 37, "total_tokens": 2048},
+    }
+    assert stop_reason_of(answer, 100) == "model_context_window_exceeded"
+    assert stop_reason_of(answer, 37) == "max_tokens"
+    assert context_window_exceeded({"choices": [], "usage": answer["usage"]}, max_tokens=100)

@@ -1,0 +1,641 @@
+"""The vLLM tier: the official SDK through real gunicorn to a real vLLM.
+
+vLLM (the CPU build) serves SmolLM2-135M-Instruct at temperature 0, so answers are
+deterministic; a request takes a second or two on 2 cores, so answers are kept short. Every
+test asserts what Anthropic's API would return for the request; where that depends on the
+model's words, the expectation is taken from vLLM itself, asked directly with the same prompt.
+
+One vLLM for the module, behind two gateways: the ``vllm`` dialect (chat completions) and the
+passthrough to vLLM's own ``/v1/messages`` (``protocol = "anthropic"``). Skipped, with the
+command that installs vLLM, when scripts/vllm-server has not been run; CI installs it
+(.ci/run) and fails here without it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+import requests
+from servers import Gunicorn, free_port
+from vllm import ADMIN_TOKEN, BUILD_HINT, SERVED, VllmServer, start_gateway, vllm_command
+
+pytestmark = pytest.mark.vllm
+
+MODEL = "claude-sonnet-4-6"  # what the client asks for; the gateway sends SERVED
+COLORS = [{"role": "user", "content": "Name three colors."}]
+SYSTEM = "You are a terse assistant. Answer in one line."
+PREFILL = "1. Red\n2."
+T0 = {"temperature": 0}
+CLAUDE_CODE_OVERFLOW = re.compile(r"prompt is too long: (\d+) tokens > (\d+) maximum")
+
+
+# --- servers ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vllm")
+
+
+@pytest.fixture(scope="module")
+def vllm(logs: Path) -> Iterator[VllmServer]:
+    port = free_port()
+    command = vllm_command(port)
+    if command is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{BUILD_HINT}; .ci/run installs it before the tests")
+        pytest.skip(BUILD_HINT)
+    server = VllmServer(command, port, logs / "vllm.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(vllm: VllmServer, logs: Path) -> Iterator[Gunicorn]:
+    server = start_gateway(vllm, logs, "gateway")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def messages_gateway(vllm: VllmServer, logs: Path) -> Iterator[Gunicorn]:
+    """vLLM's own Anthropic endpoint (/v1/messages) through the passthrough."""
+    server = start_gateway(vllm, logs, "messages-gateway", protocol="anthropic")
+    yield server
+    server.stop()
+
+
+def _sdk(server: Gunicorn) -> Iterator[anthropic.Anthropic]:
+    with anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
+    yield from _sdk(gateway)
+
+
+@pytest.fixture(scope="module")
+def native(messages_gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
+    yield from _sdk(messages_gateway)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+RAW_EVENTS = {
+    "message_start",
+    "content_block_start",
+    "content_block_delta",
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+}
+DELTAS = {"text": {"text_delta"}, "tool_use": {"input_json_delta"}}
+
+
+def ask(client: anthropic.Anthropic, stream: bool, **request: Any) -> Any:
+    """One message, as JSON or rebuilt by the SDK from the stream (temperature 0)."""
+    request = {"model": MODEL, "extra_body": T0, **request}
+    if not stream:
+        return client.messages.create(**request)
+    with client.messages.stream(**request) as events:
+        return events.get_final_message()
+
+
+def stream_events(client: anthropic.Anthropic, **request: Any) -> tuple[list[Any], Any]:
+    """The raw stream events and the message the SDK rebuilt from them."""
+    request = {"model": MODEL, "extra_body": T0, **request}
+    with client.messages.stream(**request) as stream:
+        events = [event for event in stream if event.type in RAW_EVENTS]
+        return events, stream.get_final_message()
+
+
+def check_grammar(events: list[Any]) -> None:
+    """message_start (content_block_start delta* content_block_stop)* message_delta
+    message_stop, blocks numbered 0, 1, 2… in start order, each delta of its block's kind."""
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start", kinds
+    assert kinds[-2:] == ["message_delta", "message_stop"], kinds
+    start = events[0].message
+    assert start.id.startswith("msg_") and start.model == MODEL and start.role == "assistant"
+    assert start.content == [] and start.stop_reason is None and start.stop_sequence is None
+    open_block: tuple[int, str] | None = None
+    count = 0
+    for event in events[1:-2]:
+        if event.type == "content_block_start":
+            assert open_block is None and event.index == count, kinds
+            open_block = (event.index, event.content_block.type)
+            count += 1
+        elif event.type == "content_block_delta":
+            assert open_block is not None and event.index == open_block[0], kinds
+            assert event.delta.type in DELTAS[open_block[1]], (open_block, event.delta.type)
+        elif event.type == "content_block_stop":
+            assert open_block is not None and event.index == open_block[0], kinds
+            open_block = None
+        else:
+            raise AssertionError(f"{event.type} between the blocks: {kinds}")
+    assert open_block is None
+
+
+def shape(message: Any) -> dict[str, Any]:
+    """A message as Anthropic defines it, minus the ids."""
+    content = []
+    for block in message.content:
+        if block.type == "text":
+            content.append(("text", block.text))
+        elif block.type == "tool_use":
+            content.append(("tool_use", block.name, block.input))
+        else:
+            content.append((block.type,))
+    assert message.id.startswith("msg_")
+    return {
+        "type": message.type,
+        "role": message.role,
+        "model": message.model,
+        "content": content,
+        "stop_reason": message.stop_reason,
+        "stop_sequence": message.stop_sequence,
+        "output_tokens": message.usage.output_tokens,
+        "prompt_tokens": message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0),
+    }
+
+
+def text_of(message: Any) -> str:
+    assert [b.type for b in message.content] == ["text"], message.content
+    return message.content[0].text
+
+
+def vllm_text(server: VllmServer, messages: list[dict[str, Any]], max_tokens: int) -> dict:
+    """vLLM's own answer to the prompt: its choice and usage."""
+    response = server.chat({"messages": messages, "max_tokens": max_tokens})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return {**body["choices"][0], "usage": body["usage"]}
+
+
+def prompt_of(message: Any) -> int:
+    return message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
+
+
+# --- text and streams ------------------------------------------------------------------------
+
+
+def test_text_answer_is_a_message_with_vllms_text_and_usage(client, vllm):
+    own = vllm_text(vllm, COLORS, 20)
+    message = ask(client, False, max_tokens=20, messages=COLORS)
+    assert message.type == "message" and message.role == "assistant" and message.model == MODEL
+    assert message.id.startswith("msg_")
+    assert text_of(message) == own["message"]["content"]
+    assert message.usage.output_tokens == own["usage"]["completion_tokens"]
+    assert prompt_of(message) == own["usage"]["prompt_tokens"] == vllm.prompt_tokens(COLORS)
+    expected = "end_turn" if own["finish_reason"] == "stop" else "max_tokens"
+    assert message.stop_reason == expected and message.stop_sequence is None
+
+
+def test_streamed_text_follows_the_event_grammar_and_equals_the_json_message(client):
+    message = ask(client, False, max_tokens=20, messages=COLORS)
+    events, streamed = stream_events(client, max_tokens=20, messages=COLORS)
+    check_grammar(events)
+    assert shape(streamed) == shape(message)
+    deltas = [e.delta.text for e in events if e.type == "content_block_delta"]
+    assert len(deltas) > 1  # relayed token by token, not as one piece at the end
+    assert "".join(deltas) == text_of(message)
+
+
+# --- token counts ----------------------------------------------------------------------------
+
+
+def test_count_tokens_is_vllms_own_count_of_the_prompt(client, vllm):
+    counted = client.messages.with_raw_response.count_tokens(
+        model=MODEL, system=SYSTEM, messages=COLORS
+    )
+    expected = vllm.prompt_tokens([{"role": "system", "content": SYSTEM}, *COLORS])
+    assert counted.parse().input_tokens == expected
+    assert counted.headers["x-gateway-token-count"] == "exact"
+    assert prompt_of(ask(client, False, max_tokens=3, system=SYSTEM, messages=COLORS)) == expected
+
+
+def test_stream_message_start_reports_the_exact_prompt_size(client, vllm):
+    expected = vllm.prompt_tokens([{"role": "system", "content": SYSTEM}, *COLORS])
+    events, message = stream_events(client, max_tokens=3, system=SYSTEM, messages=COLORS)
+    assert events[0].message.usage.input_tokens == expected  # before the first token, not 0
+    assert prompt_of(message) == expected
+
+
+def test_message_start_counts_a_prefilled_prompt_as_vllm_renders_it(client, vllm):
+    """A prefill is continued (``continue_final_message``), not closed and followed by a new
+    assistant turn: the count asked of /tokenize must render it the same way."""
+    prefilled = [*COLORS, {"role": "assistant", "content": PREFILL}]
+    expected = vllm.prompt_tokens(
+        prefilled, continue_final_message=True, add_generation_prompt=False
+    )
+    assert expected < vllm.prompt_tokens(prefilled)  # the closed turn is a few tokens more
+    events, message = stream_events(client, max_tokens=3, messages=prefilled)
+    assert events[0].message.usage.input_tokens == expected == prompt_of(message)
+
+
+CACHED = [{"role": "user", "content": "Summarise: " + "the cat sat on the mat. " * 60}]
+
+
+@pytest.mark.parametrize("side", ["client", "native"])
+def test_a_repeated_prompt_reports_vllms_prefix_cache_as_cache_read_input_tokens(
+    side, request, vllm
+):
+    """vLLM reuses the KV blocks of an earlier prompt and, with --enable-prompt-tokens-details,
+    says how many tokens came from them: Anthropic's cache_read_input_tokens, through chat
+    completions and through vLLM's own /v1/messages alike."""
+    sdk = request.getfixturevalue(side)
+    size = vllm.prompt_tokens(CACHED)
+    ask(sdk, False, max_tokens=2, messages=CACHED)
+    usage = ask(sdk, False, max_tokens=2, messages=CACHED).usage
+    assert usage.cache_read_input_tokens and usage.cache_read_input_tokens > size // 2, usage
+    assert usage.input_tokens + usage.cache_read_input_tokens == size
+
+
+# --- stop sequences, max_tokens, prefill -----------------------------------------------------
+
+
+def _full_colors(vllm: VllmServer) -> str:
+    return vllm_text(vllm, COLORS, 20)["message"]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_stop_sequence_ends_the_text_before_it_and_is_named(client, vllm, stream):
+    full = _full_colors(vllm)
+    assert "Blue" in full, full
+    message = ask(client, stream, max_tokens=20, messages=COLORS, stop_sequences=["Blue"])
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "Blue")
+    assert text_of(message) == full[: full.index("Blue")]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_max_tokens_cuts_the_answer_with_stop_reason_max_tokens(client, vllm, stream):
+    own = vllm_text(vllm, COLORS, 3)
+    assert own["finish_reason"] == "length"
+    message = ask(client, stream, max_tokens=3, messages=COLORS)
+    assert message.stop_reason == "max_tokens" and message.stop_sequence is None
+    assert message.usage.output_tokens == 3
+    assert text_of(message) == own["message"]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_prefill_answer_is_the_continuation_only(client, vllm, stream):
+    prefilled = [*COLORS, {"role": "assistant", "content": PREFILL}]
+    own = vllm.chat(
+        {
+            "messages": prefilled,
+            "max_tokens": 12,
+            "continue_final_message": True,
+            "add_generation_prompt": False,
+        }
+    ).json()["choices"][0]["message"]["content"]
+    assert own.strip() and not own.startswith("1. Red")
+    message = ask(client, stream, max_tokens=12, messages=prefilled)
+    assert text_of(message) == own
+
+
+# --- thinking --------------------------------------------------------------------------------
+
+
+def test_thinking_switch_reaches_a_template_without_it_harmlessly(client, vllm):
+    """The ``vllm`` dialect sends ``chat_template_kwargs.enable_thinking``; SmolLM2's template
+    has no such switch, so the answer is the plain one, with no thinking block."""
+    plain = ask(client, False, max_tokens=8, messages=COLORS)
+    for thinking in ({"type": "enabled", "budget_tokens": 1024}, {"type": "disabled"}):
+        message = ask(client, False, max_tokens=8, messages=COLORS, thinking=thinking)
+        assert shape(message) == shape(plain)
+
+
+# --- tools (the Hermes template and parser) --------------------------------------------------
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "Get the current weather for a city.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+TIME = {
+    "name": "get_time",
+    "description": "Get the current local time in a city.",
+    "input_schema": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+TOOLS = [WEATHER, TIME]
+OSLO = [{"role": "user", "content": "What is the weather in Oslo?"}]
+# SmolLM2 with tool_choice "auto" answers in text: every call here is forced.
+CHOICES = {
+    "any": {"type": "any"},
+    "named": {"type": "tool", "name": "get_weather"},
+    "any-single": {"type": "any", "disable_parallel_tool_use": True},
+}
+
+
+def tool_uses(message: Any) -> list[Any]:
+    assert all(b.type in ("text", "tool_use") for b in message.content), message.content
+    return [b for b in message.content if b.type == "tool_use"]
+
+
+# Each choice once (a forced call takes several seconds here); the streamed named call is
+# test_streamed_tool_input_is_input_json_deltas_that_join_to_the_input.
+@pytest.mark.parametrize(
+    ("stream", "choice"),
+    [(False, "any"), (False, "named"), (True, "any-single")],
+    ids=["json-any", "json-named", "stream-any-single"],
+)
+def test_a_forced_tool_call_becomes_a_tool_use_block_with_an_object_input(client, stream, choice):
+    message = ask(
+        client, stream, max_tokens=40, tools=TOOLS, tool_choice=CHOICES[choice], messages=OSLO
+    )
+    assert message.stop_reason == "tool_use" and message.stop_sequence is None
+    uses = tool_uses(message)
+    assert len(uses) >= 1 and uses[0].name == "get_weather", uses
+    assert uses[0].input == {"city": "Oslo"}
+    # vLLM's own call id (chatcmpl-tool-…), kept as the gateway keeps every backend's usable
+    # ids, not one of Anthropic's toolu_… form: a known difference (README).
+    assert uses[0].id.startswith("chatcmpl-tool-")
+    if choice != "any":
+        assert len(uses) == 1, uses
+
+
+def test_streamed_tool_input_is_input_json_deltas_that_join_to_the_input(client):
+    request = {"max_tokens": 40, "tools": TOOLS, "tool_choice": CHOICES["named"], "messages": OSLO}
+    events, message = stream_events(client, **request)
+    check_grammar(events)
+    assert shape(message) == shape(ask(client, False, **request))
+    [index] = [i for i, b in enumerate(message.content) if b.type == "tool_use"]
+    deltas = [e.delta for e in events if e.type == "content_block_delta" and e.index == index]
+    assert (
+        deltas
+        and json.loads("".join(d.partial_json for d in deltas)) == message.content[index].input
+    )
+
+
+def _string_argument_examples() -> list[dict[str, Any]]:
+    """Earlier turns in which the assistant wrote its calls with a bare string as the
+    arguments (``"arguments": "Berlin"``): SmolLM2 then writes its next call that way too, and
+    vLLM's hermes parser passes it on as ``arguments: "\\"Oslo\\""``, JSON text that is not
+    an object (vLLM checks arguments against the schema only with --tool-strict-level)."""
+    turns: list[dict[str, Any]] = []
+    for city in ("Berlin", "Rome", "Madrid"):
+        call = f'<tool_call>\n{{"name": "get_weather", "arguments": "{city}"}}\n</tool_call>'
+        turns += [
+            {"role": "user", "content": f"What is the weather in {city}?"},
+            {"role": "assistant", "content": call},
+            {"role": "user", "content": "12C, sunny"},
+            {"role": "assistant", "content": "It is 12C and sunny."},
+        ]
+    return [*turns, *OSLO]
+
+
+STRING_ARGUMENTS = _string_argument_examples()
+
+
+def test_tool_arguments_that_are_not_an_object_reach_the_client_as_an_object(client, vllm):
+    """Anthropic's ``input`` is always an object: vLLM's JSON string is handed over wrapped
+    as ``_raw_arguments`` (what the gateway does with any arguments it cannot read as an
+    object), so the tool can refuse it and the model try again."""
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": WEATHER["input_schema"]},
+        }
+    ]
+    own = vllm.chat(
+        {"messages": STRING_ARGUMENTS, "max_tokens": 30, "tools": tools, "tool_choice": "required"}
+    ).json()["choices"][0]["message"]
+    [call] = own["tool_calls"]
+    raw = call["function"]["arguments"]
+    assert isinstance(json.loads(raw), str), raw  # JSON text, but not of an object
+    message = ask(
+        client,
+        True,  # streamed: the arguments are held to the call's end, then repaired
+        max_tokens=30,
+        tools=[WEATHER],
+        tool_choice={"type": "any"},
+        messages=STRING_ARGUMENTS,
+    )
+    assert message.stop_reason == "tool_use"
+    [use] = tool_uses(message)
+    assert use.name == "get_weather" and use.input == {"_raw_arguments": raw}
+
+
+# --- structured output -----------------------------------------------------------------------
+
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
+CAPITAL = [{"role": "user", "content": "What is the capital of France? Answer in JSON."}]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_output_config_format_makes_vllm_answer_json_of_the_schema(client, stream):
+    message = ask(
+        client,
+        stream,
+        max_tokens=30,
+        messages=CAPITAL,
+        extra_body={
+            **T0,
+            "output_config": {"format": {"type": "json_schema", "schema": CITY_SCHEMA}},
+        },
+    )
+    answer = json.loads(text_of(message))
+    assert set(answer) == {"city"} and isinstance(answer["city"], str), answer
+    assert message.stop_reason == "end_turn"
+
+
+# --- context overflow ------------------------------------------------------------------------
+
+WINDOW = 2048  # --max-model-len
+HUGE = [{"role": "user", "content": "word " * 2500}]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(client, vllm, stream):
+    """vLLM stops tokenizing one token past the window, so it reports "at least 2049" tokens
+    whatever the prompt's size: Claude Code is told the prompt is too long, but not by how
+    much (a known difference, README)."""
+    size = vllm.prompt_tokens(HUGE)
+    assert size > WINDOW + 1
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        ask(client, stream, max_tokens=10, messages=HUGE)
+    body = caught.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    found = CLAUDE_CODE_OVERFLOW.search(body["error"]["message"])
+    assert found, body["error"]["message"]
+    assert (int(found[1]), int(found[2])) == (WINDOW + 1, WINDOW)
+    assert "at least 2049 input tokens" in body["error"]["message"]  # vLLM's words, kept
+
+
+FILLING = [{"role": "user", "content": "word " * 1980}]  # 2011 tokens: 37 left in the window
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_answer_that_fills_the_context_stops_with_model_context_window_exceeded(
+    client, vllm, stream
+):
+    """vLLM 0.32 takes a max_tokens that does not fit beside the prompt and stops when the
+    window is full, with the same "length" as at max_tokens: the gateway tells the two apart
+    by the usage (fewer tokens than max_tokens), as Anthropic's API says it."""
+    size = vllm.prompt_tokens(FILLING)
+    assert WINDOW - 100 < size < WINDOW
+    message = ask(client, stream, max_tokens=100, messages=FILLING)
+    assert message.stop_reason == "model_context_window_exceeded"
+    assert message.usage.output_tokens + size == WINDOW
+
+
+# --- a client that hangs up ------------------------------------------------------------------
+
+LONG = [{"role": "user", "content": "Write a very long story about a dragon."}]
+
+
+def hang_up_mid_stream(server: Gunicorn, vllm: VllmServer) -> None:
+    """Start a long story, read a few deltas, hang up; vLLM must stop generating it. The story
+    runs to max_tokens (600, 20 s and more at SmolLM2's speed here) if nobody stops it."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"model": MODEL, "max_tokens": 600, "stream": True, "temperature": 0, "messages": LONG}
+    conn.request("POST", "/v1/messages", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    deltas = 0
+    while deltas < 5:
+        line = response.readline()
+        assert line, "the stream ended early"
+        deltas += line.startswith(b"event: content_block_delta")
+    assert vllm.running() == 1
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client hangs up without reading on
+    conn.close()
+    deadline = time.monotonic() + 10
+    while vllm.running():
+        assert time.monotonic() < deadline, "vLLM still generating 10 s after the hang-up"
+        time.sleep(0.1)
+
+
+def test_client_disconnect_mid_stream_aborts_vllms_generation(gateway, vllm):
+    hang_up_mid_stream(gateway, vllm)
+
+
+# --- the model list --------------------------------------------------------------------------
+
+
+def test_models_list_what_vllm_serves(client, vllm):
+    own = [m["id"] for m in requests.get(vllm.v1 + "/models", timeout=5).json()["data"]]
+    assert own == [SERVED]
+    assert SERVED in [m.id for m in client.models.list()]
+    assert client.models.retrieve(SERVED).id == SERVED
+    assert ask(client, False, model=SERVED, max_tokens=2, messages=COLORS).model == SERVED
+
+
+# --- vLLM's own /v1/messages, through the passthrough ----------------------------------------
+
+
+def test_native_text_answer_is_vllms_text_and_usage(native, vllm):
+    own = vllm_text(vllm, COLORS, 20)
+    message = ask(native, False, max_tokens=20, messages=COLORS)
+    assert message.type == "message" and message.role == "assistant" and message.model == MODEL
+    assert message.id.startswith("msg_")
+    assert text_of(message) == own["message"]["content"]
+    assert message.usage.output_tokens == own["usage"]["completion_tokens"]
+    assert prompt_of(message) == own["usage"]["prompt_tokens"]
+
+
+def test_native_stream_follows_the_event_grammar_and_equals_the_json_message(native):
+    message = ask(native, False, max_tokens=20, messages=COLORS)
+    events, streamed = stream_events(native, max_tokens=20, messages=COLORS)
+    check_grammar(events)
+    assert shape(streamed) == shape(message)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_native_stop_sequence_is_named_with_stop_reason_stop_sequence(native, vllm, stream):
+    full = _full_colors(vllm)
+    message = ask(native, stream, max_tokens=20, messages=COLORS, stop_sequences=["Blue"])
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", "Blue")
+    assert text_of(message) == full[: full.index("Blue")]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_native_max_tokens_stops_with_max_tokens(native, stream):
+    message = ask(native, stream, max_tokens=3, messages=COLORS)
+    assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 3
+
+
+def test_native_count_tokens_is_vllms_count(native, vllm):
+    counted = native.messages.count_tokens(model=MODEL, system=SYSTEM, messages=COLORS)
+    assert counted.input_tokens == vllm.prompt_tokens(
+        [{"role": "system", "content": SYSTEM}, *COLORS]
+    )
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_native_forced_tool_call_is_a_tool_use_block(native, stream):
+    message = ask(
+        native, stream, max_tokens=40, tools=TOOLS, tool_choice=CHOICES["named"], messages=OSLO
+    )
+    assert message.stop_reason == "tool_use"
+    [use] = tool_uses(message)
+    assert use.name == "get_weather" and isinstance(use.input, dict)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_native_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(native, stream):
+    """As through chat completions: "at least 2049" is all vLLM says of the prompt's size."""
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        ask(native, stream, max_tokens=10, messages=HUGE)
+    body = caught.value.body
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    found = CLAUDE_CODE_OVERFLOW.search(body["error"]["message"])
+    assert found, body["error"]["message"]
+    assert (int(found[1]), int(found[2])) == (WINDOW + 1, WINDOW)
+
+
+def test_native_client_disconnect_mid_stream_aborts_vllms_generation(messages_gateway, vllm):
+    hang_up_mid_stream(messages_gateway, vllm)
+
+
+# --- after everything ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gateway", "messages_gateway"])
+def test_after_every_test_the_gateway_and_vllm_are_idle_and_serve_the_next_request(
+    name, request, vllm
+):
+    """The same gateways served every test above (overflows and hang-ups among them):
+    nothing may be left in flight, in the gateway or in vLLM."""
+    server = request.getfixturevalue(name)
+    status = requests.get(
+        server.url + "/status", headers={"x-api-key": ADMIN_TOKEN}, timeout=5
+    ).json()
+    assert {n: b["in_flight"] for n, b in status["backends"].items()} == {"default": 0}
+    metrics = requests.get(server.url + "/metrics", timeout=5).text
+    in_flight = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("gateway_streams_in_flight{")
+    ]
+    assert sum(in_flight) == 0
+    assert vllm.running() == 0 and vllm.metric("num_requests_waiting") == 0
+    with anthropic.Anthropic(base_url=server.url, api_key="-", max_retries=0) as sdk:
+        assert ask(sdk, True, max_tokens=3, messages=COLORS).stop_reason in (
+            "end_turn",
+            "max_tokens",
+        )

@@ -97,6 +97,8 @@ def access_line(outcome: RequestOutcome) -> dict[str, Any]:
         line["backend_model"] = outcome.backend_model
     if outcome.attempts is not None:
         line["attempts"] = outcome.attempts
+    if outcome.routed is not None:
+        line["routed"] = outcome.routed
     if outcome.status is not None:
         line["status"] = outcome.status
     answer = outcome.answer

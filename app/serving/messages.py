@@ -102,6 +102,7 @@ class Messages:
             outcome.backend = attempt.target.backend
             outcome.backend_model = attempt.model
             outcome.attempts = attempt.attempts
+            outcome.routed = attempt.routed
             try:
                 if count is not None and _is_event_stream(attempt.result):
                     translator = _translator(attempt, body, count, relayed=stream)

@@ -35,7 +35,7 @@ class Lease:
     store: GuardedStore
     backend: str
     lease: str
-    routed: str
+    routed: str | None  # why this backend (affinity), or that it was a failover
     remember: list[str] = field(default_factory=list)
     held: bool = True
 
@@ -76,7 +76,8 @@ class Placer:
         others = sorted((n for n in names if n != placed.backend), key=lambda n: placed.loads[n])
         first = [by_backend[placed.backend]] + [by_backend[n] for n in others]
         remember = _remember(conv)
-        lease = Lease(self.store, placed.backend, placed.lease, placed.routed, remember)
+        routed = placed.routed if conv is not None else None
+        lease = Lease(self.store, placed.backend, placed.lease, routed, remember)
         return first + rest, lease
 
     def _placement(self, names: list[str], conv: Conversation | None) -> Placement:

@@ -234,7 +234,7 @@ class Routing:
         200_000, minimum=1, doc="conversations (and sessions) remembered at most, the oldest go"
     )
     affinity_hit_factor: float = setting(
-        2.0,
+        1.5,
         minimum=1,
         doc="a replica keeps a conversation whose prefix it holds while its requests in flight "
         "stay within this factor of the route's average",

@@ -151,7 +151,7 @@ class Placement:
     remember: list[str] = field(default_factory=list)
     memory_ttl: float = 1800.0
     max_entries: int = 100_000
-    hit_factor: float = 2.0
+    hit_factor: float = 1.5
     new_factor: float = 1.25
 
 

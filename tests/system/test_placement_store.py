@@ -113,5 +113,6 @@ def test_the_memory_keeps_at_most_its_size(store):
     # SQLite trims on one write in 64; Redis on every write. Enough writes for both.
     for i in range(130):
         store.place(Placement(["b"], remember=[f"k{i}"], max_entries=10, lease_ttl=0.01))
+    time.sleep(0.05)  # their leases are over
     assert store.place(Placement(AB, lookups=["k0"])).routed == "new"  # the oldest went
     assert store.place(Placement(AB, lookups=["k129"])).routed == "prefix"

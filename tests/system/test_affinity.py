@@ -287,3 +287,37 @@ def test_least_busy_counts_every_workers_requests_in_flight(replicas, tmp_path):
         server.stop()
     assert len(workers) > 1
     assert [len(r.requests) for r in two] == [4, 4]
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_why_each_replica_was_chosen_and_the_cached_tokens_it_reported(
+    replicas, tmp_path
+):
+    usage = {"prompt_tokens": 100, "completion_tokens": 5}
+    cached = {**usage, "prompt_tokens_details": {"cached_tokens": 80}}
+    two = replicas[:2]
+    server = gateway(config(tmp_path, two), workers=2)
+    try:
+        conv = Conversation(f"m-{uuid.uuid4().hex[:8]}")
+        for replica in two:
+            replica.reply(JSONReply(completion("ok", usage=usage)))  # a first turn: no cache
+            replica.default = JSONReply(completion("ok", usage=cached))
+        for _ in range(3):
+            conv.send(server.url)
+        assert routed(server, 3) == ["new", "prefix", "prefix"]
+        text = requests.get(server.url + "/metrics", timeout=10).text
+    finally:
+        server.stop()
+    (home,) = replica_of(two, conv.name)
+    backend = f"r{home}"
+    assert metric_sum(text, "gateway_routed_total", backend=backend, routed="new") == 1
+    assert metric_sum(text, "gateway_routed_total", backend=backend, routed="prefix") == 2
+    assert metric_sum(text, "gateway_routed_total") == 3
+    assert metric_sum(text, "gateway_cached_input_tokens_total", backend=backend) == 160

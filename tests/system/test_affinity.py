@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 from fakebackend import AutoReply, FakeBackend, JSONReply, Recorded, completion
-from servers import Gunicorn, RedisServer, redis_available
+from servers import Gunicorn, RedisServer, free_port, redis_available
 from waiting import eventually
 
 SYSTEM = [
@@ -23,6 +23,10 @@ SYSTEM = [
     {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
 ]
 TOOLS = [{"name": "Read", "description": "read a file", "input_schema": {"type": "object"}}]
+
+
+ADMIN = "admin-token-fleet-0123"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
 
 class SlowReply(JSONReply):
@@ -272,21 +276,28 @@ def test_new_conversations_are_balanced_by_the_services_load(replicas, tmp_path)
 def test_least_busy_counts_every_workers_requests_in_flight(replicas, tmp_path):
     two = replicas[:2]
     for replica in two:
-        replica.default = slow(2.0)
-    server = gateway(config(tmp_path, two, strategy="least_busy"))
+        replica.default = slow(3.0)
+    path = config(tmp_path, two, strategy="least_busy")
+    path.write_text(path.read_text() + f'[admin]\ntoken = "{ADMIN}"\n')
+    server = gateway(path)
     try:
 
         def send(i: int) -> str:
             time.sleep(i * 0.15)  # one after another, each still in flight when the next comes
             return str(Conversation(f"l{i}").send(server.url).status_code)
 
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(send, range(8)))
+        with ThreadPoolExecutor(9) as pool:
+            sent = pool.map(send, range(8))
+            time.sleep(1.6)  # all eight in flight
+            status = pool.submit(requests.get, f"{server.url}/status", headers=AUTH, timeout=10)
+            backends = status.result().json()["backends"]
+            list(sent)
         workers = {x["worker"] for x in server.access_lines() if x["path"] == "/v1/messages"}
     finally:
         server.stop()
     assert len(workers) > 1
     assert [len(r.requests) for r in two] == [4, 4]
+    assert [backends[f"r{i}"]["service_in_flight"] for i in range(2)] == [4, 4]
 
 
 def metric_sum(text: str, name: str, **labels: str) -> float:
@@ -321,3 +332,21 @@ def test_metrics_count_why_each_replica_was_chosen_and_the_cached_tokens_it_repo
     assert metric_sum(text, "gateway_routed_total", backend=backend, routed="prefix") == 2
     assert metric_sum(text, "gateway_routed_total") == 3
     assert metric_sum(text, "gateway_cached_input_tokens_total", backend=backend) == 160
+
+
+def test_with_the_store_down_conversations_still_stick_and_nothing_fails(replicas, tmp_path):
+    """Failing closed is for limits: routing goes on, each worker by rendezvous hashing of the
+    conversation (every worker alike), with no load bound and no memory."""
+    env = {"GATEWAY_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    server = gateway(config(tmp_path, replicas), GATEWAY_STATE_ON_FAILURE="closed", **env)
+    try:
+        conversations = [Conversation(f"down{i}-{uuid.uuid4().hex[:8]}") for i in range(6)]
+        for _ in range(3):
+            for conv in conversations:
+                conv.send(server.url)
+        assert routed(server, 18) == [None] * 18
+    finally:
+        server.stop()
+    for conv in conversations:
+        assert len(replica_of(replicas, conv.name)) == 1, conv.name
+    assert len(set().union(*(replica_of(replicas, c.name) for c in conversations))) > 1

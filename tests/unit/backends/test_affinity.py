@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from app.backends.affinity import conversation, hash_chain, rendezvous, session_id
+from app.state.store import Placement, choose
 
 SYSTEM = [
     {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.3a3; cch=7f3a9;"},
@@ -91,3 +92,30 @@ def test_rendezvous_moves_only_the_keys_of_a_removed_replica():
     after = {k: rendezvous(k, ["a", "c"])[0] for k in keys}
     assert all(after[k] == before[k] for k in keys if before[k] != "b")
     assert 40 < sum(1 for k in keys if before[k] == "a") < 100  # about a third each
+
+
+def placement(**fields) -> Placement:
+    return Placement(["a", "b", "c"], hit_factor=1.5, new_factor=1.25, **fields)
+
+
+def test_a_known_replica_keeps_its_conversation_up_to_its_bound():
+    # Three replicas, six in flight: the bound is ceil(1.5 * 7 / 3) = 4 with this request.
+    loads = {"a": 3, "b": 2, "c": 1}
+    assert choose(placement(), loads, "a", by_session=False) == ("a", "prefix")
+    assert choose(placement(), {"a": 4, "b": 1, "c": 1}, "a", False) == ("b", "spilled")
+    # A session hint is a weaker reason: ceil(1.25 * 7 / 3) = 3.
+    assert choose(placement(), loads, "a", by_session=True) == ("c", "spilled")
+    assert choose(placement(), loads, "b", by_session=True) == ("b", "session")
+
+
+def test_an_idle_route_always_admits_the_known_replica():
+    idle = {"a": 0, "b": 0, "c": 0}
+    assert choose(placement(), idle, "c", by_session=True) == ("c", "session")
+
+
+def test_a_new_conversation_goes_to_the_least_loaded_the_first_of_them_on_a_tie():
+    assert choose(placement(), {"a": 2, "b": 1, "c": 1}, None, False) == ("b", "new")
+
+
+def test_a_known_replica_that_is_no_candidate_is_a_failover():
+    assert choose(placement(), {"a": 1, "b": 0, "c": 2}, "gone", False) == ("b", "failover")

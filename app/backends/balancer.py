@@ -17,7 +17,10 @@ and from wherever it is called (the dispatcher on a failed attempt, the view whe
 is over, the stream's end), so neither the in-flight count nor a probe can be left behind.
 
 State is per process (each gunicorn worker learns on its own), which keeps the hot path free
-of shared storage.
+of shared storage. The service-wide count of requests in flight, which ``least_busy`` and
+``affinity`` order by, is the state store's (app/backends/placement.py); the per-process count
+here is what ``least_busy`` falls back on while the store cannot answer, and what a backend's
+``max_concurrency`` caps.
 """
 
 from __future__ import annotations
@@ -87,6 +90,10 @@ class Balancer:
         """Every target of the route, in the order to try them: those whose breaker lets
         them in first, in the route's strategy order, then the held-back ones, the longest
         held back first."""
+        return self.split(route)[0]
+
+    def split(self, route: Route) -> tuple[list[Target], int]:
+        """``plan``'s order, and how many of its first targets their breakers let in."""
         ready = [t for t in route.targets if self._admits(t.backend)]
         held = [t for t in route.targets if not self._admits(t.backend)]
         if route.strategy == "least_busy":
@@ -94,7 +101,7 @@ class Balancer:
         elif route.strategy == "weighted":
             ready = self._weighted_order(ready)
         held.sort(key=lambda t: self.health[t.backend].opened_at or 0.0)
-        return ready + held
+        return ready + held, len(ready)
 
     def _admits(self, backend: str) -> bool:
         state = self.state(backend)

@@ -30,6 +30,7 @@ from typing import Any
 
 from app.backends.balancer import Balancer, Slot
 from app.backends.client import BackendClient
+from app.backends.placement import PLACED, Lease, Placer
 from app.backends.routing import backend_model
 from app.config import Route, Settings, Target
 from app.errors import GatewayError, Overloaded
@@ -51,6 +52,12 @@ class Attempt:
     attempts: int = 1
     slot: Slot | None = None  # the backend slot this answer holds until ``finish``
     payload: dict[str, Any] | None = None  # what the backend was sent
+    lease: Lease | None = None  # its place in the service-wide count, until ``finish``
+
+    @property
+    def routed(self) -> str | None:
+        """Why its backend was chosen (``affinity`` and ``least_busy`` routes)."""
+        return self.lease.routed if self.lease is not None else None
 
 
 class Dispatcher:
@@ -60,11 +67,13 @@ class Dispatcher:
         clients: Mapping[str, BackendClient],
         balancer: Balancer,
         sleep: Callable[[float], None] = time.sleep,
+        placer: Placer | None = None,
     ) -> None:
         self.settings = settings
         self.clients = clients
         self.balancer = balancer
         self.sleep = sleep
+        self.placer = placer  # None: no state store, every worker orders by what it knows
 
     def send(
         self,
@@ -76,8 +85,30 @@ class Dispatcher:
     ) -> Attempt:
         """The first successful attempt; the caller must ``finish`` it when the answer is over.
         ``on_send`` sees each attempt's backend and payload just before it goes out."""
+        queue, ready = self.balancer.split(route)
+        lease = None
+        if self.placer is not None and route.strategy in PLACED:
+            queue, lease = self.placer.order(route, queue, ready, body, client_headers)
+        try:
+            attempt = self._send(queue, body, request_id, client_headers, on_send)
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+        if lease is not None and self.placer is not None:
+            self.placer.landed(lease, attempt.target.backend)
+            attempt.lease = lease
+        return attempt
+
+    def _send(
+        self,
+        queue: list[Target],
+        body: dict[str, Any],
+        request_id: str,
+        client_headers: Mapping[str, str],
+        on_send: Callable[[BackendClient, dict[str, Any]], None] | None,
+    ) -> Attempt:
         budget = self.settings.routing.retries + 1
-        queue = self.balancer.plan(route)
         again: list[Target] = []  # failed before the request reached them: may be tried again
         prepared: dict[Target, Attempt] = {}  # a retry on the same target reuses it
         counted: set[str] = set()  # backends this request has counted a failure against
@@ -140,10 +171,13 @@ class Dispatcher:
         return planned[0], None
 
     def finish(self, attempt: Attempt, *, ok: bool | None) -> None:
-        """Give back the backend's slot, telling the breaker how it went (None: no verdict).
-        Safe to call more than once: only the first call counts."""
+        """Give back the backend's slot, telling the breaker how it went (None: no verdict),
+        and its place in the service-wide count. Safe to call more than once: only the first
+        call counts."""
         if attempt.slot is not None:
             attempt.slot.release(ok)
+        if attempt.lease is not None:
+            attempt.lease.release()
 
     def _prepare(self, target: Target, body: dict[str, Any]) -> Attempt:
         """The request as this target's backend takes it (``result`` holds the payload)."""

@@ -31,7 +31,7 @@ from app.translate.billing_header import Mode as BillingHeader
 from app.translate.dialect import DIALECTS, Dialect
 
 BackendProtocol = Literal["openai", "anthropic"]
-Strategy = Literal["failover", "weighted", "least_busy"]
+Strategy = Literal["failover", "weighted", "least_busy", "affinity"]
 Engine = Literal["sqlite", "redis"]
 OnFailure = Literal["open", "closed"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -205,7 +205,11 @@ class Route:
         also=("backend", "model"),
         entries=Target,
     )
-    strategy: Strategy = setting("failover", doc="`failover`, `weighted` or `least_busy`")
+    strategy: Strategy = setting(
+        "failover",
+        doc="`failover`, `weighted`, `least_busy` or `affinity` (replicas of one model: each "
+        "conversation to the replica that holds its prefix, within a load bound)",
+    )
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,25 @@ class Routing:
     breaker_failures: int = setting(5, doc="consecutive failures that open a backend's breaker")
     breaker_cooldown: float = setting(
         30.0, doc="seconds a backend's breaker stays open before one probe request"
+    )
+    affinity_ttl: float = setting(
+        1800.0,
+        minimum=1,
+        doc="seconds an `affinity` route remembers which replica served a conversation",
+    )
+    affinity_max_entries: int = setting(
+        200_000, minimum=1, doc="conversations (and sessions) remembered at most, the oldest go"
+    )
+    affinity_hit_factor: float = setting(
+        1.5,
+        minimum=1,
+        doc="a replica keeps a conversation whose prefix it holds while its requests in flight "
+        "stay within this factor of the route's average",
+    )
+    affinity_new_factor: float = setting(
+        1.25,
+        minimum=1,
+        doc="the same for a conversation known only by the client's session id",
     )
 
 

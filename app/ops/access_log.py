@@ -87,7 +87,7 @@ def access_line(outcome: RequestOutcome) -> dict[str, Any]:
     line.update(_those_set(outcome, "rejected", "thread"))
     if outcome.model is not None:
         line.update(model=outcome.model, route=outcome.route)
-    line.update(_those_set(outcome, "backend", "backend_model", "attempts", "status"))
+    line.update(_those_set(outcome, "backend", "backend_model", "attempts", "routed", "status"))
     line.update(_what_was_answered(outcome))
     return line
 

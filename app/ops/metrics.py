@@ -51,6 +51,17 @@ TOKENS = Counter(
     "Tokens reported by backends, by direction (input or output).",
     ["route", "backend", "direction"],
 )
+CACHED_TOKENS = Counter(
+    "gateway_cached_input_tokens_total",
+    "Input tokens backends report as read from their prompt cache (part of the input tokens).",
+    ["route", "backend"],
+)
+ROUTED = Counter(
+    "gateway_routed_total",
+    "Requests placed on a backend by `least_busy` or `affinity`, by why that backend: prefix, "
+    "session, new, spilled (the known replica was over its load bound) or failover.",
+    ["route", "backend", "routed"],
+)
 STREAMS = Gauge(
     "gateway_streams_in_flight",
     "Streams being relayed right now.",
@@ -120,6 +131,8 @@ def record(outcome: RequestOutcome, duration: float) -> None:
             _child(TOKENS, route, backend, "input").inc(tokens.prompt)
         if tokens.output:
             _child(TOKENS, route, backend, "output").inc(tokens.output)
+        if tokens.cached:
+            _child(CACHED_TOKENS, route, backend).inc(tokens.cached)
         if outcome.key:
             for kind, count in (
                 ("input", tokens.prompt),
@@ -128,6 +141,8 @@ def record(outcome: RequestOutcome, duration: float) -> None:
             ):
                 if count:
                     _child(KEY_TOKENS, outcome.key, kind).inc(count)
+    if outcome.routed is not None:
+        _child(ROUTED, route, backend, outcome.routed).inc()
     if outcome.client_disconnected:
         _child(DISCONNECTS, route).inc()
     if outcome.rejected:

@@ -78,12 +78,14 @@ def _status(
     store: GuardedStore,
 ) -> dict[str, Any]:
     health = dispatcher.balancer.snapshot()
+    service = _service_in_flight(list(dispatcher.clients), store)
     backends = {
         name: {
             "url": client.name,
             "protocol": client.config.protocol,
             "dialect": client.config.dialect.name,
             **health[name],
+            "service_in_flight": service.get(name),
         }
         for name, client in dispatcher.clients.items()
     }
@@ -107,6 +109,15 @@ def _status(
         "state": {"engine": settings.state.engine, "up": store.up},
         "process": _process(),
     }
+
+
+def _service_in_flight(names: list[str], store: GuardedStore) -> dict[str, int]:
+    """Each backend's requests in flight across the service, as ``least_busy`` and
+    ``affinity`` routes count them (empty while the store is down)."""
+    try:
+        return store.backend_loads(names)
+    except GatewayError:
+        return {}
 
 
 def _key_status(keys: Mapping[bytes, KeyPolicy], store: GuardedStore) -> dict[str, Any]:

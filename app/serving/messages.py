@@ -128,6 +128,7 @@ class Messages:
         outcome.backend = attempt.target.backend
         outcome.backend_model = attempt.model
         outcome.attempts = attempt.attempts
+        outcome.routed = attempt.routed
         return attempt
 
 

@@ -94,6 +94,7 @@ class RequestOutcome:
     backend: str | None = None
     backend_model: str | None = None
     attempts: int | None = None
+    routed: str | None = None  # why the backend was chosen (routes that place by load)
     # How it ended.
     answer: Answer | None = None  # None: no answer was made (an error, a refusal, a count)
     status: int | None = None

@@ -21,6 +21,7 @@ from app import jsonc
 from app.backends.balancer import Balancer
 from app.backends.client import BackendClient
 from app.backends.dispatch import Dispatcher
+from app.backends.placement import Placer
 from app.backends.session import Transport, new_session
 from app.config import WORKER_CONNECTIONS, Settings, load_settings_or_last_good
 from app.errors import (
@@ -42,6 +43,7 @@ from app.serving.outcome import Delivery, RequestOutcome
 from app.serving.state import ENVIRON_KEY, Ledger, Phase, RequestState, current
 from app.serving.worker import close_connection
 from app.state.buffer import UsageBuffer
+from app.state.guard import GuardedStore
 from app.state.open import open_store
 from app.translate.redact import redact
 
@@ -65,9 +67,9 @@ def build_app(settings: Settings | None = None) -> Flask:
     app.url_map.merge_slashes = False
     app.url_map.converters["model_id"] = ModelId
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    dispatcher = build_dispatcher(settings)
-    app.extensions["gateway.dispatcher"] = dispatcher
     store = open_store(settings.state, on_change=metrics.store_changed)
+    dispatcher = build_dispatcher(settings, store)
+    app.extensions["gateway.dispatcher"] = dispatcher
     ledger = Ledger(store, UsageBuffer(store), settings.state.lease_seconds)
     app.extensions["gateway.ledger"] = ledger
     keys = key_table(settings.keys)
@@ -94,9 +96,9 @@ def secrets_of(settings: Settings) -> list[str]:
     return [s for s in found if s]
 
 
-def build_dispatcher(settings: Settings) -> Dispatcher:
-    """The worker's one requests session, a client (adapter and pool) per backend on it, and
-    the worker's health bookkeeping."""
+def build_dispatcher(settings: Settings, store: GuardedStore | None = None) -> Dispatcher:
+    """The worker's one requests session, a client (adapter and pool) per backend on it, the
+    worker's health bookkeeping, and the store's count of requests in flight per backend."""
     # Keep as many backend connections as the worker can have requests in flight.
     concurrency = int(os.environ.get("GATEWAY_WORKER_CONNECTIONS") or WORKER_CONNECTIONS)
     session = new_session()
@@ -106,7 +108,8 @@ def build_dispatcher(settings: Settings) -> Dispatcher:
     }
     limits = {name: config.max_concurrency for name, config in settings.backends.items()}
     balancer = Balancer(limits, settings.routing, on_breaker=metrics.breaker_changed)
-    return Dispatcher(settings, clients, balancer)
+    placer = Placer(settings, store) if store is not None else None
+    return Dispatcher(settings, clients, balancer, placer=placer)
 
 
 # Probes and scrapes, polled every few seconds: no access line and no request metrics, which

@@ -24,6 +24,8 @@ from app.errors import Overloaded
 from app.state.store import (
     THREAD_NOT_FOUND,
     Ask,
+    Placed,
+    Placement,
     Settlement,
     Store,
     StoreUnavailable,
@@ -73,6 +75,25 @@ class GuardedStore:
 
     def in_flight(self, keys: list[str]) -> dict[str, int]:
         return self._call(lambda s: s.in_flight(keys), None)
+
+    def place(self, placement: Placement) -> Placed | None:
+        """None while the store cannot answer, whatever ``on_failure`` says: routing never
+        fails over the store, the worker orders the targets by what it knows itself."""
+        return self._call(lambda s: s.place(placement), lambda: None, refuse=False)
+
+    def moved(
+        self, lease: str, old: str, new: str, lease_ttl: float, remember: list[str], ttl: float
+    ) -> None:
+        self._call(
+            lambda s: s.moved(lease, old, new, lease_ttl, remember, ttl), lambda: None, refuse=False
+        )
+
+    def unplace(self, backend: str, lease: str) -> None:
+        # Lost while the store is gone: the lease expires by itself.
+        self._call(lambda s: s.unplace(backend, lease), lambda: None, refuse=False)
+
+    def backend_loads(self, backends: list[str]) -> dict[str, int]:
+        return self._call(lambda s: s.backend_loads(backends), None)
 
     def put_thread(self, thread_id: str, owner: str, body: bytes, ttl: float) -> None:
         self._call(lambda s: s.put_thread(thread_id, owner, body, ttl), lambda: None, refuse=False)

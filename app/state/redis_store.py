@@ -10,6 +10,9 @@ The keys, under a prefix (``gw:`` by default):
     {prefix}u:{day}                    usage of a day, a hash of [key, model] | metric -> count
     {prefix}days                       the days that have usage
     {prefix}th:{id}                    a stored conversation (hash: owner, body, continued, claimed)
+    {prefix}f:{backend}                a backend's requests in flight, a sorted set scored by expiry
+    {prefix}a:{hash}                   the backend that served a conversation (or session) last
+    {prefix}aidx                       those entries, scored by expiry (to keep them bounded)
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import redis
 from app.state.store import (
     THREAD_FOUND,
     Ask,
+    Placed,
+    Placement,
     Settlement,
     Store,
     StoreUnavailable,
@@ -134,6 +139,90 @@ end
 return 1
 """
 
+# KEYS: the candidates' flight sets (n), the lookups (m; the last is the session's when ARGV[3]
+# is 1), the keys to remember (r), the memory's index. ARGV: n, m, session (0/1), r, lease_ttl,
+# lease, memory_ttl, max_entries, hit_factor, new_factor, then the n candidates' names.
+# The choice is app/state/store.py ``choose``, step for step. Returns {backend, routed, loads...}.
+PLACE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local n, m, session, r = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3] == '1', tonumber(ARGV[4])
+local lease_ttl, lease, ttl = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local max_entries, hit_factor, new_factor = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local names, loads, index = {}, {}, {}
+local total, least = 0, nil
+for i = 1, n do
+  names[i] = ARGV[10 + i]
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  loads[i] = redis.call('ZCARD', KEYS[i])
+  index[names[i]] = i
+  total = total + loads[i]
+  if least == nil or loads[i] < loads[least] then least = i end
+end
+local known, by_session = nil, false
+if m > 0 then
+  local found = redis.call('MGET', unpack(KEYS, n + 1, n + m))
+  for j = 1, m do
+    if found[j] then
+      known = found[j]
+      by_session = session and j == m
+      break
+    end
+  end
+end
+local chosen, routed = least, 'new'
+if known then
+  local k = index[known]
+  if k == nil then
+    routed = 'failover'
+  else
+    local factor = hit_factor
+    if by_session then factor = new_factor end
+    local bound = math.ceil(factor * (total + 1) / n - 1e-9)
+    if loads[k] + 1 <= bound then
+      chosen = k
+      if by_session then routed = 'session' else routed = 'prefix' end
+    else
+      routed = 'spilled'
+    end
+  end
+end
+redis.call('ZADD', KEYS[chosen], now + lease_ttl, lease)
+redis.call('PEXPIRE', KEYS[chosen], math.ceil(lease_ttl * 1000))
+local idx = KEYS[n + m + r + 1]
+if r > 0 then
+  for j = n + m + 1, n + m + r do
+    redis.call('SET', KEYS[j], names[chosen], 'PX', math.ceil(ttl * 1000))
+    redis.call('ZADD', idx, now + ttl, KEYS[j])
+  end
+  redis.call('ZREMRANGEBYSCORE', idx, '-inf', now)
+  local over = redis.call('ZCARD', idx) - max_entries
+  if over > 0 then
+    local oldest = redis.call('ZPOPMIN', idx, over)
+    for j = 1, #oldest, 2 do redis.call('DEL', oldest[j]) end
+  end
+end
+local out = {names[chosen], routed}
+for i = 1, n do out[#out + 1] = loads[i] end
+return out
+"""
+
+# KEYS: the old flight set, the new one, the keys to remember, the memory's index.
+# ARGV: lease, lease_ttl, memory_ttl, backend.
+MOVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local lease_ttl, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], now + lease_ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[2], math.ceil(lease_ttl * 1000))
+for j = 3, #KEYS - 1 do
+  redis.call('SET', KEYS[j], ARGV[4], 'PX', math.ceil(ttl * 1000))
+  redis.call('ZADD', KEYS[#KEYS], now + ttl, KEYS[j])
+end
+return 1
+"""
+
 # KEYS: the thread. ARGV: owner, hold (s). Returns {status, body}.
 CLAIM = """
 local t = redis.call('TIME')
@@ -177,6 +266,8 @@ class RedisStore(Store):
         self.settle_script = self.redis.register_script(SETTLE)
         self.claim_script = self.redis.register_script(CLAIM)
         self.end_script = self.redis.register_script(END)
+        self.place_script = self.redis.register_script(PLACE)
+        self.move_script = self.redis.register_script(MOVE)
 
     def _call(self, work: Callable[[], T]) -> T:
         try:
@@ -290,6 +381,53 @@ class RedisStore(Store):
             return pipe.execute()
 
         return dict(zip(keys, self._call(run), strict=True))
+
+    # --- placement on backends ---------------------------------------------------------------
+
+    def place(self, placement: Placement) -> Placed:
+        p = self.prefix
+        lookups = placement.lookups + ([placement.session] if placement.session else [])
+        keys = [f"{p}f:{name}" for name in placement.candidates]
+        keys += [f"{p}a:{key}" for key in lookups]
+        keys += [f"{p}a:{key}" for key in placement.remember]
+        keys.append(f"{p}aidx")
+        args: list[Arg] = [
+            len(placement.candidates),
+            len(lookups),
+            1 if placement.session else 0,
+            len(placement.remember),
+            repr(placement.lease_ttl),
+            lease := lease_id(),
+            repr(placement.memory_ttl),
+            placement.max_entries,
+            repr(placement.hit_factor),
+            repr(placement.new_factor),
+            *placement.candidates,
+        ]
+        reply = self._call(lambda: self.place_script(keys=keys, args=args))
+        loads = {name: int(x) for name, x in zip(placement.candidates, reply[2:], strict=True)}
+        return Placed(_text(reply[0]), lease, _text(reply[1]), loads)
+
+    def moved(
+        self, lease: str, old: str, new: str, lease_ttl: float, remember: list[str], ttl: float
+    ) -> None:
+        p = self.prefix
+        keys = [f"{p}f:{old}", f"{p}f:{new}", *(f"{p}a:{key}" for key in remember), f"{p}aidx"]
+        args: list[Arg] = [lease, repr(lease_ttl), repr(ttl), new]
+        self._call(lambda: self.move_script(keys=keys, args=args))
+
+    def unplace(self, backend: str, lease: str) -> None:
+        self._call(lambda: self.redis.zrem(f"{self.prefix}f:{backend}", lease))
+
+    def backend_loads(self, backends: list[str]) -> dict[str, int]:
+        def run() -> list[int]:
+            now = self.redis.time()
+            pipe = self.redis.pipeline(transaction=False)
+            for name in backends:
+                pipe.zcount(f"{self.prefix}f:{name}", f"({now[0] + now[1] / 1e6}", "+inf")
+            return pipe.execute()
+
+        return dict(zip(backends, self._call(run), strict=True))
 
     # --- threads ----------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ read upgraded to a write can be refused outright, whatever the wait) and never s
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -30,6 +31,8 @@ from app.state.store import (
     THREAD_IN_FLIGHT,
     THREAD_NOT_FOUND,
     Ask,
+    Placed,
+    Placement,
     Settlement,
     Store,
     StoreUnavailable,
@@ -37,6 +40,7 @@ from app.state.store import (
     UsageRow,
     Verdict,
     budget_standing,
+    choose,
     lease_id,
     standing,
     take,
@@ -45,6 +49,9 @@ from app.state.store import (
 T = TypeVar("T")
 FILE = "gateway.sqlite3"
 LOCK_WAIT = 2.0
+# The memory of conversations is trimmed (expired entries, then the oldest beyond its size) on
+# one write in TRIM_EVERY per process: a trim scans, a write need not.
+TRIM_EVERY = 64
 # Longer than an operation's wait: at start, every process on the host may be opening at once.
 OPEN_WAIT = 10.0
 # WITHOUT ROWID: each table is one b-tree on its primary key (a rowid table would keep a
@@ -70,6 +77,13 @@ CREATE TABLE IF NOT EXISTS threads (
     id TEXT PRIMARY KEY, owner TEXT NOT NULL, body BLOB NOT NULL, expires REAL NOT NULL,
     continued INTEGER NOT NULL DEFAULT 0, claimed_until REAL NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS threads_by_expiry ON threads (expires);
+CREATE TABLE IF NOT EXISTS flights (
+    backend TEXT NOT NULL, id TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (backend, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS affinity (
+    key TEXT PRIMARY KEY, backend TEXT NOT NULL, expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS affinity_by_expiry ON affinity (expires);
 """
 # One statement at a time, inside one transaction (``executescript`` would commit it first).
 SCHEMA = tuple(s.strip() for s in SCHEMA_SQL.split(";") if s.strip())
@@ -90,6 +104,7 @@ class SQLiteStore(Store):
         self.path = os.path.join(directory, FILE)
         self.clock = clock
         self.lock = threading.Lock()  # one connection per process; gevent's lock in a worker
+        self.writes = itertools.count(1)
         try:
             os.makedirs(directory, exist_ok=True)
             self.db = sqlite3.connect(
@@ -208,6 +223,103 @@ class SQLiteStore(Store):
         query = "SELECT key, COUNT(*) FROM leases WHERE expires > ? GROUP BY key"
         found = dict(self._locked(lambda: self.db.execute(query, (now,)).fetchall()))
         return {key: found.get(key, 0) for key in keys}
+
+    # --- placement on backends ---------------------------------------------------------------
+
+    def place(self, placement: Placement) -> Placed:
+        return self._transaction(lambda db: self._place(db, placement, self.clock()))
+
+    def _place(self, db: sqlite3.Connection, placement: Placement, now: float) -> Placed:
+        candidates = placement.candidates
+        marks = ",".join("?" * len(candidates))
+        loads = dict.fromkeys(candidates, 0)
+        counted = db.execute(
+            f"SELECT backend, COUNT(*) FROM flights WHERE backend IN ({marks}) AND expires > ? "
+            "GROUP BY backend",
+            (*candidates, now),
+        )
+        loads.update(counted.fetchall())
+        known, by_session = self._recall(db, placement, now)
+        backend, routed = choose(placement, loads, known, by_session)
+        lease = lease_id()
+        db.execute(
+            "INSERT INTO flights (backend, id, expires) VALUES (?, ?, ?)",
+            (backend, lease, now + placement.lease_ttl),
+        )
+        self._remember(db, placement.remember, backend, now + placement.memory_ttl)
+        if next(self.writes) % TRIM_EVERY == 0:
+            self._trim(db, now, placement.max_entries)
+        return Placed(backend, lease, routed, loads)
+
+    def _recall(
+        self, db: sqlite3.Connection, placement: Placement, now: float
+    ) -> tuple[str | None, bool]:
+        """The backend of the longest known prefix, else of the session, and which it was."""
+        keys = placement.lookups + ([placement.session] if placement.session else [])
+        if not keys:
+            return None, False
+        marks = ",".join("?" * len(keys))
+        found = dict(
+            db.execute(
+                f"SELECT key, backend FROM affinity WHERE key IN ({marks}) AND expires > ?",
+                (*keys, now),
+            ).fetchall()
+        )
+        for key in placement.lookups:
+            if key in found:
+                return found[key], False
+        if placement.session and placement.session in found:
+            return found[placement.session], True
+        return None, False
+
+    def _remember(
+        self, db: sqlite3.Connection, keys: list[str], backend: str, expires: float
+    ) -> None:
+        db.executemany(
+            "INSERT INTO affinity (key, backend, expires) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET "
+            "backend = excluded.backend, expires = excluded.expires",
+            [(key, backend, expires) for key in keys],
+        )
+
+    def _trim(self, db: sqlite3.Connection, now: float, max_entries: int) -> None:
+        db.execute("DELETE FROM affinity WHERE expires <= ?", (now,))
+        db.execute("DELETE FROM flights WHERE expires <= ?", (now,))
+        (count,) = db.execute("SELECT COUNT(*) FROM affinity").fetchone()
+        if count > max_entries:
+            db.execute(
+                "DELETE FROM affinity WHERE key IN "
+                "(SELECT key FROM affinity ORDER BY expires LIMIT ?)",
+                (count - max_entries,),
+            )
+
+    def moved(
+        self, lease: str, old: str, new: str, lease_ttl: float, remember: list[str], ttl: float
+    ) -> None:
+        now = self.clock()
+
+        def move(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM flights WHERE backend = ? AND id = ?", (old, lease))
+            db.execute(
+                "INSERT OR REPLACE INTO flights (backend, id, expires) VALUES (?, ?, ?)",
+                (new, lease, now + lease_ttl),
+            )
+            self._remember(db, remember, new, now + ttl)
+
+        self._transaction(move)
+
+    def unplace(self, backend: str, lease: str) -> None:
+        self._transaction(
+            lambda db: db.execute(
+                "DELETE FROM flights WHERE backend = ? AND id = ?", (backend, lease)
+            )
+        )
+
+    def backend_loads(self, backends: list[str]) -> dict[str, int]:
+        now = self.clock()
+        query = "SELECT backend, COUNT(*) FROM flights WHERE expires > ? GROUP BY backend"
+        found = dict(self._locked(lambda: self.db.execute(query, (now,)).fetchall()))
+        return {name: found.get(name, 0) for name in backends}
 
     # --- threads ----------------------------------------------------------------------------
 

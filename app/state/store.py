@@ -20,6 +20,7 @@ Redis runs the same steps in Lua), and one test suite runs against both.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import secrets
 from abc import ABC, abstractmethod
@@ -127,6 +128,68 @@ class UsageRow:
     errors: int
 
 
+# Why a placement chose its backend (the access line's ``routed``).
+ROUTED_PREFIX = "prefix"  # the replica that served the conversation's longest known prefix
+ROUTED_SESSION = "session"  # the replica of the client's session, no prefix known
+ROUTED_NEW = "new"  # nothing known: the least loaded replica
+ROUTED_SPILLED = "spilled"  # the known replica was over its load bound: the least loaded
+ROUTED_FAILOVER = "failover"  # the known replica is held back, or failed: another one
+
+
+@dataclass
+class Placement:
+    """What placing a request on one of a route's backends asks of the store, in one round
+    trip: every candidate's requests in flight (the whole service's, from live leases), the
+    backend remembered for the conversation (``lookups``, the longest prefix first, then
+    ``session``), a choice within the load bound, a lease on it, and the conversation
+    remembered there (``remember``) for ``memory_ttl`` seconds.
+
+    ``candidates`` are in tie-break order: among equally loaded backends the first wins."""
+
+    candidates: list[str]
+    lease_ttl: float = 900.0
+    lookups: list[str] = field(default_factory=list)
+    session: str | None = None
+    remember: list[str] = field(default_factory=list)
+    memory_ttl: float = 1800.0
+    max_entries: int = 100_000
+    hit_factor: float = 1.5
+    new_factor: float = 1.25
+
+
+@dataclass
+class Placed:
+    backend: str
+    lease: str
+    routed: str  # one of the ROUTED_ values
+    loads: dict[str, int]  # requests in flight per candidate before this one
+
+
+def choose(
+    placement: Placement, loads: dict[str, int], known: str | None, by_session: bool
+) -> tuple[str, str]:
+    """The backend and why, given the candidates' loads and the backend remembered for the
+    conversation (``known``, found by its prefix or, ``by_session``, by the client's session).
+
+    Consistent hashing with bounded loads: a remembered backend keeps the conversation while its
+    load, with this request, stays within ``factor`` times the candidates' average (rounded
+    up, so an idle route always admits); a prefix hit saves a whole prefill, so it may go
+    further over the average than a session hint. Otherwise the least loaded candidate. The
+    Redis engine runs the same steps in Lua (app/state/redis_store.py PLACE)."""
+    candidates = placement.candidates
+    least = min(candidates, key=lambda name: loads[name])  # the first of the least loaded
+    if known is None:
+        return least, ROUTED_NEW
+    if known not in loads:
+        return least, ROUTED_FAILOVER
+    factor = placement.new_factor if by_session else placement.hit_factor
+    total = sum(loads.values())
+    bound = math.ceil(factor * (total + 1) / len(candidates) - EPSILON)
+    if loads[known] + 1 <= bound:
+        return known, ROUTED_SESSION if by_session else ROUTED_PREFIX
+    return least, ROUTED_SPILLED
+
+
 # What continuing a stored thread can find (the SDK reacts to these error codes).
 THREAD_FOUND = "found"
 THREAD_NOT_FOUND = "thread_not_found"
@@ -155,6 +218,25 @@ class Store(ABC):
     @abstractmethod
     def in_flight(self, keys: list[str]) -> dict[str, int]:
         """The requests each key has in flight (live leases), for the admin view."""
+
+    @abstractmethod
+    def place(self, placement: Placement) -> Placed:
+        """Choose one of ``placement.candidates`` and take a lease on it (see Placement)."""
+
+    @abstractmethod
+    def moved(
+        self, lease: str, old: str, new: str, lease_ttl: float, remember: list[str], ttl: float
+    ) -> None:
+        """The request placed on ``old`` went to ``new`` (failover): its lease moves, and the
+        conversation is remembered on ``new``."""
+
+    @abstractmethod
+    def unplace(self, backend: str, lease: str) -> None:
+        """The request is over: its lease on ``backend`` is given back."""
+
+    @abstractmethod
+    def backend_loads(self, backends: list[str]) -> dict[str, int]:
+        """Each backend's requests in flight, the whole service's, for the admin view."""
 
     @abstractmethod
     def put_thread(self, thread_id: str, owner: str, body: bytes, ttl: float) -> None:

@@ -668,12 +668,14 @@ def test_an_empty_table_reads_as_the_schemas_defaults(schema: type) -> None:
 
 def test_choices_come_from_the_literal_types() -> None:
     assert PROTOCOLS == ("openai", "anthropic")
-    assert STRATEGIES == ("failover", "weighted", "least_busy")
+    assert STRATEGIES == ("failover", "weighted", "least_busy", "affinity")
     assert ENGINES == ("sqlite", "redis")
     assert LOG_LEVELS == ("debug", "info", "warning", "error")
     assert BILLING_HEADER_MODES == MODES == ("normalize", "drop", "keep")
     message = config_error({"routes": [{"match": "*", "backend": "default", "strategy": "x"}]})
-    assert message == ("routes.0.strategy: must be one of failover, weighted, least_busy (got 'x')")
+    assert message == (
+        "routes.0.strategy: must be one of failover, weighted, least_busy, affinity (got 'x')"
+    )
 
 
 def test_the_four_timeouts_are_one_value() -> None:

@@ -330,7 +330,8 @@ def test_each_setting_in_the_example_names_its_variable() -> None:
         table = header.group(1) if header else table
         setting = re.match(r"^([a-z_]+) = ", line)
         found = setting_at(table, setting.group(1)) if setting else None
-        if found is not None and found[1].env:
+        # [[backends]] take [upstream]'s keys, not its variables.
+        if found is not None and found[1].env and table != "backends":
             assert found[1].env in line, f"{table}.{setting.group(1)}: {found[1].env}"
     assert "A value whose comment names a GATEWAY_ variable" in EXAMPLE
 

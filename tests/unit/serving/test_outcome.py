@@ -108,6 +108,13 @@ def test_a_request_that_never_reached_a_backend_is_logged_with_what_it_got_that_
     gone = access_line(outcome(status=499, client_disconnected=True, delivery=Delivery.NONE))
     assert gone["status"] == 499 and gone["client_disconnected"] is True
     assert "bytes_out" not in gone and "error" not in gone
+    assert "routed" not in refused
+
+
+def test_the_access_line_says_why_a_placed_request_went_to_its_backend() -> None:
+    line = access_line(outcome(model="m", route="fleet", backend="r1", routed="spilled"))
+    assert line["routed"] == "spilled"
+    assert "routed" not in access_line(outcome(model="m", route="one", backend="b"))
 
 
 def test_a_request_only_moves_forward_through_its_phases(ledger: Ledger) -> None:

@@ -4,35 +4,8 @@ requests in flight per backend, and the memory of which backend served a convers
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
-from servers import RedisServer, redis_available
-
-from app.state.redis_store import RedisStore
-from app.state.sqlite_store import SQLiteStore
-from app.state.store import Placement, Store
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    if not redis_available():
-        pytest.skip("redis-server is not installed (apt-get install redis-server); CI runs these")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request, tmp_path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        engine: Store = SQLiteStore(str(tmp_path))
-    else:
-        server = request.getfixturevalue("redis_server")
-        engine = RedisStore(server.url, prefix=f"test:{time.monotonic_ns()}:")
-    yield engine
-    engine.close()
-
+from app.state.store import Placement
 
 AB = ["a", "b"]
 

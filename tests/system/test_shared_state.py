@@ -62,13 +62,6 @@ def start(backend: FakeBackend, directory: Path, redis_url: str, **extra: str) -
 
 
 @pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def hosts(module_backend, redis_server, tmp_path_factory) -> Iterator[tuple[Gunicorn, Gunicorn]]:
     """Two gateways, as on two hosts behind one load balancer: nothing shared but Redis."""
     base = tmp_path_factory.mktemp("hosts")

@@ -9,14 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from servers import RedisServer, redis_available
 
 from app.state import sqlite_store
-from app.state.redis_store import RedisStore
 from app.state.sqlite_store import FILE, SQLiteStore
 from app.state.store import (
     THREAD_ALREADY_CONTINUED,
@@ -27,7 +25,6 @@ from app.state.store import (
     Bucket,
     Budget,
     Settlement,
-    Store,
     StoreUnavailable,
     Usage,
 )
@@ -36,26 +33,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 REQUESTS = Bucket("requests", per=0.5, capacity=3)  # 120 a minute, three at once
 TOKENS = Bucket("output_tokens", per=60 / 6000, capacity=6000)  # 6000 a minute
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
-    if not redis_available():
-        pytest.skip("redis-server is not installed (apt-get install redis-server); CI runs these")
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request, tmp_path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        engine: Store = SQLiteStore(str(tmp_path))
-    else:
-        server = request.getfixturevalue("redis_server")
-        engine = RedisStore(server.url, prefix=f"test:{time.monotonic_ns()}:")
-    yield engine
-    engine.close()
 
 
 def test_a_rested_key_gets_its_burst_then_waits(store):

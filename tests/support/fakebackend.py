@@ -155,7 +155,8 @@ class StreamReply(Reply):
     before ``[DONE]``. ``chunked=False`` gives a close-delimited body. ``cut_after=k`` drops the
     connection after k events, with neither ``[DONE]`` nor the final zero-length chunk.
     A failed write means the client hung up: the stream stops and ``closed_by_client`` counts it.
-    ``sent_at`` gets the ``time.monotonic()`` of each event as it is written, so a test can say
+    ``sent_at`` gets the ``time.monotonic()`` of each event just before it is written (after it,
+    the client may already have read it and taken its own time), so a test can say
     "the client had this before the backend had even sent that" whatever the machine's speed.
     """
 
@@ -206,8 +207,8 @@ class StreamReply(Reply):
             if not handler.pause(self.first_delay if index == 0 else self.delay):
                 return False
             self._emit(handler, self._comment_bytes(index))
+            self.sent_at.append(time.monotonic())  # before the write: the client may be quicker
             self._emit(handler, self._event_bytes(event))
-            self.sent_at.append(time.monotonic())
         if self._is_cut(len(self.events)):
             return False
         self._emit(handler, self._comment_bytes(len(self.events)))

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from app.state.sqlite_batches import BATCH_SCHEMA, SQLiteBatches
 from app.state.store import (
     THREAD_ALREADY_CONTINUED,
     THREAD_FOUND,
@@ -99,7 +100,7 @@ ADD_USAGE = (
 )
 
 
-class SQLiteStore(Store):
+class SQLiteStore(Store, SQLiteBatches):
     def __init__(self, directory: str, clock: Callable[[], float] = time.time) -> None:
         self.path = os.path.join(directory, FILE)
         self.clock = clock
@@ -123,7 +124,7 @@ class SQLiteStore(Store):
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         with self._begun():
-            for statement in SCHEMA:
+            for statement in SCHEMA + BATCH_SCHEMA:
                 self.db.execute(statement)
 
     # --- limits -----------------------------------------------------------------------------

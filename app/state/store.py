@@ -23,10 +23,11 @@ import itertools
 import math
 import os
 import secrets
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass, field
 
 from app.config import StateSettings
+from app.state.batch_queue import BatchQueue
 
 EPSILON = 1e-9
 
@@ -197,9 +198,9 @@ THREAD_ALREADY_CONTINUED = "thread_already_continued"
 THREAD_IN_FLIGHT = "thread_continue_in_flight"
 
 
-class Store(ABC):
+class Store(BatchQueue):
     """One engine. Every method is one round trip; each raises ``StoreUnavailable`` when the
-    store cannot answer."""
+    store cannot answer. (Its batch methods are app.state.batch_queue's.)"""
 
     @abstractmethod
     def admit(self, ask: Ask) -> Verdict: ...

@@ -39,6 +39,7 @@ class Ran:
     body: Any  # the parsed JSON answer
     retry_after: float | None  # what the answer's retry-after said
     again: bool  # a later attempt may do better
+    limited: bool  # the item's key's limits refused it (the backends were not asked)
 
 
 def run_item(app: WSGIApp, item: BatchItem, params: bytes) -> Ran:
@@ -60,7 +61,10 @@ def run_item(app: WSGIApp, item: BatchItem, params: bytes) -> Ran:
     code = int(status[-1].split(" ", 1)[0])
     parsed = jsonc.loads(body) if body else None
     retry_after = _seconds(headers.get("retry-after"))
-    return Ran(code, parsed, retry_after, _again(code, environ, retry_after))
+    state: RequestState | None = environ.get(STATE_KEY)
+    rejected = state.outcome.rejected if state is not None and state.outcome else None
+    again = _again(code, rejected, retry_after)
+    return Ran(code, parsed, retry_after, again, limited=rejected is not None)
 
 
 def _environ(item: BatchItem, params: bytes) -> dict[str, Any]:
@@ -88,11 +92,9 @@ def _environ(item: BatchItem, params: bytes) -> dict[str, Any]:
     }
 
 
-def _again(status: int, environ: dict[str, Any], retry_after: float | None) -> bool:
+def _again(status: int, rejected: str | None, retry_after: float | None) -> bool:
     if status not in AGAIN_STATUSES:
         return False
-    state: RequestState | None = environ.get(STATE_KEY)
-    rejected = state.outcome.rejected if state is not None and state.outcome else None
     if rejected is None:
         return True  # the backends, not the key
     # A key's limit refused it: worth waiting for only if it passes (a budget is spent

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import gevent
+from gevent.event import Event
 from gevent.pool import Pool
 
 from app import ids, jsonc
@@ -69,6 +70,7 @@ class Runner:
         self.owners: dict[str, str] = {}  # batch id -> the key it runs as
         self.cooling: dict[str, float] = {}  # backend -> when this worker may use it again
         self.pool = Pool(MAX_ITEMS)
+        self.freed = Event()  # set when an item of this worker gives its slot back
         self.swept_at = 0.0
         self.greenlets: list[gevent.Greenlet[Any, Any]] = []
 
@@ -82,7 +84,7 @@ class Runner:
         self.pool.kill()
         now = self.clock()
         for claim in list(self.held):
-            self._call(lambda s, c=claim: s.batch_release(self.token, c, now))  # type: ignore[misc]
+            self._give_back(claim, now, attempt=False)
         self.held.clear()
 
     # --- the loop -----------------------------------------------------------------------------
@@ -160,7 +162,9 @@ class Runner:
             if polls % 10 == 0 and not self._still_running(claim.batch_id):
                 self._give_back(claim, now, attempt=False)
                 return None
-            gevent.sleep(self.batches.poll_interval)
+            # Another worker's item ending is seen at the next poll, this worker's at once.
+            self.freed.clear()
+            self.freed.wait(self.batches.poll_interval)
 
     def _slot(self, backend: str) -> str | None:
         capacity = backend_capacity(self.settings.backends[backend])
@@ -179,6 +183,7 @@ class Runner:
                 if slot is not None and item.backend is not None:
                     backend = item.backend
                     self._call(lambda s: s.batch_unslot(backend, slot))
+                    self.freed.set()
             self._settle(claim, item, ran)
         except Exception:
             log.exception("batch item %s of %s failed", item.custom_id, item.batch_id)
@@ -197,7 +202,8 @@ class Runner:
             if item.backend is not None:
                 self.cooling[item.backend] = now + min(wait, self.batches.backoff)
             metrics.batch_item_retried(item.backend or "-", ran.status)
-            self._give_back(claim, now + wait, attempt=True)
+            # A key's passing limit is no failure of the item's: the wait is not an attempt.
+            self._give_back(claim, now + wait, attempt=not ran.limited)
             return
         self._finish(claim, ERRORED, errored_line(item.custom_id, ran.body))
 
@@ -228,7 +234,7 @@ class Runner:
 
     def _give_back(self, claim: Claim, not_before: float, *, attempt: bool) -> None:
         self.held.pop(claim, None)
-        self._call(lambda s: s.batch_release(self.token, claim, not_before))
+        self._call(lambda s: s.batch_release(self.token, claim, not_before, attempt))
 
     # --- what the items need -------------------------------------------------------------------
 

@@ -139,9 +139,12 @@ class BatchQueue(ABC):
         """The leases ``token`` still holds on ``claims`` run on until ``now + lease``."""
 
     @abstractmethod
-    def batch_release(self, token: str, claim: Claim, not_before: float) -> None:
+    def batch_release(
+        self, token: str, claim: Claim, not_before: float, attempt: bool = True
+    ) -> None:
         """Give an item back to be tried again from ``not_before`` (its backend was busy or
-        failed), one attempt more; nothing if ``token`` no longer holds it."""
+        failed: one ``attempt`` more; or it was never sent: not one); nothing if ``token``
+        no longer holds it."""
 
     @abstractmethod
     def batch_finish(self, claim: Claim, kind: str, now: float) -> BatchRecord | None:

@@ -155,12 +155,14 @@ class SQLiteBatches(BatchQueue):
             )
         )
 
-    def batch_release(self, token: str, claim: Claim, not_before: float) -> None:
+    def batch_release(
+        self, token: str, claim: Claim, not_before: float, attempt: bool = True
+    ) -> None:
         def release(db: sqlite3.Connection) -> None:
             changed = db.execute(
-                "UPDATE batch_claims SET token = NULL, until = ?, attempts = attempts + 1 "
+                "UPDATE batch_claims SET token = NULL, until = ?, attempts = attempts + ? "
                 "WHERE batch = ? AND idx = ? AND token = ?",
-                (not_before, claim.batch_id, claim.index, token),
+                (not_before, int(attempt), claim.batch_id, claim.index, token),
             ).rowcount
             if changed:
                 db.execute(

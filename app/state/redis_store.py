@@ -26,6 +26,7 @@ import redis
 
 from app.state.store import (
     THREAD_FOUND,
+    USAGE_COUNTS,
     Ask,
     Placed,
     Placement,
@@ -41,7 +42,7 @@ from app.state.store import (
 )
 
 TIMEOUT = 0.5  # seconds for a connection or a command: a slow store fails open (or closed) fast
-METRICS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "errors")
+METRICS = USAGE_COUNTS
 
 # KEYS: n bucket keys, m budget keys, the lease set. ARGV: n, (per, capacity, cost) * n,
 # m, (limit, cost, keep) * m, max_concurrent, lease_ttl, lease_id.
@@ -339,14 +340,8 @@ class RedisStore(Store):
             pipe = self.redis.pipeline(transaction=True)
             for usage in records:
                 field = json.dumps([usage.key, usage.model])
-                counts = (
-                    usage.requests,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    usage.cached_tokens,
-                    usage.errors,
-                )
-                for metric, value in zip(METRICS, counts, strict=True):
+                for metric in METRICS:
+                    value = getattr(usage, metric)
                     if value:
                         pipe.hincrby(f"{p}u:{usage.day}", f"{field}|{metric}", value)
             pipe.sadd(f"{p}days", *{usage.day for usage in records})

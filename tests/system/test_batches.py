@@ -300,6 +300,36 @@ def test_a_key_whose_budget_runs_out_mid_batch_gets_the_rest_errored(gateway: Gu
     assert {e.error.error.type for e in errors} == {"rate_limit_error"}
 
 
+def test_usage_tells_batch_items_from_interactive_requests(gateway: Gunicorn) -> None:
+    sdk = client(gateway, BOB)
+    direct = requests.post(
+        f"{gateway.url}/v1/messages",
+        json=item("x", model="usage-model")["params"],
+        headers={"x-api-key": BOB},
+        timeout=30,
+    )
+    assert direct.status_code == 200
+    batch = sdk.messages.batches.create(
+        requests=[item(f"u{i}", model="usage-model") for i in range(3)]
+    )
+    ended(sdk, batch.id)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+
+    def row() -> dict[str, Any] | None:
+        report = requests.get(
+            f"{gateway.url}/admin/usage?key=bob&model=usage-model&by=key,model",
+            headers=admin,
+            timeout=30,
+        ).json()
+        found = report["data"]
+        return found[0] if found and found[0]["requests"] == 4 else None
+
+    usage = eventually(row, what="the usage of one request and three batch items")
+    assert usage["batch_requests"] == 3
+    assert usage["batch_input_tokens"] == 30 and usage["batch_output_tokens"] == 15
+    assert usage["input_tokens"] == 40 and usage["output_tokens"] == 20
+
+
 def test_access_lines_mark_batch_items_and_the_gateway_is_idle_afterwards(
     gateway: Gunicorn,
 ) -> None:

@@ -139,9 +139,13 @@ class BatchQueue(ABC):
         """The leases ``token`` still holds on ``claims`` run on until ``now + lease``."""
 
     @abstractmethod
-    def batch_release(self, token: str, claim: Claim, not_before: float) -> None:
+    def batch_release(
+        self, token: str, claim: Claim, not_before: float, now: float | None = None
+    ) -> None:
         """Give an item back to be tried again from ``not_before`` (its backend was busy or
-        failed), one attempt more; nothing if ``token`` no longer holds it."""
+        failed), one attempt more; nothing if ``token`` no longer holds it. In a canceling
+        batch it is not tried again, and the batch ends at ``now`` (None: the store's clock)
+        if it was the last one running."""
 
     @abstractmethod
     def batch_finish(self, claim: Claim, kind: str, now: float) -> BatchRecord | None:

@@ -155,7 +155,9 @@ class SQLiteBatches(BatchQueue):
             )
         )
 
-    def batch_release(self, token: str, claim: Claim, not_before: float) -> None:
+    def batch_release(
+        self, token: str, claim: Claim, not_before: float, now: float | None = None
+    ) -> None:
         def release(db: sqlite3.Connection) -> None:
             changed = db.execute(
                 "UPDATE batch_claims SET token = NULL, until = ?, attempts = attempts + 1 "
@@ -168,8 +170,7 @@ class SQLiteBatches(BatchQueue):
                 )
                 record = _get(db, claim.batch_id)
                 if record is not None and record.status == CANCELING and record.running <= 0:
-                    db.execute("DELETE FROM batch_claims WHERE batch = ?", (claim.batch_id,))
-                    _end(db, record, not_before)
+                    _end(db, record, self.clock() if now is None else now)
 
         self._transaction(release)
 
@@ -265,7 +266,8 @@ def _claim_from(
     lease ran out), then new ones."""
     claims: list[Claim] = []
     due = db.execute(
-        "SELECT idx, token, attempts FROM batch_claims WHERE batch = ? AND until <= ? LIMIT ?",
+        "SELECT idx, token, attempts FROM batch_claims WHERE batch = ? AND until <= ? "
+        "ORDER BY until, idx LIMIT ?",
         (record.id, now, want),
     ).fetchall()
     for index, old_token, attempts in due:

@@ -5,6 +5,8 @@ on a backend beside the placement's interactive flights. Every time is an explic
 
 from __future__ import annotations
 
+import time
+
 from app.state.batch_queue import (
     ARCHIVED_AFTER,
     CANCELING,
@@ -16,6 +18,7 @@ from app.state.batch_queue import (
     BatchRecord,
     Claim,
 )
+from app.state.redis_store import RedisStore
 from app.state.store import Placement, Store
 
 NOW = 1_800_000_000.0
@@ -377,3 +380,66 @@ def test_a_batch_slot_whose_lease_ran_out_is_not_counted(store):
     assert store.batch_slot("a", 5, 1, LEASE) is None
     store.place(Placement(["a"], lease_ttl=-1.0))  # an interactive lease left behind
     assert store.batch_slot("a", 2, 2, LEASE) is not None
+
+
+def test_a_canceling_batch_past_its_expiry_ends_with_its_unfinished_items_canceled(store):
+    batch = new_batch(store, 1, 3)
+    store.batch_claim("a", NOW, EXPIRES_AFTER * 2, 1)
+    store.batch_cancel(batch, NOW + 1)
+    store.batch_sweep(NOW + EXPIRES_AFTER)
+    found = record(store, batch)
+    assert (found.status, found.canceled, found.expired) == (ENDED, 3, 0)
+
+
+def test_a_batch_past_its_expiry_is_passed_over_before_the_sweep_ends_it(store):
+    new_batch(store, 1, 5, at=NOW - EXPIRES_AFTER)
+    newer = new_batch(store, 2, 5, at=NOW - 10)
+    assert items(store.batch_claim("a", NOW, LEASE, 2)) == [(newer, 0, 0), (newer, 1, 0)]
+
+
+def test_giving_back_the_last_running_item_without_a_time_ends_the_batch_by_the_stores_clock(
+    store,
+):
+    batch = new_batch(store, 1, 2, at=time.time())
+    (claim,) = store.batch_claim("a", time.time(), LEASE, 1)
+    store.batch_cancel(batch, time.time())
+    before = time.time()
+    store.batch_release("a", claim, before + 30)
+    found = record(store, batch)
+    assert found.status == ENDED and found.ended_at is not None
+    assert before - 1 < found.ended_at < time.time() + 1  # not the retry time
+
+
+def test_redis_keeps_no_item_until_it_is_handed_out_and_nothing_of_a_deleted_batch(
+    redis_server,
+):
+    prefix = f"test:{time.monotonic_ns()}:"
+    store = RedisStore(redis_server.url, prefix=prefix)
+    try:
+        batch = new_batch(store, 1, 100_000)
+        keys = {k.decode().removeprefix(prefix) for k in store.redis.keys(prefix + "*")}
+        assert keys == {
+            f"batch:{batch}",
+            "batches",
+            "batches:owner:k1",
+            "batches:open",
+            "batches:expiry",
+        }
+        first, second = store.batch_claim("a", NOW, LEASE, 2)
+        assert store.redis.zcard(f"{prefix}batch:{batch}:claims") == 2
+        store.batch_finish(first, SUCCEEDED, NOW + 1)
+        assert store.redis.zcard(f"{prefix}batch:{batch}:claims") == 1
+        store.batch_cancel(batch, NOW + 2)
+        store.batch_finish(second, SUCCEEDED, NOW + 3)  # the batch ends
+        keys = {k.decode().removeprefix(prefix) for k in store.redis.keys(prefix + "*")}
+        assert keys == {
+            f"batch:{batch}",
+            f"batch:{batch}:done",  # the results reader's, until delete or archive
+            "batches",
+            "batches:owner:k1",
+            "batches:ended",
+        }
+        assert store.batch_delete(batch)
+        assert store.redis.keys(prefix + "*") == []
+    finally:
+        store.close()

@@ -443,3 +443,28 @@ def test_redis_keeps_no_item_until_it_is_handed_out_and_nothing_of_a_deleted_bat
         assert store.redis.keys(prefix + "*") == []
     finally:
         store.close()
+
+
+def test_an_item_given_back_before_the_cancel_is_not_taken_for_a_lost_runner(store):
+    batch = new_batch(store, 1, 3)
+    running, waiting = store.batch_claim("a", NOW, LEASE, 2)
+    store.batch_release("a", waiting, NOW + 1)
+    store.batch_cancel(batch, NOW + 2)
+    store.batch_sweep(NOW + 3)  # past the retry time, within the running item's lease
+    found = record(store, batch)
+    assert (found.status, found.running) == (CANCELING, 1)
+    assert store.batch_finish(running, SUCCEEDED, NOW + 4) is not None
+    assert (record(store, batch).status, record(store, batch).canceled) == (ENDED, 2)
+
+
+def test_an_item_given_back_while_canceling_is_not_taken_for_a_lost_runner(store):
+    batch = new_batch(store, 1, 3)
+    first, second = store.batch_claim("a", NOW, LEASE, 2)
+    store.batch_cancel(batch, NOW + 1)
+    store.batch_release("a", first, NOW + 2, now=NOW + 2)
+    store.batch_sweep(NOW + 3)
+    found = record(store, batch)
+    assert (found.status, found.running) == (CANCELING, 1)
+    store.batch_sweep(NOW + LEASE + 1)  # second's runner is gone
+    found = record(store, batch)
+    assert (found.status, found.ended_at, found.canceled) == (ENDED, NOW + LEASE + 1, 3)

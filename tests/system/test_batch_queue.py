@@ -1,7 +1,8 @@
 """Message batches in the state store, against both engines: the records and their list, the
 queue of items under leases, cancel, the sweep's expiry and archiving, and batch items' slots
-on a backend beside the placement's interactive flights. Every time is an explicit ``now``
-(a slot's lease uses the store's clock: a lease already run out stands for a dead runner)."""
+on a backend beside the placement's interactive flights. Every time is an explicit ``now``, so
+nothing sleeps: a slot's lease runs on the store's clock, so a lease already run out stands
+for a runner that died."""
 
 from __future__ import annotations
 

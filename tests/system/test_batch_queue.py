@@ -296,6 +296,7 @@ def test_an_ended_batch_is_archived_29_days_after_its_creation(store):
     assert store.batch_sweep(NOW + ARCHIVED_AFTER + 5) == []
     assert store.batch_sweep(NOW + ARCHIVED_AFTER + 10) == [other]
     assert [r.id for r in store.batch_list(None, 5, None, None).records] == [other, batch]
+    assert store.batch_delete(batch)  # an archived batch is still an ended one
 
 
 def test_a_batch_created_29_days_ago_and_never_swept_ends_and_is_archived_at_once(store):

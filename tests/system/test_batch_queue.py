@@ -6,6 +6,8 @@ for a runner that died."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 from app.state.batch_queue import (
@@ -20,6 +22,7 @@ from app.state.batch_queue import (
     Claim,
 )
 from app.state.redis_store import RedisStore
+from app.state.sqlite_store import SQLiteStore
 from app.state.store import Placement, Store
 
 NOW = 1_800_000_000.0
@@ -470,3 +473,35 @@ def test_an_item_given_back_while_canceling_is_not_taken_for_a_lost_runner(store
     store.batch_sweep(NOW + LEASE + 1)  # second's runner is gone
     found = record(store, batch)
     assert (found.status, found.ended_at, found.canceled) == (ENDED, NOW + LEASE + 1, 3)
+
+
+def another_worker(store: Store) -> Store:
+    """A second connection to the same store, as another worker's."""
+    if isinstance(store, SQLiteStore):
+        return SQLiteStore(os.path.dirname(store.path))
+    assert isinstance(store, RedisStore)
+    where = store.redis.connection_pool.connection_kwargs
+    return RedisStore(f"redis://{where['host']}:{where['port']}", prefix=store.prefix)
+
+
+def test_workers_claiming_at_once_never_get_the_same_item(store):
+    batch = new_batch(store, 1, 300)
+    workers = [store, another_worker(store), another_worker(store)]
+    taken: list[list[int]] = [[] for _ in workers]
+
+    def run(n: int) -> None:
+        while claims := workers[n].batch_claim(f"w{n}", NOW, LEASE, 7):
+            taken[n] += [c.index for c in claims]
+            for claim in claims:
+                workers[n].batch_finish(claim, SUCCEEDED, NOW + 1)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(len(workers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for worker in workers[1:]:
+        worker.close()
+    assert sorted(i for got in taken for i in got) == list(range(300))
+    found = record(store, batch)
+    assert (found.status, found.succeeded, found.running) == (ENDED, 300, 0)

@@ -241,7 +241,8 @@ class Runner:
 
     def _give_back(self, claim: Claim, not_before: float, *, attempt: bool) -> None:
         self.held.pop(claim, None)
-        self._call(lambda s: s.batch_release(self.token, claim, not_before, attempt))
+        now = self.clock()
+        self._call(lambda s: s.batch_release(self.token, claim, not_before, now, attempt))
 
     # --- what the items need -------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ The keys, under a prefix (``gw:`` by default):
     {prefix}f:{backend}                a backend's requests in flight, a sorted set scored by expiry
     {prefix}a:{hash}                   the backend that served a conversation (or session) last
     {prefix}aidx                       those entries, scored by expiry (to keep them bounded)
+    {prefix}batch:{id}, {prefix}batches...  message batches (app/state/redis_batches.py)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TypeVar
 
 import redis
 
+from app.state.redis_batches import BatchScripts, RedisBatches
 from app.state.store import (
     THREAD_FOUND,
     USAGE_COUNTS,
@@ -257,7 +259,7 @@ T = TypeVar("T")
 Arg = str | bytes | int | float
 
 
-class RedisStore(Store):
+class RedisStore(Store, RedisBatches):
     def __init__(self, url: str, prefix: str = "gw:") -> None:
         self.prefix = prefix
         self.redis = redis.Redis.from_url(
@@ -269,6 +271,7 @@ class RedisStore(Store):
         self.end_script = self.redis.register_script(END)
         self.place_script = self.redis.register_script(PLACE)
         self.move_script = self.redis.register_script(MOVE)
+        self.batch_scripts = BatchScripts(self.redis)
 
     def _call(self, work: Callable[[], T]) -> T:
         try:

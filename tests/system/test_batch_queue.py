@@ -146,6 +146,14 @@ def test_a_released_item_is_due_at_not_before_with_one_attempt_more(store):
     assert store.batch_claim("c", NOW + 40, LEASE, 1)[0].attempts == 2
 
 
+def test_an_item_given_back_unsent_counts_no_attempt(store):
+    new_batch(store, 1, 1)
+    (claim,) = store.batch_claim("a", NOW, LEASE, 1)
+    store.batch_release("a", claim, NOW + 5, NOW, attempt=False)  # a key's passing limit
+    (again,) = store.batch_claim("b", NOW + 5, LEASE, 1)
+    assert again.attempts == 0
+
+
 def test_an_item_is_counted_once_and_the_last_one_ends_the_batch(store):
     batch = new_batch(store, 1, 2)
     first, second = store.batch_claim("a", NOW, LEASE, 2)

@@ -49,9 +49,7 @@ def test_two_gateways_on_one_redis_share_a_batch_and_both_serve_its_results(
         )
         for sdk in (a, b):
             results = list(sdk.messages.batches.results(batch.id))
-            assert Counter(r.custom_id for r in results) == Counter(
-                f"item-{i}" for i in range(60)
-            )
+            assert Counter(r.custom_id for r in results) == Counter(f"item-{i}" for i in range(60))
             assert {r.result.type for r in results} == {"succeeded"}
         workers = {
             (gateway.url, line["worker"])

@@ -276,6 +276,9 @@ class Runner:
         for batch_id in self._call(lambda s: s.batch_sweep(now)):
             self.files.remove(batch_id)
             log.info("batch %s archived: its requests and results are removed", batch_id)
+        census = self._call(lambda s: s.batch_census())
+        oldest = census.oldest_open
+        metrics.batches_seen(census.by_status, now - oldest if oldest is not None else 0.0)
 
     def _renew(self) -> None:
         lease = self.batches.lease_seconds

@@ -79,6 +79,15 @@ class Claim:
 
 
 @dataclass
+class BatchCensus:
+    """How many batches there are in each state (archived ones left out), and when the
+    oldest one not ended was created (None: every batch has ended)."""
+
+    by_status: dict[str, int]
+    oldest_open: float | None
+
+
+@dataclass
 class BatchPage:
     records: list[BatchRecord]
     has_more: bool
@@ -162,6 +171,10 @@ class BatchQueue(ABC):
     @abstractmethod
     def batch_done(self, batch_id: str, start: int, stop: int) -> list[int]:
         """The items from ``start`` to ``stop - 1`` that are done, in order."""
+
+    @abstractmethod
+    def batch_census(self) -> BatchCensus:
+        """For the metrics: batches by status, and the oldest one still running."""
 
     @abstractmethod
     def batch_slot(self, backend: str, capacity: int, share: int, lease: float) -> str | None:

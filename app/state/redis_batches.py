@@ -43,7 +43,12 @@ from redis.commands.core import Script
 from app.state.batch_queue import (
     ARCHIVED_AFTER,
     BATCH_FLIGHTS,
+    CANCELING,
     DONE_KINDS,
+    ENDED,
+    EXPIRES_AFTER,
+    IN_PROGRESS,
+    BatchCensus,
     BatchPage,
     BatchQueue,
     BatchRecord,
@@ -345,6 +350,21 @@ class RedisBatches(BatchQueue):
             pipe.execute()
 
         self._call(run)
+
+    def batch_census(self) -> BatchCensus:
+        p = self.prefix
+
+        def count() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            for name in ("open", "canceling", "ended"):
+                pipe.zcard(f"{p}batches:{name}")
+            pipe.zrange(f"{p}batches:expiry", 0, 0, withscores=True)
+            return pipe.execute()
+
+        running, canceling, ended_, first = self._call(count)
+        oldest = first[0][1] - EXPIRES_AFTER if first else None
+        by_status = {IN_PROGRESS: running, CANCELING: canceling, ENDED: ended_}
+        return BatchCensus(by_status, oldest)
 
     def batch_get(self, batch_id: str) -> BatchRecord | None:
         found = self._call(lambda: self.redis.hgetall(f"{self.prefix}batch:{batch_id}"))

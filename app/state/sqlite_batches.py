@@ -20,6 +20,7 @@ from app.state.batch_queue import (
     DONE_KINDS,
     ENDED,
     IN_PROGRESS,
+    BatchCensus,
     BatchPage,
     BatchQueue,
     BatchRecord,
@@ -210,6 +211,20 @@ class SQLiteBatches(BatchQueue):
         query = "SELECT idx FROM batch_done WHERE batch = ? AND idx >= ? AND idx < ? ORDER BY idx"
         rows = self._locked(lambda: self.db.execute(query, (batch_id, start, stop)).fetchall())
         return [row[0] for row in rows]
+
+    def batch_census(self) -> BatchCensus:
+        def count() -> BatchCensus:
+            rows = self.db.execute(
+                "SELECT status, COUNT(*) FROM batches WHERE archived_at IS NULL GROUP BY status"
+            ).fetchall()
+            (oldest,) = self.db.execute(
+                "SELECT MIN(created_at) FROM batches WHERE status != ?", (ENDED,)
+            ).fetchone()
+            by_status = dict.fromkeys((IN_PROGRESS, CANCELING, ENDED), 0)
+            by_status.update(rows)
+            return BatchCensus(by_status, oldest)
+
+        return self._locked(count)
 
     def batch_slot(self, backend: str, capacity: int, share: int, lease: float) -> str | None:
         def take(db: sqlite3.Connection) -> str | None:

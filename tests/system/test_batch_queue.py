@@ -513,3 +513,19 @@ def test_workers_claiming_at_once_never_get_the_same_item(store):
     assert sorted(i for got in taken for i in got) == list(range(300))
     found = record(store, batch)
     assert (found.status, found.succeeded, found.running) == (ENDED, 300, 0)
+
+
+def test_the_census_counts_batches_by_status_and_finds_the_oldest_running(store):
+    assert store.batch_census().by_status == {"in_progress": 0, "canceling": 0, "ended": 0}
+    assert store.batch_census().oldest_open is None
+    first = new_batch(store, 1, 1, at=NOW)
+    new_batch(store, 2, 1, at=NOW + 10)
+    third = new_batch(store, 3, 1, at=NOW + 20)
+    store.batch_cancel(first, NOW + 30)  # nothing runs: it ends at once
+    second_claim = store.batch_claim("a", NOW + 30, LEASE, 1)
+    assert [c.batch_id for c in second_claim] == [batch_id(2)]
+    store.batch_cancel(batch_id(2), NOW + 31)  # its item runs: canceling until it finishes
+    store.batch_cancel(third, NOW + 31)
+    census = store.batch_census()
+    assert census.by_status == {"in_progress": 0, "canceling": 1, "ended": 2}
+    assert census.oldest_open == NOW + 10

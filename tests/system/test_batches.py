@@ -16,6 +16,7 @@ import anthropic
 import pytest
 import requests
 from fakebackend import FakeBackend, JSONReply, Recorded, completion
+from metrics import metric_sum
 from servers import Gunicorn
 from waiting import eventually
 
@@ -85,6 +86,15 @@ def item(custom_id: str, text: str = "hi", **params: Any) -> dict[str, Any]:
     return {"custom_id": custom_id, "params": {**body, **params}}
 
 
+def results(batches: Any, batch_id: str) -> list[Any]:
+    """Every result line, the SDK's decoder closed after (it holds the connection)."""
+    decoder = batches.results(batch_id)
+    try:
+        return list(decoder)
+    finally:
+        decoder.close()
+
+
 def ended(sdk: anthropic.Anthropic, batch_id: str, timeout: float = 60) -> Any:
     return eventually(
         lambda: (b := sdk.messages.batches.retrieve(batch_id)).processing_status == "ended" and b,
@@ -114,11 +124,11 @@ def test_a_batch_runs_to_results_each_item_once_errored_items_among_good_ones(
     assert (counts.succeeded, counts.errored, counts.processing) == (6, 3, 0)
     assert counts.canceled == counts.expired == 0
     assert batch.ended_at is not None and batch.results_url.endswith(f"/{created.id}/results")
-    results = {r.custom_id: r.result for r in sdk.messages.batches.results(created.id)}
-    assert sorted(results) == sorted(r["custom_id"] for r in requests_)
-    assert all(results[f"good-{i}"].type == "succeeded" for i in range(6))
+    found = {r.custom_id: r.result for r in results(sdk.messages.batches, created.id)}
+    assert sorted(found) == sorted(r["custom_id"] for r in requests_)
+    assert all(found[f"good-{i}"].type == "succeeded" for i in range(6))
     for custom_id in ("no-max-tokens", "streams", "not-a-message"):
-        error = results[custom_id]
+        error = found[custom_id]
         assert error.type == "errored"
         assert error.error.error.type == "invalid_request_error"
 
@@ -175,7 +185,7 @@ def test_the_beta_path_works_the_same(gateway: Gunicorn) -> None:
     eventually(
         lambda: beta.retrieve(created.id).processing_status == "ended", what="beta batch ended"
     )
-    assert [r.custom_id for r in beta.results(created.id)] == ["beta-1"]
+    assert [r.custom_id for r in results(beta, created.id)] == ["beta-1"]
     assert created.id in [b.id for b in beta.list(limit=50)]
     assert beta.delete(created.id).type == "message_batch_deleted"
 
@@ -263,7 +273,7 @@ def test_results_wait_for_the_end_and_delete_waits_for_cancel(
     batch = sdk.messages.batches.create(requests=[item(f"h{i}", model="held-x") for i in range(4)])
     eventually(lambda: len(held.requests) >= 1, what="the first item at the held backend")
     with pytest.raises(anthropic.AnthropicError, match="finished processing"):
-        list(sdk.messages.batches.results(batch.id))
+        results(sdk.messages.batches, batch.id)
     early = requests.get(
         f"{gateway.url}/v1/messages/batches/{batch.id}/results",
         headers={"x-api-key": ALICE},
@@ -282,8 +292,8 @@ def test_results_wait_for_the_end_and_delete_waits_for_cancel(
     done = ended(sdk, batch.id)
     counts = done.request_counts
     assert (counts.succeeded, counts.canceled, counts.processing) == (1, 3, 0)
-    results = {r.custom_id: r.result.type for r in sdk.messages.batches.results(batch.id)}
-    assert sorted(results.values()) == ["canceled", "canceled", "canceled", "succeeded"]
+    kinds = {r.custom_id: r.result.type for r in results(sdk.messages.batches, batch.id)}
+    assert sorted(kinds.values()) == ["canceled", "canceled", "canceled", "succeeded"]
     assert sdk.messages.batches.delete(batch.id).id == batch.id
     with pytest.raises(anthropic.NotFoundError):
         sdk.messages.batches.retrieve(batch.id)
@@ -295,7 +305,7 @@ def test_a_key_whose_budget_runs_out_mid_batch_gets_the_rest_errored(gateway: Gu
     done = ended(sdk, batch.id)
     assert done.request_counts.succeeded >= 1 and done.request_counts.errored >= 1
     errors = [
-        r.result for r in sdk.messages.batches.results(batch.id) if r.result.type == "errored"
+        r.result for r in results(sdk.messages.batches, batch.id) if r.result.type == "errored"
     ]
     assert {e.error.error.type for e in errors} == {"rate_limit_error"}
 
@@ -351,3 +361,18 @@ def test_access_lines_mark_batch_items_and_the_gateway_is_idle_afterwards(
     for backend in status["backends"].values():
         assert backend["service_in_flight"] == 0 and backend["batch_in_flight"] == 0
     assert requests.get(f"{gateway.url}/healthz", timeout=30).status_code == 200
+    scrape = requests.get(f"{gateway.url}/metrics", timeout=30).text
+    assert metric_sum(scrape, "gateway_batch_items_total", result="succeeded") >= 1
+    assert metric_sum(scrape, "gateway_batch_items_in_flight") == 0
+    eventually(  # the next sweep's census
+        lambda: (
+            metric_sum(
+                requests.get(f"{gateway.url}/metrics", timeout=30).text,
+                "gateway_batches",
+                status="ended",
+            )
+            >= 1
+        ),
+        what="the batches gauge",
+        timeout=30,
+    )

@@ -5,12 +5,23 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import pytest
 from fakebackend import FakeBackend, JSONReply, completion
 from servers import Gunicorn, RedisServer, redis_available
 from waiting import eventually
+
+
+def results(batches: Any, batch_id: str) -> list[Any]:
+    """Every result line, the SDK's decoder closed after (it holds the connection)."""
+    decoder = batches.results(batch_id)
+    try:
+        return list(decoder)
+    finally:
+        decoder.close()
+
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 
@@ -48,9 +59,9 @@ def test_two_gateways_on_one_redis_share_a_batch_and_both_serve_its_results(
             timeout=120,
         )
         for sdk in (a, b):
-            results = list(sdk.messages.batches.results(batch.id))
-            assert Counter(r.custom_id for r in results) == Counter(f"item-{i}" for i in range(60))
-            assert {r.result.type for r in results} == {"succeeded"}
+            lines = results(sdk.messages.batches, batch.id)
+            assert Counter(r.custom_id for r in lines) == Counter(f"item-{i}" for i in range(60))
+            assert {r.result.type for r in lines} == {"succeeded"}
         workers = {
             (gateway.url, line["worker"])
             for gateway in gateways

@@ -75,7 +75,8 @@ class Dispatcher:
         self.sleep = sleep
         self.placer = placer  # None: no state store, every worker orders by what it knows
         # Every request takes its place in the service-wide count (not only on routes that
-        # order by it) while batches run: their items take only room that is idle.
+        # order by it) while a batch is open: its items take only room that is idle
+        # (app/batches/runner.py turns this on and off).
         self.count_flights = False
 
     def send(

@@ -1,10 +1,15 @@
 """Each worker's batch runner: it claims items, waits for a backend with room, runs them, and
 keeps their results.
 
-One loop per worker claims one item at a time. An item goes to a backend only while the store
-gives it a slot there (app/state/batch_queue.py ``batch_slot``): within ``[batches] share`` of
-the backend's ``capacity``, and only while the whole service's requests on it, interactive and
-batch, leave room. Until then the runner holds the item (its lease renewed) and asks again
+One loop per worker claims one item at a time. While any batch is open, every request of the
+worker counts in the whole service's requests in flight per backend (a store round trip at its
+start and at its end, which is what batch slots are judged by); once the census of a sweep
+finds none open, requests go back to costing the store nothing.
+
+An item goes to a backend only while the store gives it a slot there
+(app/state/batch_queue.py ``batch_slot``): within ``[batches] share`` of the backend's
+``capacity``, and only while the whole service's requests on it, interactive and batch, leave
+room. Until then the runner holds the item (its lease renewed) and asks again
 every ``poll_interval``; interactive requests never wait for it, since they are never queued
 by the gateway and the slot is refused as soon as they fill the backend.
 
@@ -115,6 +120,7 @@ class Runner:
             return False
         claim = claims[0]
         self.held[claim] = None
+        self.dispatcher.count_flights = True
         try:
             self._start(claim)
         except BaseException:
@@ -279,6 +285,7 @@ class Runner:
         census = self._call(lambda s: s.batch_census())
         oldest = census.oldest_open
         metrics.batches_seen(census.by_status, now - oldest if oldest is not None else 0.0)
+        self.dispatcher.count_flights = oldest is not None or bool(self.held)
 
     def _renew(self) -> None:
         lease = self.batches.lease_seconds

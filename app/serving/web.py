@@ -96,13 +96,16 @@ def _add_batches(
     app: Flask, settings: Settings, store: GuardedStore, dispatcher: Dispatcher
 ) -> None:
     """The batch routes, and the worker's runner (started by gunicorn.conf.py's
-    post_worker_init, once the worker is ready). While batches are on, every request counts
+    post_worker_init, once the worker is ready). While a batch is open, every request counts
     in the service-wide view of each backend's load, where batch items find idle room."""
     files = BatchFiles(batch_directory(settings))
-    batches = Batches(settings.batches, store, files)
+
+    def opened() -> None:
+        dispatcher.count_flights = True  # from now on, until a census finds no batch open
+
+    batches = Batches(settings.batches, store, files, on_create=opened)
     app.register_blueprint(create_batches_blueprint(settings, batches))
     app.extensions["gateway.batch_runner"] = Runner(app, settings, store, files, dispatcher)
-    dispatcher.count_flights = True
 
 
 def secrets_of(settings: Settings) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import anthropic
 import pytest
 import requests
-from fakebackend import FakeBackend, JSONReply, Recorded, completion
+from fakebackend import FakeBackend, JSONReply, Recorded, completion, error_body
 from metrics import metric_sum
 from servers import Gunicorn
 from waiting import eventually
@@ -60,11 +60,12 @@ def gateway(
     directory = tmp_path_factory.mktemp("batches")
     path = directory / "gateway.toml"
     path.write_text(
-        f'[[backends]]\nname = "main"\nurl = "{main.url}"\ncapacity = 8\n'
+        f'[[backends]]\nname = "main"\nurl = "{main.url}"\ncapacity = 8\nbatch_priority = 7\n'
         f'[[backends]]\nname = "held"\nurl = "{held.url}"\ncapacity = 1\n'
         '[[routes]]\nname = "held"\nmatch = "held-*"\ntargets = [{ backend = "held" }]\n'
         '[[routes]]\nname = "main"\nmatch = "*"\ntargets = [{ backend = "main" }]\n'
         f"[batches]\nmax_body_bytes = {BODY_CAP}\nshare = 1.0\npoll_interval = 0.2\n"
+        "backoff = 0.3\n"
         f'[admin]\ntoken = "{ADMIN}"\n'
         + _key("alice", ALICE)
         + _key("bob", BOB)
@@ -338,6 +339,48 @@ def test_usage_tells_batch_items_from_interactive_requests(gateway: Gunicorn) ->
     assert usage["batch_requests"] == 3
     assert usage["batch_input_tokens"] == 30 and usage["batch_output_tokens"] == 15
     assert usage["input_tokens"] == 40 and usage["output_tokens"] == 20
+
+
+def test_batch_items_carry_the_backends_batch_priority_and_direct_requests_none(
+    gateway: Gunicorn, backends: tuple[FakeBackend, FakeBackend]
+) -> None:
+    main, _ = backends
+    sdk = client(gateway)
+    batch = sdk.messages.batches.create(requests=[item("prioritised", "priority probe")])
+    ended(sdk, batch.id)
+    direct = requests.post(
+        f"{gateway.url}/v1/messages",
+        json=item("x", "direct probe")["params"],
+        headers={"x-api-key": ALICE},
+        timeout=30,
+    )
+    assert direct.status_code == 200
+    sent = {
+        r.json["messages"][-1]["content"]: r.json.get("priority")
+        for r in main.requests
+        if r.json and r.json.get("messages")
+    }
+    assert sent["priority probe"] == 7
+    assert sent["direct probe"] is None
+
+
+def test_a_busy_or_failing_backend_makes_items_wait_and_try_again_not_fail(
+    gateway: Gunicorn, backends: tuple[FakeBackend, FakeBackend]
+) -> None:
+    main, _ = backends
+    main.reply(
+        JSONReply(error_body("busy", error_type="server_busy"), status=503),
+        JSONReply(error_body("overloaded"), status=429, headers={"retry-after": "0"}),
+        JSONReply(error_body("boom", error_type="server_error"), status=500),
+    )
+    sdk = client(gateway)
+    batch = sdk.messages.batches.create(requests=[item("patient")])
+    done = ended(sdk, batch.id)
+    assert done.request_counts.succeeded == 1
+    (line,) = results(sdk.messages.batches, batch.id)
+    assert line.result.type == "succeeded"
+    scrape = requests.get(f"{gateway.url}/metrics", timeout=30).text
+    assert metric_sum(scrape, "gateway_batch_item_retries_total", backend="main") >= 3
 
 
 def test_access_lines_mark_batch_items_and_the_gateway_is_idle_afterwards(

@@ -6,6 +6,10 @@ runs out mid-batch, and a gateway left idle afterwards."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +21,7 @@ import pytest
 import requests
 from fakebackend import FakeBackend, JSONReply, Recorded, completion, error_body
 from metrics import metric_sum
-from servers import Gunicorn
+from servers import ROOT, Gunicorn
 from waiting import eventually
 
 ADMIN = "admin-token-batches-0123"
@@ -381,6 +385,54 @@ def test_a_busy_or_failing_backend_makes_items_wait_and_try_again_not_fail(
     assert line.result.type == "succeeded"
     scrape = requests.get(f"{gateway.url}/metrics", timeout=30).text
     assert metric_sum(scrape, "gateway_batch_item_retries_total", backend="main") >= 3
+
+
+def operator(gateway: Gunicorn, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m app.batches`` with the gateway's own configuration and state directory."""
+    env = {
+        **os.environ,
+        "GATEWAY_CONFIG": str(gateway.log_path.parent / "gateway.toml"),
+        "GATEWAY_STATE_DIR": str(gateway.log_path.with_suffix(".state")),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "app.batches", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_operator_lists_shows_cancels_and_purges_every_keys_batches(
+    gateway: Gunicorn, backends: tuple[FakeBackend, FakeBackend]
+) -> None:
+    _, held = backends
+    sdk = client(gateway, BOB)
+    done = sdk.messages.batches.create(requests=[item("o1"), item("o2")])
+    ended(sdk, done.id)
+    waiting = sdk.messages.batches.create(requests=[item("w", model="held-y")])
+    listed = operator(gateway, "list", "--key", "bob", "--limit", "1000")
+    assert listed.returncode == 0, listed.stderr
+    assert done.id in listed.stdout and waiting.id in listed.stdout
+    shown = operator(gateway, "show", done.id)
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["key"] == "bob" and record["processing_status"] == "ended"
+    assert record["progress"]["succeeded"] == 2 and record["progress"]["total"] == 2
+    assert operator(gateway, "show", "msgbatch_none").returncode == 1
+    canceled = operator(gateway, "cancel", waiting.id)
+    assert canceled.returncode == 0, canceled.stderr
+    assert sdk.messages.batches.retrieve(waiting.id).processing_status in ("canceling", "ended")
+    assert isinstance(held.default, GatedReply)
+    held.default.gate.set()
+    ended(sdk, waiting.id)
+    purged = operator(gateway, "purge", done.id, waiting.id)
+    assert purged.returncode == 0, purged.stderr
+    for batch_id in (done.id, waiting.id):
+        with pytest.raises(anthropic.NotFoundError):
+            sdk.messages.batches.retrieve(batch_id)
+    assert operator(gateway, "sweep").returncode == 0
 
 
 def test_access_lines_mark_batch_items_and_the_gateway_is_idle_afterwards(

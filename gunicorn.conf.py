@@ -91,17 +91,25 @@ control_socket_disable = control_socket is None
 
 
 def worker_exit(server, worker):
-    """On a worker's way out: the usage records it has not written yet (app/state/buffer.py)."""
+    """On a worker's way out: its batch items back to the queue, and the usage records it has
+    not written yet (app/state/buffer.py)."""
     from app.state.buffer import flush_all
 
+    runner = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("gateway.batch_runner")
+    if runner is not None:
+        runner.stop()
     flush_all()
 
 
 def post_worker_init(worker):
-    """In each worker, after gevent patched it: end streams cleanly when the drain time is up."""
+    """In each worker, after gevent patched it: end streams cleanly when the drain time is up,
+    and start its batch runner (app/batches/runner.py)."""
     from app.serving import lifecycle
 
     lifecycle.install(worker)
+    runner = worker.wsgi.extensions.get("gateway.batch_runner")
+    if runner is not None:
+        runner.start()
 
 
 def child_exit(server, worker):

@@ -41,3 +41,9 @@ def thinking_signature() -> str:
 def is_gateway_signature(signature: object) -> bool:
     """True for thinking the gateway's backends produced (not Anthropic's own, say)."""
     return isinstance(signature, str) and signature.startswith(SIGNATURE_PREFIX)
+
+
+def batch_id(now: float) -> str:
+    """``msgbatch_01…``: the creation time in milliseconds (fixed-width hex) first, so that ids
+    sort as the batches were created, which is the order lists are served and paged in."""
+    return f"msgbatch_01{int(now * 1000):012x}{_random(12)}"

@@ -46,13 +46,14 @@ class Health:
 class Slot:
     """An admitted request's hold on a backend, given back by ``release`` exactly once."""
 
-    __slots__ = ("balancer", "backend", "probe", "held")
+    __slots__ = ("balancer", "backend", "probe", "held", "counted")
 
-    def __init__(self, balancer: Balancer, backend: str, probe: bool) -> None:
+    def __init__(self, balancer: Balancer, backend: str, probe: bool, counted: bool = True) -> None:
         self.balancer = balancer
         self.backend = backend
         self.probe = probe
         self.held = True
+        self.counted = counted  # in the worker's in-flight count (not a batch item's)
 
     def release(self, ok: bool | None) -> None:
         """``ok``: True served, False could not serve, None says nothing about the backend
@@ -121,24 +122,30 @@ class Balancer:
             pool.remove(target)
         return ordered + [t for t in targets if t.weight <= 0]
 
-    def acquire(self, backend: str) -> Slot | None:
+    def acquire(self, backend: str, batch: bool = False) -> Slot | None:
         """A slot on ``backend``; None when it is at its concurrency cap (load is shed to
-        the route's next target). A half-open backend's first request is its probe."""
+        the route's next target). A half-open backend's first request is its probe.
+
+        A batch item's slot neither meets the cap nor counts towards it: the item has a slot
+        of the whole service's already (app/batches/runner.py), and must not take the room
+        the worker's cap keeps for interactive requests."""
         health = self.health[backend]
         limit = self.limits[backend]
-        if limit and health.in_flight >= limit:
+        if limit and health.in_flight >= limit and not batch:
             return None
         probe = self.state(backend) == "half_open" and not health.probing
         if probe:
             health.probing = True
-        health.in_flight += 1
-        return Slot(self, backend, probe)
+        if not batch:
+            health.in_flight += 1
+        return Slot(self, backend, probe, counted=not batch)
 
     def settle(self, slot: Slot, ok: bool | None) -> None:
         """Only ``Slot.release`` calls this, once per slot."""
         backend = slot.backend
         health = self.health[backend]
-        health.in_flight -= 1
+        if slot.counted:
+            health.in_flight -= 1
         if slot.probe:
             health.probing = False
         if ok is True:

@@ -74,6 +74,10 @@ class Dispatcher:
         self.balancer = balancer
         self.sleep = sleep
         self.placer = placer  # None: no state store, every worker orders by what it knows
+        # Every request takes its place in the service-wide count (not only on routes that
+        # order by it) while a batch is open: its items take only room that is idle
+        # (app/batches/runner.py turns this on and off).
+        self.count_flights = False
 
     def send(
         self,
@@ -82,15 +86,24 @@ class Dispatcher:
         request_id: str,
         client_headers: Mapping[str, str],
         on_send: Callable[[BackendClient, dict[str, Any]], None] | None = None,
+        pinned: str | None = None,
     ) -> Attempt:
         """The first successful attempt; the caller must ``finish`` it when the answer is over.
-        ``on_send`` sees each attempt's backend and payload just before it goes out."""
+        ``on_send`` sees each attempt's backend and payload just before it goes out.
+
+        ``pinned``: a batch item, sent only to the backend that had room for it (its slot is
+        the batch runner's, app/batches/runner.py), and at its batch priority."""
         queue, ready = self.balancer.split(route)
         lease = None
-        if self.placer is not None and route.strategy in PLACED:
+        if pinned is not None:
+            queue = [target for target in queue if target.backend == pinned]
+        elif self.placer is not None and route.strategy in PLACED:
             queue, lease = self.placer.order(route, queue, ready, body, client_headers)
+        elif self.placer is not None and self.count_flights and queue:
+            # While batches run, their runners see every request in flight on a backend.
+            lease = self.placer.count(queue[0])
         try:
-            attempt = self._send(queue, body, request_id, client_headers, on_send)
+            attempt = self._send(queue, body, request_id, client_headers, on_send, pinned)
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -107,6 +120,7 @@ class Dispatcher:
         request_id: str,
         client_headers: Mapping[str, str],
         on_send: Callable[[BackendClient, dict[str, Any]], None] | None,
+        pinned: str | None,
     ) -> Attempt:
         budget = self.settings.routing.retries + 1
         again: list[Target] = []  # failed before the request reached them: may be tried again
@@ -122,8 +136,8 @@ class Dispatcher:
                 self.sleep(self.balancer.retry_delay(made - 1))
             target = queue.pop(0)
             if target not in prepared:  # the client's own mistakes leave before any backend
-                prepared[target] = self._prepare(target, body)
-            slot = self.balancer.acquire(target.backend)
+                prepared[target] = self._prepare(target, body, batch=pinned is not None)
+            slot = self.balancer.acquire(target.backend, batch=pinned is not None)
             if slot is None:
                 last = last or _busy(body["model"])
                 continue
@@ -179,12 +193,14 @@ class Dispatcher:
         if attempt.lease is not None:
             attempt.lease.release()
 
-    def _prepare(self, target: Target, body: dict[str, Any]) -> Attempt:
+    def _prepare(self, target: Target, body: dict[str, Any], batch: bool = False) -> Attempt:
         """The request as this target's backend takes it (``result`` holds the payload)."""
         client = self.clients[target.backend]
         model = backend_model(target, body["model"])
+        priority = client.config.batch_priority if batch else 0
         if client.config.protocol == "anthropic":
-            return Attempt(target, client, model, {**body, "model": model})
+            extra = {"priority": priority} if priority else {}
+            return Attempt(target, client, model, {**body, "model": model, **extra})
         dropped: list[str] = []
         dialect = client.config.dialect
         payload = translate_request(
@@ -194,6 +210,8 @@ class Dispatcher:
             dropped=dropped,
             billing_header=self.settings.translate.billing_header,
         )
+        if priority:
+            payload["priority"] = priority  # type: ignore[typeddict-unknown-key]  # vLLM, SGLang
         headers = {"x-gateway-dropped": "; ".join(dropped)} if dropped else {}
         clamped_from = clamp_max_tokens(payload, dialect)
         if clamped_from is not None:

@@ -129,6 +129,17 @@ class Upstream:
     max_concurrency: int = setting(
         0, doc="requests in flight to it per worker (0: no cap); beyond it, the route's next target"
     )
+    capacity: int = setting(
+        0,
+        doc="requests it runs at once for the whole service (vLLM's `--max-num-seqs`, "
+        "llama.cpp's `--parallel`); batch items take a share of it",
+        shown="`max_concurrency`, else 1",
+    )
+    batch_priority: int = setting(
+        0,
+        doc="`priority` sent with batch items (vLLM with `--scheduling-policy priority`: a "
+        "positive number runs after interactive requests; SGLang: a negative one); 0: not sent",
+    )
     pool_size: int = setting(
         0,
         doc="connections kept per worker",
@@ -348,6 +359,45 @@ class ThreadSettings:
 
 
 @dataclass(frozen=True)
+class BatchSettings:
+    """The Message Batches API (app/batches): where batches' files live, and how much of the
+    backends' capacity their items may use."""
+
+    enabled: bool = setting(True, doc="`false`: the batch routes answer 404 and no batch runs")
+    directory: str = setting(
+        "",
+        env="GATEWAY_BATCH_DIR",
+        doc="where batches' requests and results are kept; shared storage for several hosts",
+        shown="`batches` in the state directory",
+    )
+    max_body_bytes: int = setting(
+        256 << 20, minimum=1024, doc="the largest `create` body (413 above it)"
+    )
+    max_requests: int = setting(100_000, minimum=1, doc="requests in one batch at most")
+    share: float = setting(
+        0.5, doc="the share of each backend's `capacity` batch items may use (at least one item)"
+    )
+    lease_seconds: float = setting(
+        60.0, minimum=1, doc="how long a dead worker's item stays claimed (renewed while it runs)"
+    )
+    backoff: float = setting(
+        5.0, doc="seconds an item waits after its backend was busy or failed, doubled each time"
+    )
+    max_backoff: float = setting(300.0, doc="the longest such wait")
+    max_attempts: int = setting(
+        10, minimum=1, doc="attempts before an item that keeps failing is an `errored` result"
+    )
+    poll_interval: float = setting(
+        1.0, doc="seconds between a worker's looks for work when it found none"
+    )
+    public_url: str = setting(
+        "",
+        doc="the base of `results_url` (e.g. `https://llm.example.com`); none: a relative path",
+        shown="none: `/v1/messages/batches/{id}/results`",
+    )
+
+
+@dataclass(frozen=True)
 class TranslateSettings:
     """How requests are reworded for OpenAI-style backends, whichever backend it is."""
 
@@ -426,6 +476,9 @@ class Settings:
     )
     threads: ThreadSettings = section(
         ThreadSettings, Place("threads", "table", ThreadSettings), doc="message threads"
+    )
+    batches: BatchSettings = section(
+        BatchSettings, Place("batches", "table", BatchSettings), doc="message batches"
     )
     translate: TranslateSettings = section(
         TranslateSettings,

@@ -84,7 +84,7 @@ def access_line(outcome: RequestOutcome) -> dict[str, Any]:
         "key": outcome.key,
         "forwarded_for": outcome.forwarded_for,
     }
-    line.update(_those_set(outcome, "rejected", "thread"))
+    line.update(_those_set(outcome, "rejected", "thread", "batch", "custom_id"))
     if outcome.model is not None:
         line.update(model=outcome.model, route=outcome.route)
     line.update(_those_set(outcome, "backend", "backend_model", "attempts", "routed", "status"))

@@ -102,6 +102,34 @@ STORE_UP = Gauge(
 )
 STORE_UP.set(1)
 
+BATCH_ITEMS = Counter(
+    "gateway_batch_items_total",
+    "Batch items done, by result (succeeded or errored; canceled and expired items are "
+    "counted in gateway_batches' request counts when their batch ends).",
+    ["result"],
+)
+BATCH_RETRIES = Counter(
+    "gateway_batch_item_retries_total",
+    "Batch items given back to be tried later: their backend was busy or failing.",
+    ["backend", "status"],
+)
+BATCH_RUNNING = Gauge(
+    "gateway_batch_items_in_flight",
+    "Batch items being run right now.",
+    multiprocess_mode="livesum",
+)
+BATCHES = Gauge(
+    "gateway_batches",
+    "Batches by processing status, as the last sweep found them.",
+    ["status"],
+    multiprocess_mode="mostrecent",
+)
+BATCH_QUEUE_AGE = Gauge(
+    "gateway_batch_queue_age_seconds",
+    "Age of the oldest batch still in progress (0: none), as the last sweep found it.",
+    multiprocess_mode="mostrecent",
+)
+
 
 _children: dict[tuple[Any, ...], Any] = {}
 
@@ -166,6 +194,24 @@ def breaker_changed(backend: str, is_open: bool) -> None:
 
 def store_changed(up: bool) -> None:
     STORE_UP.set(1 if up else 0)
+
+
+def batch_items_running(change: int) -> None:
+    BATCH_RUNNING.inc(change)
+
+
+def batch_item_done(result: str) -> None:
+    _child(BATCH_ITEMS, result).inc()
+
+
+def batch_item_retried(backend: str, status: int) -> None:
+    _child(BATCH_RETRIES, backend, str(status)).inc()
+
+
+def batches_seen(by_status: dict[str, int], oldest_age: float) -> None:
+    for status, count in by_status.items():
+        _child(BATCHES, status).set(count)
+    BATCH_QUEUE_AGE.set(oldest_age)
 
 
 def render() -> tuple[bytes, str]:

@@ -22,6 +22,7 @@ keys, and prints the ``sha256 = "..."`` line of a key for the config file.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -57,6 +58,16 @@ def identify(keys: Mapping[bytes, T], environ: Mapping[str, Any]) -> tuple[T | N
         if found is not None:
             digest = other
     return found, digest
+
+
+def is_admin(environ: Mapping[str, Any], admin_token: str) -> bool:
+    """Whether the request presents the admin token (as a bearer token or ``x-api-key``)."""
+    if not admin_token:
+        return False
+    offered = bearer_token(environ.get("HTTP_AUTHORIZATION")) or environ.get("HTTP_X_API_KEY")
+    if not isinstance(offered, str) or not offered:
+        return False
+    return hmac.compare_digest(offered.encode(), admin_token.encode())
 
 
 def client_id(digest: bytes | None) -> str | None:

@@ -123,6 +123,7 @@ class Messages:
             state.request_id,
             headers,
             on_send=count.start if count is not None else None,
+            pinned=state.batch.backend if state.batch is not None else None,
         )
         outcome = _outcome(state)
         outcome.backend = attempt.target.backend

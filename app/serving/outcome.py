@@ -88,6 +88,8 @@ class RequestOutcome:
     stream: bool = False
     rejected: str | None = None  # why the key or its limits refused it
     thread: str | None = None  # "create" or "continue", also when the thread was refused
+    batch: str | None = None  # a batch item's batch id
+    custom_id: str | None = None  # and its custom_id
     model: str | None = None  # the client's name for it
     route: str | None = None
     # Who served it.

@@ -20,6 +20,7 @@ from typing import Any
 
 from flask import request
 
+from app.batches.item import BatchItem
 from app.ops import metrics
 from app.ops.access_log import access_line, log_access
 from app.policy.limits import KeyPolicy, Reservation, rate_headers, settlement
@@ -85,6 +86,8 @@ class RequestState:
         "rate_headers",
         "phase",
         "ledger",
+        "admin",
+        "batch",
     )
 
     def __init__(self, started: float, request_id: str, ledger: Ledger) -> None:
@@ -97,10 +100,15 @@ class RequestState:
         self.reservation: Reservation | None = None  # what the key's limits admitted
         self.rate_headers: list[tuple[str, str]] = []  # go on the answer, whatever it is
         self.phase = Phase.RECEIVED
+        self.admin = False  # the admin token, on the routes that take it (batches)
+        self.batch: BatchItem | None = None  # a batch item's request, run by the gateway
 
     @property
     def owner(self) -> str:
-        """Whose threads and usage this request's are: its key's name, or ``-`` without keys."""
+        """Whose threads, batches and usage this request's are: its key's name, or ``-``
+        without keys (a batch item's: its batch's key, even if that key is gone)."""
+        if self.batch is not None:
+            return self.batch.owner
         return self.key.name if self.key is not None else ANONYMOUS
 
     def advance(self, phase: Phase) -> bool:
@@ -213,7 +221,7 @@ class RequestState:
         if outcome.path != MESSAGES_PATH or not model or outcome.rejected:
             return None
         failed = bool(outcome.error) or (outcome.status or 0) >= 400
-        return Usage(
+        usage = Usage(
             time.strftime("%Y-%m-%d", time.gmtime()),
             self.owner,
             model,
@@ -222,6 +230,10 @@ class RequestState:
             cached,
             errors=int(failed),
         )
+        if self.batch is not None:
+            usage.batch_requests = 1
+            usage.batch_input_tokens, usage.batch_output_tokens = usage.input_tokens, used_output
+        return usage
 
 
 def _backend_saw(outcome: RequestOutcome) -> bool:

@@ -23,6 +23,11 @@ from app.backends.client import BackendClient
 from app.backends.dispatch import Dispatcher
 from app.backends.placement import Placer
 from app.backends.session import Transport, new_session
+from app.batches.files import BatchFiles, batch_directory
+from app.batches.item import ENVIRON_KEY as BATCH_ITEM
+from app.batches.item import BatchItem
+from app.batches.runner import Runner
+from app.batches.service import Batches
 from app.config import WORKER_CONNECTIONS, Settings, load_settings_or_last_good
 from app.errors import (
     AuthenticationFailed,
@@ -39,6 +44,7 @@ from app.policy import auth
 from app.policy.limits import KeyPolicy, key_table
 from app.serving.admin import create_admin_blueprint
 from app.serving.api import create_blueprint
+from app.serving.batches import BATCHES_PATH, create_batches_blueprint
 from app.serving.outcome import Delivery, RequestOutcome
 from app.serving.state import ENVIRON_KEY, Ledger, Phase, RequestState, current
 from app.serving.worker import close_connection
@@ -75,13 +81,31 @@ def build_app(settings: Settings | None = None) -> Flask:
     keys = key_table(settings.keys)
     app.register_blueprint(create_blueprint(settings, dispatcher, store))
     app.register_blueprint(create_admin_blueprint(settings, dispatcher, keys, store))
-    app.before_request(_request_starter(keys, ledger))
+    if settings.batches.enabled:
+        _add_batches(app, settings, store, dispatcher)
+    app.before_request(_request_starter(keys, ledger, settings.admin_token))
     app.after_request(_finish_request)
     app.teardown_request(_end_request)
     app.register_error_handler(GatewayError, _gateway_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
     return app
+
+
+def _add_batches(
+    app: Flask, settings: Settings, store: GuardedStore, dispatcher: Dispatcher
+) -> None:
+    """The batch routes, and the worker's runner (started by gunicorn.conf.py's
+    post_worker_init, once the worker is ready). While a batch is open, every request counts
+    in the service-wide view of each backend's load, where batch items find idle room."""
+    files = BatchFiles(batch_directory(settings))
+
+    def opened() -> None:
+        dispatcher.count_flights = True  # from now on, until a census finds no batch open
+
+    batches = Batches(settings.batches, store, files, on_create=opened)
+    app.register_blueprint(create_batches_blueprint(settings, batches))
+    app.extensions["gateway.batch_runner"] = Runner(app, settings, store, files, dispatcher)
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -117,11 +141,15 @@ def build_dispatcher(settings: Settings, store: GuardedStore | None = None) -> D
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def _request_starter(keys: Mapping[bytes, KeyPolicy], ledger: Ledger) -> Callable[[], None]:
+def _request_starter(
+    keys: Mapping[bytes, KeyPolicy], ledger: Ledger, admin_token: str
+) -> Callable[[], None]:
     """The first hook of every request; with client keys configured it also lets in only
-    requests with a known, live key on /v1/ routes."""
+    requests with a known, live key on /v1/ routes (and the admin token on the batch routes).
+    A batch item's request (app/batches/execute.py) runs as its batch's key."""
 
     worker = os.getpid()  # the app is built in each worker, after the fork
+    by_name = {policy.name: policy for policy in keys.values()}
 
     def start_request() -> None:
         environ = request.environ  # one lookup through the proxy, then a plain dict
@@ -131,7 +159,12 @@ def _request_starter(keys: Mapping[bytes, KeyPolicy], ledger: Ledger) -> Callabl
         path = request.path
         if path in QUIET_PATHS:
             return
-        key, digest = auth.identify(keys, environ)
+        item: BatchItem | None = environ.get(BATCH_ITEM)
+        if item is not None:
+            key, digest = by_name.get(item.owner), None
+            state.batch = item
+        else:
+            key, digest = auth.identify(keys, environ)
         state.key = key
         state.outcome = outcome = RequestOutcome(
             request_id=request_id,
@@ -142,8 +175,16 @@ def _request_starter(keys: Mapping[bytes, KeyPolicy], ledger: Ledger) -> Callabl
             key=key.name if key is not None else None,
             forwarded_for=environ.get("HTTP_X_FORWARDED_FOR"),
         )
+        if item is not None:
+            outcome.batch, outcome.custom_id = item.batch_id, item.custom_id
+        if path.startswith(BATCHES_PATH) and auth.is_admin(environ, admin_token):
+            state.admin = True
+            return
         if keys and path.startswith("/v1/"):
             if key is None:
+                if item is not None:  # the batch's key was taken out of the config
+                    outcome.rejected = "unauthenticated"
+                    raise AuthenticationFailed("invalid API key", should_retry=False)
                 _refuse(digest, outcome)
             refusal = key.refusal(time.time())
             if refusal is not None:

@@ -116,6 +116,11 @@ class GuardedStore:
     def release_thread(self, thread_id: str) -> None:
         self._call(lambda s: s.release_thread(thread_id), lambda: None, refuse=False)
 
+    def run(self, work: Callable[[Store], T]) -> T:
+        """Any other work on the store (the batches'): while it cannot answer, a 503
+        ``overloaded_error``, whatever ``on_failure`` says."""
+        return self._call(work, None)
+
     def ping(self) -> None:
         self._call(lambda s: s.ping(), lambda: None, refuse=False)
 

@@ -23,10 +23,11 @@ import itertools
 import math
 import os
 import secrets
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from dataclasses import dataclass, field
 
 from app.config import StateSettings
+from app.state.batch_queue import BatchQueue
 
 EPSILON = 1e-9
 
@@ -99,6 +100,23 @@ class Usage:
     cached_tokens: int = 0
     errors: int = 0
     requests: int = 1
+    # The part of it that batch items made (app/batches), so a report tells the two apart.
+    batch_requests: int = 0
+    batch_input_tokens: int = 0
+    batch_output_tokens: int = 0
+
+
+# What a usage record adds up, in its columns' order.
+USAGE_COUNTS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "errors",
+    "batch_requests",
+    "batch_input_tokens",
+    "batch_output_tokens",
+)
 
 
 @dataclass
@@ -126,6 +144,9 @@ class UsageRow:
     output_tokens: int
     cached_tokens: int
     errors: int
+    batch_requests: int = 0
+    batch_input_tokens: int = 0
+    batch_output_tokens: int = 0
 
 
 # Why a placement chose its backend (the access line's ``routed``).
@@ -197,9 +218,9 @@ THREAD_ALREADY_CONTINUED = "thread_already_continued"
 THREAD_IN_FLIGHT = "thread_continue_in_flight"
 
 
-class Store(ABC):
+class Store(BatchQueue):
     """One engine. Every method is one round trip; each raises ``StoreUnavailable`` when the
-    store cannot answer."""
+    store cannot answer. (Its batch methods are app.state.batch_queue's.)"""
 
     @abstractmethod
     def admit(self, ask: Ask) -> Verdict: ...

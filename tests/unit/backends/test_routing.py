@@ -269,3 +269,16 @@ def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
     b = Balancer({"a": 0}, Routing(backoff=0.1, max_backoff=1.0), rng=lambda: 1.0)
     assert [b.retry_delay(n) for n in range(6)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
     assert Balancer({"a": 0}, Routing(), rng=lambda: 0.0).retry_delay(3) == 0.0
+
+
+def test_a_batch_items_slot_neither_meets_the_workers_cap_nor_takes_from_it() -> None:
+    b = balancer(Clock(), limits={"a": 1, "b": 0})
+    batch = b.acquire("a", batch=True)
+    assert batch is not None
+    interactive = b.acquire("a")  # the one slot the cap keeps is still there
+    assert interactive is not None
+    assert b.acquire("a") is None
+    assert b.acquire("a", batch=True) is not None  # the service-wide slot decided already
+    batch.release(ok=True)
+    interactive.release(ok=True)
+    assert b.acquire("a") is not None

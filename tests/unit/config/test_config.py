@@ -645,12 +645,13 @@ def test_environment_variable_names_and_their_keys_stay_as_operators_know_them()
         "GATEWAY_STATE_DIR": ("state", "directory"),
         "GATEWAY_REDIS_URL": ("state", "redis_url"),
         "GATEWAY_STATE_ON_FAILURE": ("state", "on_failure"),
+        "GATEWAY_BATCH_DIR": ("batches", "directory"),
         "GATEWAY_BILLING_HEADER": ("translate", "billing_header"),
     }
     assert API_KEYS_ENV == "GATEWAY_API_KEYS"
     assert set(TABLES) == {
         "upstream", "models", "routing", "admin", "auth", "limits", "state", "threads",
-        "translate",
+        "batches", "translate",
     }  # fmt: skip
     assert set(LISTS) == {"backends", "routes"}
     assert LIMIT_FIELDS == tuple(f.name for f in fields(Limits))

@@ -1,0 +1,1 @@
+"""The Message Batches API: batches of message requests run on the backends' idle capacity."""

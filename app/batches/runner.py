@@ -1,0 +1,317 @@
+"""Each worker's batch runner: it claims items, waits for a backend with room, runs them, and
+keeps their results.
+
+One loop per worker claims one item at a time. While any batch is open, every request of the
+worker counts in the whole service's requests in flight per backend (a store round trip at its
+start and at its end, which is what batch slots are judged by); once the census of a sweep
+finds none open, requests go back to costing the store nothing.
+
+An item goes to a backend only while the store gives it a slot there
+(app/state/batch_queue.py ``batch_slot``): within ``[batches] share`` of the backend's
+``capacity``, and only while the whole service's requests on it, interactive and batch, leave
+room. Until then the runner holds the item (its lease renewed) and asks again
+every ``poll_interval``; interactive requests never wait for it, since they are never queued
+by the gateway and the slot is refused as soon as they fill the backend.
+
+Execution is at least once, results exactly once (app/batches/files.py): a runner that dies
+leaves claims whose leases run out, the items are claimed again, and an item that already has
+its result file is finished with it instead of being run again. An item whose backend was busy
+or failing is given back to be tried later, after a backoff that doubles, and the runner leaves
+that backend alone meanwhile; after ``max_attempts`` it is ``errored`` with the last error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+
+from app import ids, jsonc
+from app.backends.dispatch import Dispatcher
+from app.backends.routing import resolve
+from app.batches.execute import Ran, WSGIApp, run_item
+from app.batches.files import BatchFiles
+from app.batches.item import BatchItem
+from app.batches.shapes import errored_line, succeeded_line
+from app.config import Settings, Upstream
+from app.errors import GatewayError, InvalidRequest, Overloaded
+from app.ops import metrics
+from app.state.batch_queue import ERRORED, SUCCEEDED, BatchRecord, Claim
+from app.state.guard import GuardedStore
+
+log = logging.getLogger("gateway")
+
+SWEEP_EVERY = 10.0  # seconds between a worker's sweeps (expiry, archiving)
+MAX_ITEMS = 256  # items one worker runs at once, whatever the slots allow
+ERROR_PAUSE = 1.0  # after the store failed
+
+
+class Runner:
+    def __init__(
+        self,
+        app: WSGIApp,
+        settings: Settings,
+        store: GuardedStore,
+        files: BatchFiles,
+        dispatcher: Dispatcher,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.batches = settings.batches
+        self.store = store
+        self.files = files
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.token = secrets.token_hex(8)  # made in the worker, after the fork
+        self.held: dict[Claim, None] = {}  # claims this worker holds: waiting or running
+        self.owners: dict[str, str] = {}  # batch id -> the key it runs as
+        self.cooling: dict[str, float] = {}  # backend -> when this worker may use it again
+        self.pool = Pool(MAX_ITEMS)
+        self.freed = Event()  # set when an item of this worker gives its slot back
+        self.swept_at = 0.0
+        self.greenlets: list[gevent.Greenlet[Any, Any]] = []
+
+    def start(self) -> None:
+        self.greenlets = [gevent.spawn(self._loop), gevent.spawn(self._renew)]
+
+    def stop(self) -> None:
+        """The worker is leaving: its items stop and go back to the queue at once, rather
+        than when their leases run out."""
+        gevent.killall(self.greenlets)
+        self.pool.kill()
+        now = self.clock()
+        for claim in list(self.held):
+            self._give_back(claim, now, attempt=False)
+        self.held.clear()
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                busy = self._step()
+            except Overloaded as exc:  # the store did not answer
+                log.warning("batch runner: %s", exc.message)
+                busy = False
+            except Exception:
+                log.exception("batch runner failed a step")
+                busy = False
+            if not busy:
+                gevent.sleep(self.batches.poll_interval)
+
+    def _step(self) -> bool:
+        """Take one item and start it; False when there was nothing to take."""
+        now = self.clock()
+        if now - self.swept_at >= SWEEP_EVERY:
+            self.swept_at = now
+            self._sweep(now)
+        if self.pool.full():
+            return False
+        claims = self._call(lambda s: s.batch_claim(self.token, now, self.batches.lease_seconds, 1))
+        if not claims:
+            return False
+        claim = claims[0]
+        self.held[claim] = None
+        self.dispatcher.count_flights = True
+        try:
+            self._start(claim)
+        except BaseException:
+            self._give_back(claim, self.clock(), attempt=False)
+            raise
+        return True
+
+    def _start(self, claim: Claim) -> None:
+        line = jsonc.loads(self.files.request(claim.batch_id, claim.index))
+        custom_id, params = line["custom_id"], line["params"]
+        if self._finish_from_file(claim):
+            return
+        owner = self._owner(claim.batch_id)
+        if owner is None:
+            self.held.pop(claim, None)
+            return
+        refusal = _refusal(params)
+        if refusal is not None:
+            envelope = refusal.payload(ids.request_id())
+            self._finish(claim, ERRORED, errored_line(custom_id, envelope))
+            return
+        backend, slot = None, None
+        backends = self._backends(params)
+        if backends:
+            placed = self._room(claim, backends)
+            if placed is None:
+                return  # the batch was canceled while the item waited: it was given back
+            backend, slot = placed
+        item = BatchItem(owner, claim.batch_id, custom_id, backend)
+        body = jsonc.dumps(params)
+        self.pool.spawn(self._run, claim, item, body, slot)
+
+    def _room(self, claim: Claim, backends: list[str]) -> tuple[str, str] | None:
+        """A slot on one of ``backends``, waited for; None if the batch was canceled (or
+        ended) meanwhile, and the item given back: a canceled batch's items that have not
+        been sent are never sent."""
+        polls = 0
+        while True:
+            now = self.clock()
+            for name in backends:
+                if self.cooling.get(name, 0.0) > now:
+                    continue
+                slot = self._slot(name)
+                if slot is None:
+                    continue
+                if polls == 0 or self._still_running(claim.batch_id):
+                    return name, slot
+                self._call(lambda s, b=name, t=slot: s.batch_unslot(b, t))  # type: ignore[misc]
+                self._give_back(claim, now, attempt=False)
+                return None
+            polls += 1
+            if polls % 10 == 0 and not self._still_running(claim.batch_id):
+                self._give_back(claim, now, attempt=False)
+                return None
+            # Another worker's item ending is seen at the next poll, this worker's at once.
+            self.freed.clear()
+            self.freed.wait(self.batches.poll_interval)
+
+    def _slot(self, backend: str) -> str | None:
+        capacity = backend_capacity(self.settings.backends[backend])
+        share = max(1, math.floor(self.batches.share * capacity))
+        lease = self.batches.lease_seconds
+        return self._call(lambda s: s.batch_slot(backend, capacity, share, lease))
+
+    # --- one item ----------------------------------------------------------------------------
+
+    def _run(self, claim: Claim, item: BatchItem, body: bytes, slot: str | None) -> None:
+        metrics.batch_items_running(+1)
+        try:
+            try:
+                ran = run_item(self.app, item, body)
+            finally:
+                if slot is not None and item.backend is not None:
+                    backend = item.backend
+                    self._call(lambda s: s.batch_unslot(backend, slot))
+                    self.freed.set()
+            self._settle(claim, item, ran)
+        except Exception:
+            log.exception("batch item %s of %s failed", item.custom_id, item.batch_id)
+            self._give_back(claim, self.clock(), attempt=True)
+        finally:
+            metrics.batch_items_running(-1)
+
+    def _settle(self, claim: Claim, item: BatchItem, ran: Ran) -> None:
+        if ran.status == 200:
+            self._finish(claim, SUCCEEDED, succeeded_line(item.custom_id, ran.body))
+            return
+        if ran.again and claim.attempts + 1 < self.batches.max_attempts:
+            now = self.clock()
+            wait = min(self.batches.backoff * 2**claim.attempts, self.batches.max_backoff)
+            wait = max(wait, ran.retry_after or 0.0)
+            if item.backend is not None:
+                self.cooling[item.backend] = now + min(wait, self.batches.backoff)
+            metrics.batch_item_retried(item.backend or "-", ran.status)
+            # A key's passing limit is no failure of the item's: the wait is not an attempt.
+            self._give_back(claim, now + wait, attempt=not ran.limited)
+            return
+        self._finish(claim, ERRORED, errored_line(item.custom_id, ran.body))
+
+    def _finish_from_file(self, claim: Claim) -> bool:
+        """An item run before by a runner that died after keeping its result: finished with
+        that result, not run again."""
+        kept = self.files.result(claim.batch_id, claim.index)
+        if kept is None:
+            return False
+        kind = jsonc.loads(kept)["result"]["type"]
+        self._count(claim, kind)
+        return True
+
+    def _finish(self, claim: Claim, kind: str, line: bytes) -> None:
+        if not self.files.write_result(claim.batch_id, claim.index, line, self.token):
+            kept = self.files.result(claim.batch_id, claim.index)
+            kind = jsonc.loads(kept)["result"]["type"] if kept else kind
+        self._count(claim, kind)
+
+    def _count(self, claim: Claim, kind: str) -> None:
+        now = self.clock()
+        record = self._call(lambda s: s.batch_finish(claim, kind, now))
+        self.held.pop(claim, None)
+        if record is not None:
+            metrics.batch_item_done(kind)
+            if record.ended_at is not None:
+                self.owners.pop(record.id, None)
+
+    def _give_back(self, claim: Claim, not_before: float, *, attempt: bool) -> None:
+        self.held.pop(claim, None)
+        now = self.clock()
+        self._call(lambda s: s.batch_release(self.token, claim, not_before, now, attempt))
+
+    # --- what the items need -------------------------------------------------------------------
+
+    def _backends(self, params: dict[str, Any]) -> list[str]:
+        """The backends the item's route may send it to, in the route's order; none when the
+        request fails before reaching one (it then runs without a slot, to get its error)."""
+        try:
+            route = resolve(self.settings, params.get("model"))  # type: ignore[arg-type]
+        except (GatewayError, TypeError, AttributeError):
+            return []
+        names: list[str] = []
+        for target in route.targets:
+            if target.backend not in names and target.backend in self.settings.backends:
+                names.append(target.backend)
+        return names
+
+    def _owner(self, batch_id: str) -> str | None:
+        owner = self.owners.get(batch_id)
+        if owner is None:
+            record = self._call(lambda s: s.batch_get(batch_id))
+            if record is None:
+                return None
+            owner = self.owners[batch_id] = record.owner
+        return owner
+
+    def _still_running(self, batch_id: str) -> bool:
+        record: BatchRecord | None = self._call(lambda s: s.batch_get(batch_id))
+        return record is not None and record.status == "in_progress"
+
+    def _sweep(self, now: float) -> None:
+        for batch_id in self._call(lambda s: s.batch_sweep(now)):
+            self.files.remove(batch_id)
+            log.info("batch %s archived: its requests and results are removed", batch_id)
+        census = self._call(lambda s: s.batch_census())
+        oldest = census.oldest_open
+        metrics.batches_seen(census.by_status, now - oldest if oldest is not None else 0.0)
+        self.dispatcher.count_flights = oldest is not None or bool(self.held)
+
+    def _renew(self) -> None:
+        lease = self.batches.lease_seconds
+        while True:
+            gevent.sleep(lease / 3)
+            claims = list(self.held)
+            if claims:
+                self._renew_now(claims, lease)
+
+    def _renew_now(self, claims: list[Claim], lease: float) -> None:
+        now = self.clock()
+        try:
+            self._call(lambda s: s.batch_renew(self.token, claims, now, lease))
+        except Overloaded as exc:
+            log.warning("batch runner: leases not renewed: %s", exc.message)
+
+    def _call(self, work: Callable[[Any], Any]) -> Any:
+        return self.store.run(work)
+
+
+def _refusal(params: dict[str, Any]) -> GatewayError | None:
+    """What Anthropic refuses in a batch's request that a direct request may have."""
+    if params.get("stream") is True:
+        return InvalidRequest("stream: a batch's requests cannot stream")
+    return None
+
+
+def backend_capacity(config: Upstream) -> int:
+    return config.capacity or config.max_concurrency or 1

@@ -627,6 +627,50 @@ def test_kept_billing_header_makes_llama_recompute_the_prompt(keep_client):
     assert usage.input_tokens > prompt - 40
 
 
+# --- message batches -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gateway", "messages_gateway"])
+def test_a_batch_runs_on_llama_and_its_answers_are_what_direct_requests_get(name, request):
+    """Through the translation and through llama.cpp's own /v1/messages alike: the SDK's
+    batch calls, and a succeeded result that is the direct answer but for its id (at
+    temperature 0, llama.cpp answers one prompt the same way each time)."""
+    server = request.getfixturevalue(name)
+    body: dict[str, Any] = {"model": MODEL, "max_tokens": 12, "messages": COLORS}
+    params = {**body, **T0}
+    with anthropic.Anthropic(base_url=server.url, api_key="-", max_retries=0) as sdk:
+        direct = sdk.messages.create(**body, extra_body=T0)
+        batch = sdk.messages.batches.create(
+            requests=[
+                {"custom_id": "colors", "params": params},
+                {"custom_id": "bad", "params": {"model": MODEL, "messages": COLORS}},
+            ]
+        )
+        done = eventually(
+            lambda: (
+                (b := sdk.messages.batches.retrieve(batch.id)).processing_status == "ended" and b
+            ),
+            what="the batch ended",
+            timeout=120,
+        )
+        assert (done.request_counts.succeeded, done.request_counts.errored) == (1, 1)
+        decoder = sdk.messages.batches.results(batch.id)
+        try:
+            found = {line.custom_id: line.result for line in decoder}
+        finally:
+            decoder.close()
+    message = found["colors"].message
+    assert message.id != direct.id
+    # But for how much of the prompt llama.cpp found in its cache (the second asking finds it).
+    assert message.model_dump(exclude={"id", "usage"}) == direct.model_dump(exclude={"id", "usage"})
+    used, asked = message.usage, direct.usage
+    assert used.input_tokens + used.cache_read_input_tokens == (
+        asked.input_tokens + asked.cache_read_input_tokens
+    )
+    assert used.output_tokens == asked.output_tokens
+    assert found["bad"].error.error.type == "invalid_request_error"
+
+
 # --- after everything ----------------------------------------------------------------------
 
 

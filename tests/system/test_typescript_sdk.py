@@ -9,7 +9,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fakebackend import JSONReply, StreamReply, chunk, chunks, completion, error_body
+from fakebackend import (
+    FakeBackend,
+    JSONReply,
+    StreamReply,
+    chunk,
+    chunks,
+    completion,
+    error_body,
+)
+from servers import Gunicorn
 
 TS_DIR = Path(__file__).resolve().parent / "ts"
 
@@ -149,3 +158,23 @@ def test_typescript_image_message(gateway, backend):
     assert part["type"] == "image_url" and part["image_url"]["url"].startswith(
         "data:image/png;base64,"
     )
+
+
+def test_typescript_message_batches(tmp_path):
+    """The TypeScript SDK's batch calls, on real gunicorn (whose workers run the batches)."""
+    with FakeBackend() as backend:
+        backend.default = JSONReply(completion("batched"))
+        server = Gunicorn({"GATEWAY_UPSTREAM_URL": backend.url}, tmp_path / "gunicorn.log")
+        try:
+            result = run_scenario(server, "batch")
+        finally:
+            server.stop()
+    assert result["created"]["processing_status"] == "in_progress"
+    assert result["batch"]["processing_status"] == "ended"
+    assert result["batch"]["request_counts"]["succeeded"] == 2
+    assert result["batch"]["request_counts"]["errored"] == 1
+    found = {line["custom_id"]: line["result"] for line in result["results"]}
+    assert found["first"]["message"]["content"] == [{"type": "text", "text": "batched"}]
+    assert found["broken"]["error"]["error"]["type"] == "invalid_request_error"
+    assert result["listed"] == [result["created"]["id"]]
+    assert result["deleted"] == {"id": result["created"]["id"], "type": "message_batch_deleted"}

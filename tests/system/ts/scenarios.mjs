@@ -77,6 +77,27 @@ const scenarios = {
       ],
     });
   },
+  async batch() {
+    const params = (text) => ({ model: "claude-haiku-4-5", max_tokens: 16, messages: [user(text)] });
+    const created = await client.messages.batches.create({
+      requests: [
+        { custom_id: "first", params: params("one") },
+        { custom_id: "second", params: params("two") },
+        { custom_id: "broken", params: { model: "claude-haiku-4-5", messages: [] } },
+      ],
+    });
+    let batch = created;
+    for (let i = 0; i < 600 && batch.processing_status !== "ended"; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      batch = await client.messages.batches.retrieve(created.id);
+    }
+    const results = [];
+    for await (const line of await client.messages.batches.results(created.id)) results.push(line);
+    const listed = [];
+    for await (const item of client.messages.batches.list({ limit: 1 })) listed.push(item.id);
+    const deleted = await client.messages.batches.delete(created.id);
+    return { created, batch, results, listed, deleted };
+  },
   async error() {
     try {
       await client.messages.create({ model: "claude-haiku-4-5", max_tokens: 64, messages: [user("hi")] });

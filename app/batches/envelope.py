@@ -80,7 +80,15 @@ def _items(source: BoundedInput) -> Iterator[Any]:
     try:
         yield from ijson.items(source, "requests.item", use_float=True)
     except ijson.JSONError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+        raise InvalidRequest(f"request body is not valid JSON: {_first_line(exc)}") from None
+
+
+def _first_line(error: Exception) -> str:
+    """The parser's own words, without the excerpt of the body it quotes below them."""
+    said = error.args[0] if error.args else ""
+    if isinstance(said, bytes):
+        said = said.decode("utf-8", "replace")
+    return str(said).strip().split("\n", 1)[0]
 
 
 def _checked(item: Any, position: int, seen: set[str]) -> str:

@@ -221,6 +221,32 @@ def test_create_refuses_a_malformed_envelope_whole(
     assert len(client(gateway, BOB).messages.batches.list(limit=1000).data) == len(before)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b'{"requests": [{"custom_id": "a", "params": {',
+        b"\x1f\x8b\x08\x00 not json",
+        b'{"requests": [{"custom_id": "a", "params": {"x": ' + b"[" * 3000 + b"]" * 3000 + b"}}]}",
+        b'{"requests": [{"custom_id": "a", "params": {"n": 1180591620717411303424}}]}',
+    ],
+    ids=["empty", "cut-short", "binary", "deep", "huge-integer"],
+)
+def test_create_refuses_a_body_it_cannot_read_in_one_plain_sentence(
+    gateway: Gunicorn, raw: bytes
+) -> None:
+    answer = requests.post(
+        f"{gateway.url}/v1/messages/batches",
+        data=raw,
+        headers={"x-api-key": BOB, "content-type": "application/json"},
+        timeout=30,
+    )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "\n" not in error["message"] and "b'" not in error["message"]
+
+
 def test_create_refuses_a_body_over_the_batch_cap_and_invalid_json(gateway: Gunicorn) -> None:
     big = {"requests": [item(f"i{i}", "x" * 1000) for i in range(100)]}
     answer = requests.post(

@@ -20,6 +20,7 @@ from typing import Any
 
 from flask import request
 
+from app import jsonc
 from app.ops import metrics
 from app.ops.access_log import access_line, log_access
 from app.policy.limits import KeyPolicy, Reservation, rate_headers, settlement
@@ -194,6 +195,13 @@ class RequestState:
         usage = self._usage(outcome, used_input, used_output, cached)
         if usage is not None:
             self.ledger.usage.add(usage)
+        path = outcome.path
+        if path.startswith("/v1/"):
+            failed = bool(outcome.error) or (outcome.status or 0) >= 400
+            if path == MESSAGES_PATH:
+                self.ledger.usage.tally(failed, max(used_input, 0), used_output, cached)
+            if failed:
+                self.ledger.usage.fail(failure(outcome))
 
     def _correct(self, used_input: int, used_output: int) -> None:
         """The key's slot back, and what the reservation took corrected to what was used."""
@@ -222,6 +230,23 @@ class RequestState:
             cached,
             errors=int(failed),
         )
+
+
+def failure(outcome: RequestOutcome) -> str:
+    """A failed request as the console's Errors page lists it: who, what, where and why;
+    never a prompt, a key or an error message (which may quote either)."""
+    return jsonc.dumps_str(
+        {
+            "time": time.time(),
+            "status": outcome.status,
+            "error": outcome.error or outcome.rejected,
+            "key": outcome.key,
+            "model": (outcome.model or "")[:MODEL_CHARS] or None,
+            "backend": outcome.backend,
+            "path": outcome.path,
+            "request_id": outcome.request_id,
+        }
+    )
 
 
 def _backend_saw(outcome: RequestOutcome) -> bool:

@@ -6,6 +6,9 @@ up here by key × model × day, a second's requests cost one write, made by a ba
 greenlet off every request's path. What a worker that is killed outright has not written yet
 (at most ``EVERY`` seconds of it) is lost; a worker that stops normally writes it on its way
 out (gunicorn's ``worker_exit``, in gunicorn.conf.py).
+
+The console's per-minute counts of the service's message requests (``Tally``) and its log of
+recent failed requests ride along, written by the same greenlet in the same second.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections import deque
 
 from app.state.guard import GuardedStore
-from app.state.store import Usage
+from app.state.store import Tally, Usage
 
 EVERY = 1.0
+FAILURES = "errors"  # the store's log of recent failed requests (the console's Errors page)
+FAILURES_KEPT = 1000  # its size, and the most a worker holds between two writes
 _buffers: weakref.WeakSet[UsageBuffer] = weakref.WeakSet()
 
 
@@ -26,6 +32,8 @@ class UsageBuffer:
         self.store = store
         self.every = every
         self.pending: dict[tuple[str, str, str], Usage] = {}
+        self.tallies: dict[int, Tally] = {}
+        self.failures: deque[str] = deque(maxlen=FAILURES_KEPT)
         self.lock = threading.Lock()
         self.writer: threading.Thread | None = None
         self.closed = False
@@ -43,16 +51,46 @@ class UsageBuffer:
                 found.output_tokens += usage.output_tokens
                 found.cached_tokens += usage.cached_tokens
                 found.errors += usage.errors
-            if self.writer is None and not self.closed:
-                # Started on first use, so that it runs in the worker, after the fork.
-                self.writer = threading.Thread(target=self._write_on, name="usage", daemon=True)
-                self.writer.start()
+            self._start()
+
+    def tally(self, failed: bool, input_tokens: int, output_tokens: int, cached: int) -> None:
+        """One message request in this minute's counts, refused ones too."""
+        minute = int(time.time()) // 60
+        with self.lock:
+            found = self.tallies.get(minute)
+            if found is None:
+                found = self.tallies[minute] = Tally(minute)
+            found.requests += 1
+            found.errors += failed
+            found.input_tokens += input_tokens
+            found.output_tokens += output_tokens
+            found.cached_tokens += cached
+            self._start()
+
+    def fail(self, entry: str) -> None:
+        """A failed request for the log (JSON text); past ``FAILURES_KEPT`` the oldest go."""
+        with self.lock:
+            self.failures.append(entry)
+            self._start()
+
+    def _start(self) -> None:
+        if self.writer is None and not self.closed:
+            # Started on first use, so that it runs in the worker, after the fork.
+            self.writer = threading.Thread(target=self._write_on, name="usage", daemon=True)
+            self.writer.start()
 
     def flush(self) -> None:
         with self.lock:
             records, self.pending = list(self.pending.values()), {}
+            tallies, self.tallies = list(self.tallies.values()), {}
+            failures = list(self.failures)
+            self.failures.clear()
         if records:
             self.store.add_usage(records)
+        if tallies:
+            self.store.add_tallies(tallies)
+        if failures:
+            self.store.append_log(FAILURES, failures, FAILURES_KEPT)
 
     def close(self) -> None:
         self.closed = True

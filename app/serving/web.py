@@ -24,6 +24,7 @@ from app.backends.dispatch import Dispatcher
 from app.backends.placement import Placer
 from app.backends.session import Transport, new_session
 from app.config import WORKER_CONNECTIONS, Settings, load_settings_or_last_good
+from app.console import create_console_blueprint
 from app.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -75,6 +76,7 @@ def build_app(settings: Settings | None = None) -> Flask:
     keys = key_table(settings.keys)
     app.register_blueprint(create_blueprint(settings, dispatcher, store))
     app.register_blueprint(create_admin_blueprint(settings, dispatcher, keys, store))
+    app.register_blueprint(create_console_blueprint(settings, dispatcher, keys, store))
     app.before_request(_request_starter(keys, ledger))
     app.after_request(_finish_request)
     app.teardown_request(_end_request)

@@ -6,8 +6,12 @@ files under /admin/static only, so the Content-Security-Policy allows no inline 
 from __future__ import annotations
 
 import calendar
+import functools
+import mimetypes
+import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from flask import (
@@ -19,6 +23,7 @@ from flask import (
     request,
     url_for,
 )
+from werkzeug.security import safe_join
 from werkzeug.wrappers import Response as BaseResponse
 
 from app import jsonc
@@ -49,8 +54,6 @@ def create_console_blueprint(
         __name__,
         url_prefix="/admin",
         template_folder="templates",
-        static_folder="static",
-        static_url_path="/static",
     )
     sessions = Sessions(store, settings.admin_token)
 
@@ -92,6 +95,17 @@ def create_console_blueprint(
     def _context() -> dict[str, Any]:
         session_id = g.get("console_session")
         return {"csrf": csrf_token(session_id) if session_id else "", "signed_in": session_id}
+
+    @bp.get("/static/<path:filename>")
+    def static(filename: str) -> BaseResponse:
+        """The console's script, styles and vendored libraries, read once into memory and
+        written as one body (Flask's ``send_file`` hands the file to the server's sendfile,
+        which under this worker answered without a status line)."""
+        found = _static_file(filename)
+        if found is None:
+            return _plain("Not found.", 404)
+        data, mimetype = found
+        return Response(data, mimetype=mimetype, headers={"Cache-Control": "max-age=3600"})
 
     @bp.route("/sign-in", methods=["GET", "POST"])
     def sign_in() -> BaseResponse | str:
@@ -247,6 +261,19 @@ def create_console_blueprint(
         return render_template("console/errors.html", page="errors", entries=entries)
 
     return bp
+
+
+STATIC = Path(__file__).parent / "static"
+
+
+@functools.lru_cache(maxsize=64)  # a few files; any other name is a 404
+def _static_file(filename: str) -> tuple[bytes, str] | None:
+    path = safe_join(str(STATIC), filename)
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return data, mimetypes.guess_type(path)[0] or "application/octet-stream"
 
 
 def _keys_page(

@@ -93,7 +93,8 @@ def limits_from(form: Mapping[str, str]) -> dict[str, int | float]:
             raise KeysFileError(f"{name}: {text!r} is not a number") from None
         if value < 0 or value != value or value == float("inf"):
             raise KeysFileError(f"{name}: give a number of 0 or more")
-        found[name] = int(value) if value.is_integer() else value
+        if value:
+            found[name] = int(value) if value.is_integer() else value
     return found
 
 

@@ -44,3 +44,20 @@ def csrf_of(session: requests.Session, url: str) -> str:
     found = CSRF.search(page.text)
     assert found, "no CSRF token on the keys page"
     return found.group(1)
+
+
+def booted(server: Gunicorn) -> int:
+    """Workers gunicorn has started so far (a reload starts a new set)."""
+    return server.log_path.read_text().count("Booting worker")
+
+
+def wait_reloaded(server: Gunicorn, before: int, workers: int = 2) -> None:
+    """A console change reloads the workers (HUP): wait for the new set, and for the old one
+    to be gone, so that the next request does not meet a worker on its way out."""
+    from waiting import eventually
+
+    eventually(lambda: booted(server) >= before + workers, "the workers reloaded")
+    eventually(
+        lambda: server.log_path.read_text().count("Worker exiting") >= before,
+        "the old workers gone",
+    )

@@ -6,7 +6,9 @@ sign-in attempts held to a rate; key names escaped; the usage page's numbers tho
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +19,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from consolesite import ADMIN_TOKEN, OPS_KEY, csrf_of, signed_in, start, write_config
+from consolesite import (
+    ADMIN_TOKEN,
+    OPS_KEY,
+    booted,
+    csrf_of,
+    signed_in,
+    start,
+    wait_reloaded,
+    write_config,
+)
 from fakebackend import FakeBackend
 from servers import ROOT, Gunicorn
 from waiting import eventually
@@ -113,6 +124,7 @@ def test_a_post_without_its_csrf_token_or_from_another_origin_is_refused(site) -
     assert [r.status_code for r in [*refused, bare]] == [403] * 6
     keys_file = directory / "keys.toml"
     assert names(keys_file) == []
+    before = booted(server)
     same_site = session.post(
         url,
         data={"name": "a7", "csrf": csrf},
@@ -120,6 +132,7 @@ def test_a_post_without_its_csrf_token_or_from_another_origin_is_refused(site) -
     )
     assert same_site.status_code == 200 and "sk-gw-" in same_site.text
     assert names(keys_file) == ["a7"]
+    wait_reloaded(server, before)
 
 
 def test_the_session_cookie_is_httponly_samesite_strict_path_scoped_and_secure_over_tls(
@@ -290,3 +303,22 @@ def test_the_console_is_off_without_an_admin_token(tmp_path: Path, backend: Fake
         assert answer.status_code == 404
     finally:
         server.stop()
+
+
+def hour_requests(session: requests.Session, url: str) -> int:
+    page = session.get(url + "/admin/", params={"range": "hour"}).text
+    found = re.search(r'<script type="application/json" id="series">(.*?)</script>', page, re.S)
+    assert found, "no series on the overview"
+    return int(sum(json.loads(found.group(1))["requests"]))
+
+
+def test_the_overview_counts_the_service_s_requests_of_the_last_hour(site) -> None:
+    server, _ = site
+    session = signed_in(server.url)
+    before = hour_requests(session, server.url)
+    for key in (OPS_KEY, "sk-unknown"):  # answered and refused: both count
+        requests.post(server.url + "/v1/messages", json=BODY, headers={"x-api-key": key})
+    eventually(
+        lambda: hour_requests(session, server.url) == before + 2,
+        "two more requests in the last hour's counts",
+    )

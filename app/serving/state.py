@@ -194,12 +194,14 @@ class RequestState:
     ) -> None:
         usage = self._usage(outcome, used_input, used_output, cached)
         if usage is not None:
-            self.ledger.usage.add(usage)
+            self.ledger.usage.add(usage)  # the console's counts are summed from it too
+            if not usage.errors:
+                return
         path = outcome.path
         if path.startswith("/v1/"):
             failed = bool(outcome.error) or (outcome.status or 0) >= 400
-            if path == MESSAGES_PATH:
-                self.ledger.usage.tally(failed, max(used_input, 0), used_output, cached)
+            if usage is None and path == MESSAGES_PATH:
+                self.ledger.usage.tally(failed)
             if failed:
                 self.ledger.usage.fail(failure(outcome))
 

@@ -7,8 +7,9 @@ greenlet off every request's path. What a worker that is killed outright has not
 (at most ``EVERY`` seconds of it) is lost; a worker that stops normally writes it on its way
 out (gunicorn's ``worker_exit``, in gunicorn.conf.py).
 
-The console's per-minute counts of the service's message requests (``Tally``) and its log of
-recent failed requests ride along, written by the same greenlet in the same second.
+The console's per-minute counts of the service's message requests (``Tally``) are summed from
+the same records when they are written, and its log of recent failed requests rides along:
+both cost a request nothing but what it already pays, and go in the same second.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class UsageBuffer:
         self.store = store
         self.every = every
         self.pending: dict[tuple[str, str, str], Usage] = {}
-        self.tallies: dict[int, Tally] = {}
+        self.unrecorded = Tally(0)  # requests without a usage record since the last write
         self.failures: deque[str] = deque(maxlen=FAILURES_KEPT)
         self.lock = threading.Lock()
         self.writer: threading.Thread | None = None
@@ -51,20 +52,15 @@ class UsageBuffer:
                 found.output_tokens += usage.output_tokens
                 found.cached_tokens += usage.cached_tokens
                 found.errors += usage.errors
-            self._start()
+            if self.writer is None and not self.closed:
+                self._start()
 
-    def tally(self, failed: bool, input_tokens: int, output_tokens: int, cached: int) -> None:
-        """One message request in this minute's counts, refused ones too."""
-        minute = int(time.time()) // 60
+    def tally(self, failed: bool) -> None:
+        """A message request without a usage record (refused, or never read), for this
+        second's counts; those with one are counted from their records when written."""
         with self.lock:
-            found = self.tallies.get(minute)
-            if found is None:
-                found = self.tallies[minute] = Tally(minute)
-            found.requests += 1
-            found.errors += failed
-            found.input_tokens += input_tokens
-            found.output_tokens += output_tokens
-            found.cached_tokens += cached
+            self.unrecorded.requests += 1
+            self.unrecorded.errors += failed
             self._start()
 
     def fail(self, entry: str) -> None:
@@ -82,13 +78,14 @@ class UsageBuffer:
     def flush(self) -> None:
         with self.lock:
             records, self.pending = list(self.pending.values()), {}
-            tallies, self.tallies = list(self.tallies.values()), {}
+            unrecorded, self.unrecorded = self.unrecorded, Tally(0)
             failures = list(self.failures)
             self.failures.clear()
         if records:
             self.store.add_usage(records)
-        if tallies:
-            self.store.add_tallies(tallies)
+        tally = _tally(records, unrecorded)
+        if tally.requests:
+            self.store.add_tallies([tally])
         if failures:
             self.store.append_log(FAILURES, failures, FAILURES_KEPT)
 
@@ -100,6 +97,21 @@ class UsageBuffer:
         while not self.closed:
             time.sleep(self.every)
             self.flush()
+
+
+def _tally(records: list[Usage], unrecorded: Tally) -> Tally:
+    """The service's counts of this second, in its minute: summed from the usage records at
+    their write, so a request pays nothing for them (a second's records may land in the
+    next minute)."""
+    tally = unrecorded
+    tally.minute = int(time.time()) // 60
+    for record in records:
+        tally.requests += record.requests
+        tally.errors += record.errors
+        tally.input_tokens += record.input_tokens
+        tally.output_tokens += record.output_tokens
+        tally.cached_tokens += record.cached_tokens
+    return tally
 
 
 def flush_all() -> None:

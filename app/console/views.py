@@ -69,7 +69,9 @@ def create_console_blueprint(
         if request.endpoint in PUBLIC:
             return None
         if g.console_session is None:
-            if request.method == "GET":
+            # A page opens the sign-in page; a partial fetched by htmx (which would put the
+            # sign-in page in its place) and any POST get a refusal.
+            if request.method == "GET" and "HX-Request" not in request.headers:
                 return secure(redirect(url_for("console.sign_in")), private=True)
             return _plain("Forbidden: sign in first.", 403)
         if request.method == "POST":

@@ -94,6 +94,8 @@ def test_every_console_route_refuses_a_request_without_a_session(site) -> None:
                 assert answer.status_code == 403, where
             assert "ops" not in answer.text and "csrf" not in answer.text, where
     assert not (directory / "keys.toml").exists()  # no POST reached its view
+    partial = requests.get(server.url + "/admin/live", headers={"HX-Request": "true"})
+    assert partial.status_code == 403 and "default" not in partial.text
 
 
 def test_the_json_admin_routes_still_answer_to_the_admin_token_alone(site) -> None:

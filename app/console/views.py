@@ -61,6 +61,8 @@ def create_console_blueprint(
     def _gate() -> BaseResponse | None:
         if not settings.admin_token:
             return _plain("Not found: the console is off (no admin token is configured).", 404)
+        if request.endpoint == "console.static":
+            return None  # the same files for everyone: no session to look up
         session_id = request.cookies.get(COOKIE)
         try:
             g.console_session = session_id if sessions.live(session_id) else None

@@ -24,9 +24,14 @@ def write_config(directory: Path, backend_url: str, admin_token: str = ADMIN_TOK
     return config
 
 
-def start(directory: Path, backend_url: str, workers: int = 2) -> Gunicorn:
+def start(directory: Path, backend_url: str, workers: int = 2, redis_url: str = "") -> Gunicorn:
+    """A gateway with the console on; with ``redis_url``, on that Redis (one of several
+    hosts), else on SQLite in a state directory of its own."""
+    directory.mkdir(parents=True, exist_ok=True)
     config = write_config(directory, backend_url)
     env = {"GATEWAY_CONFIG": str(config), "OPS_KEY": OPS_KEY, "GATEWAY_WORKERS": str(workers)}
+    if redis_url:
+        env["GATEWAY_REDIS_URL"] = redis_url
     return Gunicorn(env, directory / "gunicorn.log")
 
 

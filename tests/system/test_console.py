@@ -329,3 +329,23 @@ def test_the_overview_counts_the_service_s_requests_of_the_last_hour(site) -> No
         lambda: hour_requests(session, server.url) == before + 2,
         "two more requests in the last hour's counts",
     )
+
+
+def test_a_session_opened_on_one_host_holds_on_another_sharing_its_redis(
+    tmp_path: Path, backend: FakeBackend, redis_server
+) -> None:
+    first = start(tmp_path / "a", backend.url, workers=1, redis_url=redis_server.url)
+    second = start(tmp_path / "b", backend.url, workers=1, redis_url=redis_server.url)
+    try:
+        session = signed_in(first.url)
+        cookie = {"gateway_console": session.cookies["gateway_console"]}
+        page = requests.get(second.url + "/admin/errors", cookies=cookie, allow_redirects=False)
+        assert page.status_code == 200
+        csrf = csrf_of(session, first.url)
+        ended = session.post(first.url + "/admin/sign-out", data={"csrf": csrf})
+        assert ended.status_code == 200
+        again = requests.get(second.url + "/admin/errors", cookies=cookie, allow_redirects=False)
+        assert again.status_code == 302  # signed out on one host: out on every host
+    finally:
+        first.stop()
+        second.stop()

@@ -88,8 +88,7 @@ def revoked(keys_file: Path, name: str) -> bool:
 def test_an_operator_manages_a_key_from_creation_to_revocation(
     browser: Any, tmp_path: Path, backend: FakeBackend
 ) -> None:
-    server = start(tmp_path / "site", backend.url) if (tmp_path / "site").mkdir() is None else None
-    assert server is not None
+    server = start(tmp_path / "site", backend.url)
     shots = tmp_path / "screenshots"
     shots.mkdir()
     url = server.url

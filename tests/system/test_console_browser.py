@@ -160,6 +160,10 @@ def test_an_operator_manages_a_key_from_creation_to_revocation(
         page.goto(url + "/admin/")
         page.wait_for_selector(".chart[data-drawn=true] canvas")
         assert page.locator(".chart canvas").count() >= 2
+        with page.expect_response("**/admin/live", timeout=15000) as polled:
+            pass  # htmx fetches the backends table again every 5 s
+        assert polled.value.status == 200
+        assert page.locator("#backends td", has_text="default").count() == 1
         page.screenshot(path=shots / "overview.png", full_page=True)
         page.goto(url + "/admin/errors")
         page.screenshot(path=shots / "errors.png", full_page=True)

@@ -349,3 +349,28 @@ def test_a_session_opened_on_one_host_holds_on_another_sharing_its_redis(
     finally:
         first.stop()
         second.stop()
+
+
+def test_a_key_s_limits_and_expiry_are_changed_and_the_change_audited(site) -> None:
+    server, directory = site
+    session = signed_in(server.url)
+    csrf = csrf_of(session, server.url)
+    created = session.post(
+        server.url + "/admin/keys",
+        data={"name": "c1", "csrf": csrf, "requests_per_minute": "60", "burst": "5"},
+    )
+    assert created.status_code == 200
+    key = re.search(r'id="new-key" readonly value="([^"]+)"', created.text).group(1)
+    changed = session.post(
+        server.url + "/admin/keys/change",
+        data={"name": "c1", "csrf": csrf, "tokens_per_day": "5000", "expires": "2031-01-31"},
+    )
+    assert changed.status_code == 200  # the keys page, after the redirect
+    entry = next(
+        e for e in tomllib.loads((directory / "keys.toml").read_text())["keys"] if e["name"] == "c1"
+    )
+    assert entry["tokens_per_day"] == 5000 and entry["expires"] == "2031-01-31T23:59:59Z"
+    assert "requests_per_minute" not in entry and "burst" not in entry  # left empty: none
+    audit = changed.text[changed.text.index("Audit log") :]
+    assert audit.index(">change<") < audit.index(">create<")  # newest first
+    assert key not in changed.text and key not in audit

@@ -241,6 +241,8 @@ def create_console_blueprint(
             entries=summed(rows, by),
             total=total(rows),
             chart=chart,
+            key=request.args.get("key", ""),
+            model=request.args.get("model", ""),
             query=request.query_string.decode("ascii", "replace"),
         )
 

@@ -233,6 +233,8 @@ def test_the_usage_page_has_the_numbers_of_the_usage_command(site, module_backen
     assert csv == printed.stdout
     page = session.get(server.url + "/admin/report", params=args).text
     assert '<script type="application/json" id="chart">' in page and ">ops<" in page
+    nobody = session.get(server.url + "/admin/report", params={**args, "key": "nobody"}).text
+    assert ">ops<" not in nobody and "No usage in this period" in nobody
 
 
 def test_failed_requests_are_listed_on_the_errors_page(site) -> None:

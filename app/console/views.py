@@ -185,7 +185,7 @@ def create_console_blueprint(
             limits = keyring.limits_from(request.form)
             expires = keyring.expiry_from(request.form)
             key = add_key(settings.keys_file, name, expires, limits)
-        except (KeysFileError, ConfigError) as exc:
+        except (KeysFileError, ConfigError, OSError) as exc:
             return Response(_keys_page(settings, store, error=_message(exc)), status=400)
         details = {"limits": limits, "expires": expires}
         keyring.audit(store, who(g.console_session), "create", name, details)
@@ -198,8 +198,8 @@ def create_console_blueprint(
         try:
             _need_keys_file(settings)
             revoke_key(settings.keys_file, name)
-        except KeysFileError as exc:
-            return Response(_keys_page(settings, store, error=str(exc)), status=400)
+        except (KeysFileError, OSError) as exc:
+            return Response(_keys_page(settings, store, error=_message(exc)), status=400)
         keyring.audit(store, who(g.console_session), "revoke", name, {})
         keyring.reload_workers(request.environ)
         return redirect(url_for("console.keys_page"), code=303)
@@ -212,7 +212,7 @@ def create_console_blueprint(
             limits = keyring.limits_from(request.form)
             expires = keyring.expiry_from(request.form)
             change_key(settings.keys_file, name, expires, limits)
-        except (KeysFileError, ConfigError) as exc:
+        except (KeysFileError, ConfigError, OSError) as exc:
             return Response(_keys_page(settings, store, error=_message(exc)), status=400)
         details = {"limits": limits, "expires": expires}
         keyring.audit(store, who(g.console_session), "change", name, details)
@@ -316,7 +316,11 @@ def _need_keys_file(settings: Settings) -> None:
 
 
 def _message(exc: Exception) -> str:
-    """A refusal as the operator reads it: the keys file's and the config's own words."""
+    """A refusal as the operator reads it: the keys file's and the config's own words, or why
+    the file could not be written (under the systemd unit, /etc is read-only to the service:
+    a keys file the console manages belongs in the state directory)."""
+    if isinstance(exc, OSError):
+        return f"cannot write the keys file: {exc.strerror or exc} ({exc.filename or ''})"
     return str(exc)
 
 

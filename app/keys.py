@@ -83,22 +83,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _create(args: argparse.Namespace) -> int:
     path = _keys_file(args)
-    entry: dict[str, Any] = {"name": args.name}
-    key = new_key()
-    entry["sha256"] = hashlib.sha256(key.encode()).hexdigest()
-    entry["created"] = _iso(time.time())
-    if args.expires:
-        entry["expires"] = _iso(_when(args.expires))
+    limits: dict[str, int | float] = {}
     for item in args.limit:
         field, _, value = item.partition("=")
         if field not in LIMIT_FIELDS or not value.strip():
             raise KeysFileError(f"--limit {item!r}: give FIELD=VALUE ({', '.join(LIMIT_FIELDS)})")
-        entry[field] = _number(value)
-    with _locked(path):
-        keys = _read(path)
-        _check_new(args.name, keys)
-        _validate([*keys, entry])
-        _write(path, [*keys, entry])
+        limits[field] = _number(value)
+    key = add_key(path, args.name, _when(args.expires) if args.expires else None, limits)
     print(key)
     print(
         f"\nThe key above is shown once; the gateway keeps only its digest. Added to {path}:\n"
@@ -107,6 +98,61 @@ def _create(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def add_key(path: str, name: str, expires: float | None, limits: dict[str, int | float]) -> str:
+    """A new key in the keys file, checked by the gateway's own rules; the key, returned
+    here once, is kept only as its digest."""
+    key = new_key()
+    entry: dict[str, Any] = {"name": name, "sha256": hashlib.sha256(key.encode()).hexdigest()}
+    entry["created"] = _iso(time.time())
+    if expires is not None:
+        entry["expires"] = _iso(expires)
+    entry.update((field, value) for field, value in limits.items() if value)
+    with _locked(path):
+        keys = _read(path)
+        _check_new(name, keys)
+        _validate([*keys, entry])
+        _write(path, [*keys, entry])
+    return key
+
+
+def change_key(path: str, name: str, expires: float | None, limits: dict[str, int | float]) -> None:
+    """A key of the keys file given new limits (0 or absent: none) and expiry (None: never)."""
+    with _locked(path):
+        keys = _read(path)
+        entry = _entry(path, name, keys, "changed")
+        for field in (*LIMIT_FIELDS, "expires"):
+            entry.pop(field, None)
+        if expires is not None:
+            entry["expires"] = _iso(expires)
+        entry.update((field, value) for field, value in limits.items() if value)
+        _validate(keys)
+        _write(path, keys)
+
+
+def revoke_key(path: str, name: str) -> None:
+    with _locked(path):
+        keys = _read(path)
+        entry = _entry(path, name, keys, "revoked")
+        entry["revoked"] = True
+        entry["revoked_at"] = _iso(time.time())
+        _write(path, keys)
+
+
+def read_keys(path: str) -> list[dict[str, Any]]:
+    """The ``[[keys]]`` tables of the keys file, as written."""
+    return _read(path)
+
+
+def _entry(path: str, name: str, keys: list[dict[str, Any]], done: str) -> dict[str, Any]:
+    for entry in keys:
+        if entry.get("name") == name:
+            return entry
+    raise KeysFileError(
+        f"no key {name!r} in {path}; a key of the configuration file is {done} "
+        "there (revoked = true, or remove it)"
+    )
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -146,18 +192,7 @@ def _limits(key: ClientKey) -> str:
 
 def _revoke(args: argparse.Namespace) -> int:
     path = _keys_file(args)
-    with _locked(path):
-        keys = _read(path)
-        found = [entry for entry in keys if entry.get("name") == args.name]
-        if not found:
-            raise KeysFileError(
-                f"no key {args.name!r} in {path}; a key of the configuration file is revoked "
-                "there (revoked = true, or remove it)"
-            )
-        for entry in found:
-            entry["revoked"] = True
-            entry["revoked_at"] = _iso(time.time())
-        _write(path, keys)
+    revoke_key(path, args.name)
     print(
         f"{args.name}: revoked in {path}. It stops working once the gateway reloads: "
         "systemctl reload anthropic-gateway",

@@ -446,8 +446,9 @@ class Settings:
         key="token",
         env="GATEWAY_ADMIN_TOKEN",
         secret=True,
-        doc="enables `/status` and `/admin/usage` for this bearer token; or `token_env`",
-        shown="none: `/status` disabled",
+        doc="enables `/status`, `/admin/usage` and the console at `/admin/` for this bearer token; "
+        "or `token_env`",
+        shown="none: `/status` and the console disabled",
     )
     ping_interval: float = setting(
         15.0,

@@ -20,6 +20,7 @@ from typing import Any
 
 from flask import request
 
+from app import jsonc
 from app.batches.item import BatchItem
 from app.ops import metrics
 from app.ops.access_log import access_line, log_access
@@ -201,7 +202,16 @@ class RequestState:
     ) -> None:
         usage = self._usage(outcome, used_input, used_output, cached)
         if usage is not None:
-            self.ledger.usage.add(usage)
+            self.ledger.usage.add(usage)  # the console's counts are summed from it too
+            if not usage.errors:
+                return
+        path = outcome.path
+        if path.startswith("/v1/"):
+            failed = bool(outcome.error) or (outcome.status or 0) >= 400
+            if usage is None and path == MESSAGES_PATH:
+                self.ledger.usage.tally(failed)
+            if failed:
+                self.ledger.usage.fail(failure(outcome))
 
     def _correct(self, used_input: int, used_output: int) -> None:
         """The key's slot back, and what the reservation took corrected to what was used."""
@@ -234,6 +244,23 @@ class RequestState:
             usage.batch_requests = 1
             usage.batch_input_tokens, usage.batch_output_tokens = usage.input_tokens, used_output
         return usage
+
+
+def failure(outcome: RequestOutcome) -> str:
+    """A failed request as the console's Errors page lists it: who, what, where and why;
+    never a prompt, a key or an error message (which may quote either)."""
+    return jsonc.dumps_str(
+        {
+            "time": time.time(),
+            "status": outcome.status,
+            "error": outcome.error or outcome.rejected,
+            "key": outcome.key,
+            "model": (outcome.model or "")[:MODEL_CHARS] or None,
+            "backend": outcome.backend,
+            "path": outcome.path,
+            "request_id": outcome.request_id,
+        }
+    )
 
 
 def _backend_saw(outcome: RequestOutcome) -> bool:

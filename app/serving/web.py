@@ -29,6 +29,7 @@ from app.batches.item import BatchItem
 from app.batches.runner import Runner
 from app.batches.service import Batches
 from app.config import WORKER_CONNECTIONS, Settings, load_settings_or_last_good
+from app.console import create_console_blueprint
 from app.errors import (
     AuthenticationFailed,
     GatewayError,
@@ -81,6 +82,7 @@ def build_app(settings: Settings | None = None) -> Flask:
     keys = key_table(settings.keys)
     app.register_blueprint(create_blueprint(settings, dispatcher, store))
     app.register_blueprint(create_admin_blueprint(settings, dispatcher, keys, store))
+    app.register_blueprint(create_console_blueprint(settings, dispatcher, keys, store))
     if settings.batches.enabled:
         _add_batches(app, settings, store, dispatcher)
     app.before_request(_request_starter(keys, ledger, settings.admin_token))

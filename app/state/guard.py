@@ -29,6 +29,7 @@ from app.state.store import (
     Settlement,
     Store,
     StoreUnavailable,
+    Tally,
     Usage,
     UsageRow,
     Verdict,
@@ -120,6 +121,30 @@ class GuardedStore:
         """Any other work on the store (the batches'): while it cannot answer, a 503
         ``overloaded_error``, whatever ``on_failure`` says."""
         return self._call(work, None)
+
+    def add_tallies(self, tallies: list[Tally]) -> None:
+        # Lost while the store is gone, as usage records are.
+        self._call(lambda s: s.add_tallies(tallies), lambda: None, refuse=False)
+
+    def tallies(self, since_minute: int) -> list[Tally]:
+        return self._call(lambda s: s.tallies(since_minute), None)
+
+    def append_log(self, log: str, entries: list[str], keep: int) -> None:
+        self._call(lambda s: s.append_log(log, entries, keep), lambda: None, refuse=False)
+
+    def read_log(self, log: str, limit: int) -> list[str]:
+        return self._call(lambda s: s.read_log(log, limit), None)
+
+    # The console's sessions: an unreachable store is an error there (a 503), never a way in.
+
+    def start_session(self, session_id: str, digest: str, idle: float, absolute: float) -> None:
+        self._call(lambda s: s.start_session(session_id, digest, idle, absolute), None)
+
+    def check_session(self, session_id: str, digest: str, idle: float) -> bool:
+        return self._call(lambda s: s.check_session(session_id, digest, idle), None)
+
+    def end_session(self, session_id: str) -> None:
+        self._call(lambda s: s.end_session(session_id), None)
 
     def ping(self) -> None:
         self._call(lambda s: s.ping(), lambda: None, refuse=False)

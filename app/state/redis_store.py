@@ -14,6 +14,9 @@ The keys, under a prefix (``gw:`` by default):
     {prefix}a:{hash}                   the backend that served a conversation (or session) last
     {prefix}aidx                       those entries, scored by expiry (to keep them bounded)
     {prefix}batch:{id}, {prefix}batches...  message batches (app/state/redis_batches.py)
+    {prefix}m:{minute}                 the service's counts of one minute (a hash), for the console
+    {prefix}log:{name}                 a bounded log (a list, oldest first): errors, the audit
+    {prefix}s:{id}                     a console session (hash: digest, ends), expiring when idle
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import redis
 
 from app.state.redis_batches import BatchScripts, RedisBatches
 from app.state.store import (
+    TALLY_FIELDS,
+    TALLY_KEEP,
     THREAD_FOUND,
     USAGE_COUNTS,
     Ask,
@@ -35,6 +40,7 @@ from app.state.store import (
     Settlement,
     Store,
     StoreUnavailable,
+    Tally,
     Usage,
     UsageRow,
     Verdict,
@@ -252,6 +258,30 @@ end
 return 1
 """
 
+# KEYS: the session. ARGV: digest, idle (s). 1 if live (its idle time starts again), else 0.
+CHECK_SESSION = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local found = redis.call('HMGET', KEYS[1], 'digest', 'ends')
+if not found[1] then return 0 end
+local ends = tonumber(found[2])
+if found[1] ~= ARGV[1] or ends <= now then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(math.min(tonumber(ARGV[2]), ends - now) * 1000))
+return 1
+"""
+
+# KEYS: the session. ARGV: digest, idle (s), absolute (s).
+START_SESSION = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local absolute = tonumber(ARGV[3])
+redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'ends', tostring(now + absolute))
+redis.call('PEXPIRE', KEYS[1], math.ceil(math.min(tonumber(ARGV[2]), absolute) * 1000))
+return 1
+"""
 
 T = TypeVar("T")
 
@@ -272,6 +302,8 @@ class RedisStore(Store, RedisBatches):
         self.place_script = self.redis.register_script(PLACE)
         self.move_script = self.redis.register_script(MOVE)
         self.batch_scripts = BatchScripts(self.redis)
+        self.check_session_script = self.redis.register_script(CHECK_SESSION)
+        self.start_session_script = self.redis.register_script(START_SESSION)
 
     def _call(self, work: Callable[[], T]) -> T:
         try:
@@ -456,6 +488,68 @@ class RedisStore(Store, RedisBatches):
     def release_thread(self, thread_id: str) -> None:
         name = f"{self.prefix}th:{thread_id}"
         self._call(lambda: self.end_script(keys=[name], args=["release"]))
+
+    # --- the console ------------------------------------------------------------------------
+
+    def add_tallies(self, tallies: list[Tally]) -> None:
+        def run() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            for tally in tallies:
+                name = f"{self.prefix}m:{tally.minute}"
+                for field in TALLY_FIELDS:
+                    value = getattr(tally, field)
+                    if value:
+                        pipe.hincrby(name, field, value)
+                pipe.expire(name, TALLY_KEEP)
+            pipe.execute()
+
+        if tallies:
+            self._call(run)
+
+    def tallies(self, since_minute: int) -> list[Tally]:
+        def run() -> list[Tally]:
+            seconds, _ = self.redis.time()
+            minutes = range(since_minute, int(seconds) // 60 + 1)
+            pipe = self.redis.pipeline(transaction=False)
+            for minute in minutes:
+                pipe.hgetall(f"{self.prefix}m:{minute}")
+            found = []
+            for minute, counts in zip(minutes, pipe.execute(), strict=True):
+                if counts:
+                    values = {_text(k): int(v) for k, v in counts.items()}
+                    found.append(Tally(minute, *(values.get(f, 0) for f in TALLY_FIELDS)))
+            return found
+
+        return self._call(run)
+
+    def append_log(self, log: str, entries: list[str], keep: int) -> None:
+        name = f"{self.prefix}log:{log}"
+
+        def run() -> None:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.rpush(name, *entries)
+            pipe.ltrim(name, -keep, -1)
+            pipe.execute()
+
+        if entries:
+            self._call(run)
+
+    def read_log(self, log: str, limit: int) -> list[str]:
+        found = self._call(lambda: self.redis.lrange(f"{self.prefix}log:{log}", -limit, -1))
+        return [_text(entry) for entry in reversed(found)]
+
+    def start_session(self, session_id: str, digest: str, idle: float, absolute: float) -> None:
+        keys = [f"{self.prefix}s:{session_id}"]
+        args: list[Arg] = [digest, repr(idle), repr(absolute)]
+        self._call(lambda: self.start_session_script(keys=keys, args=args))
+
+    def check_session(self, session_id: str, digest: str, idle: float) -> bool:
+        keys = [f"{self.prefix}s:{session_id}"]
+        args: list[Arg] = [digest, repr(idle)]
+        return bool(self._call(lambda: self.check_session_script(keys=keys, args=args)))
+
+    def end_session(self, session_id: str) -> None:
+        self._call(lambda: self.redis.delete(f"{self.prefix}s:{session_id}"))
 
     # --- plumbing ---------------------------------------------------------------------------
 

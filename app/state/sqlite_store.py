@@ -27,6 +27,8 @@ from typing import Any, TypeVar
 
 from app.state.sqlite_batches import BATCH_SCHEMA, SQLiteBatches
 from app.state.store import (
+    TALLY_FIELDS,
+    TALLY_KEEP,
     THREAD_ALREADY_CONTINUED,
     THREAD_FOUND,
     THREAD_IN_FLIGHT,
@@ -38,6 +40,7 @@ from app.state.store import (
     Settlement,
     Store,
     StoreUnavailable,
+    Tally,
     Usage,
     UsageRow,
     Verdict,
@@ -86,6 +89,16 @@ CREATE TABLE IF NOT EXISTS affinity (
     key TEXT PRIMARY KEY, backend TEXT NOT NULL, expires REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS affinity_by_expiry ON affinity (expires);
+CREATE TABLE IF NOT EXISTS tallies (
+    minute INTEGER PRIMARY KEY, requests INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0, cached_tokens INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS logs (
+    log TEXT NOT NULL, seq INTEGER NOT NULL, entry TEXT NOT NULL, PRIMARY KEY (log, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, digest TEXT NOT NULL, idle_until REAL NOT NULL, ends REAL NOT NULL
+) WITHOUT ROWID;
 """
 # One statement at a time, inside one transaction (``executescript`` would commit it first).
 SCHEMA = tuple(s.strip() for s in SCHEMA_SQL.split(";") if s.strip())
@@ -99,6 +112,15 @@ ADD_USAGE = (
 )
 # Columns a usage table made by an older release lacks, added when the store opens.
 ADDED_USAGE_COLUMNS = ("batch_requests", "batch_input_tokens", "batch_output_tokens")
+
+ADD_TALLY = (
+    "INSERT INTO tallies (minute, requests, errors, input_tokens, output_tokens, cached_tokens) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (minute) DO UPDATE SET "
+    "requests = requests + excluded.requests, errors = errors + excluded.errors, "
+    "input_tokens = input_tokens + excluded.input_tokens, "
+    "output_tokens = output_tokens + excluded.output_tokens, "
+    "cached_tokens = cached_tokens + excluded.cached_tokens"
+)
 
 
 class SQLiteStore(Store, SQLiteBatches):
@@ -375,6 +397,81 @@ class SQLiteStore(Store, SQLiteBatches):
         self._transaction(
             lambda db: db.execute("UPDATE threads SET claimed_until = 0 WHERE id = ?", (thread_id,))
         )
+
+    # --- the console ------------------------------------------------------------------------
+
+    def add_tallies(self, tallies: list[Tally]) -> None:
+        rows = [(t.minute, *(getattr(t, name) for name in TALLY_FIELDS)) for t in tallies]
+        oldest = int(self.clock() - TALLY_KEEP) // 60
+
+        def add(db: sqlite3.Connection) -> None:
+            db.executemany(ADD_TALLY, rows)
+            db.execute("DELETE FROM tallies WHERE minute < ?", (oldest,))
+
+        self._transaction(add)
+
+    def tallies(self, since_minute: int) -> list[Tally]:
+        query = f"SELECT minute, {', '.join(TALLY_FIELDS)} FROM tallies WHERE minute >= ? "
+        query += "ORDER BY minute"
+        rows = self._locked(lambda: self.db.execute(query, (since_minute,)).fetchall())
+        return [Tally(*row) for row in rows]
+
+    def append_log(self, log: str, entries: list[str], keep: int) -> None:
+        def append(db: sqlite3.Connection) -> None:
+            (last,) = db.execute("SELECT MAX(seq) FROM logs WHERE log = ?", (log,)).fetchone()
+            first = (last or 0) + 1
+            db.executemany(
+                "INSERT INTO logs (log, seq, entry) VALUES (?, ?, ?)",
+                [(log, first + i, entry) for i, entry in enumerate(entries)],
+            )
+            db.execute(
+                "DELETE FROM logs WHERE log = ? AND seq <= ?",
+                (log, first + len(entries) - 1 - keep),
+            )
+
+        if entries:
+            self._transaction(append)
+
+    def read_log(self, log: str, limit: int) -> list[str]:
+        query = "SELECT entry FROM logs WHERE log = ? ORDER BY seq DESC LIMIT ?"
+        rows = self._locked(lambda: self.db.execute(query, (log, limit)).fetchall())
+        return [row[0] for row in rows]
+
+    def start_session(self, session_id: str, digest: str, idle: float, absolute: float) -> None:
+        now = self.clock()
+
+        def start(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM sessions WHERE idle_until <= ? OR ends <= ?", (now, now))
+            db.execute(
+                "INSERT OR REPLACE INTO sessions (id, digest, idle_until, ends) "
+                "VALUES (?, ?, ?, ?)",
+                (session_id, digest, now + min(idle, absolute), now + absolute),
+            )
+
+        self._transaction(start)
+
+    def check_session(self, session_id: str, digest: str, idle: float) -> bool:
+        now = self.clock()
+
+        def check(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT digest, idle_until, ends FROM sessions WHERE id = ?", (session_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            if row[0] != digest or row[1] <= now or row[2] <= now:
+                db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                return False
+            db.execute(
+                "UPDATE sessions SET idle_until = ? WHERE id = ?",
+                (min(now + idle, row[2]), session_id),
+            )
+            return True
+
+        return self._transaction(check)
+
+    def end_session(self, session_id: str) -> None:
+        self._transaction(lambda db: db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)))
 
     # --- plumbing ---------------------------------------------------------------------------
 

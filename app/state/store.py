@@ -149,6 +149,23 @@ class UsageRow:
     batch_output_tokens: int = 0
 
 
+@dataclass
+class Tally:
+    """The whole service's message requests of one minute (epoch seconds // 60), for the
+    console's charts of the last hour and day (usage records are per day)."""
+
+    minute: int
+    requests: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+
+TALLY_FIELDS = ("requests", "errors", "input_tokens", "output_tokens", "cached_tokens")
+TALLY_KEEP = 2 * 86400  # seconds of minutes kept: the console charts a day at most
+
+
 # Why a placement chose its backend (the access line's ``routed``).
 ROUTED_PREFIX = "prefix"  # the replica that served the conversation's longest known prefix
 ROUTED_SESSION = "session"  # the replica of the client's session, no prefix known
@@ -279,6 +296,35 @@ class Store(BatchQueue):
     @abstractmethod
     def release_thread(self, thread_id: str) -> None:
         """The continue failed: its conversation may be continued again."""
+
+    @abstractmethod
+    def add_tallies(self, tallies: list[Tally]) -> None:
+        """Add to the service's per-minute counts; minutes older than ``TALLY_KEEP`` go."""
+
+    @abstractmethod
+    def tallies(self, since_minute: int) -> list[Tally]:
+        """The per-minute counts from ``since_minute`` on, oldest first."""
+
+    @abstractmethod
+    def append_log(self, log: str, entries: list[str], keep: int) -> None:
+        """Add entries (JSON text) to a bounded log: only its newest ``keep`` stay."""
+
+    @abstractmethod
+    def read_log(self, log: str, limit: int) -> list[str]:
+        """A log's newest ``limit`` entries, newest first."""
+
+    @abstractmethod
+    def start_session(self, session_id: str, digest: str, idle: float, absolute: float) -> None:
+        """Keep a console session: it lasts ``idle`` seconds past its last use, ``absolute``
+        seconds at most, and holds only for the admin token whose digest is ``digest``."""
+
+    @abstractmethod
+    def check_session(self, session_id: str, digest: str, idle: float) -> bool:
+        """Whether the session is live for the token of ``digest``; if so its idle time
+        starts again, if not it is gone."""
+
+    @abstractmethod
+    def end_session(self, session_id: str) -> None: ...
 
     @abstractmethod
     def ping(self) -> None: ...

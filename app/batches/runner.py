@@ -148,7 +148,9 @@ class Runner:
         self.pool.spawn(self._run, claim, item, body, slot)
 
     def _room(self, claim: Claim, backends: list[str]) -> tuple[str, str] | None:
-        """A slot on one of ``backends``, waited for; None if the batch stopped meanwhile."""
+        """A slot on one of ``backends``, waited for; None if the batch was canceled (or
+        ended) meanwhile, and the item given back: a canceled batch's items that have not
+        been sent are never sent."""
         polls = 0
         while True:
             now = self.clock()
@@ -156,8 +158,13 @@ class Runner:
                 if self.cooling.get(name, 0.0) > now:
                     continue
                 slot = self._slot(name)
-                if slot is not None:
+                if slot is None:
+                    continue
+                if polls == 0 or self._still_running(claim.batch_id):
                     return name, slot
+                self._call(lambda s, b=name, t=slot: s.batch_unslot(b, t))  # type: ignore[misc]
+                self._give_back(claim, now, attempt=False)
+                return None
             polls += 1
             if polls % 10 == 0 and not self._still_running(claim.batch_id):
                 self._give_back(claim, now, attempt=False)
@@ -234,7 +241,8 @@ class Runner:
 
     def _give_back(self, claim: Claim, not_before: float, *, attempt: bool) -> None:
         self.held.pop(claim, None)
-        self._call(lambda s: s.batch_release(self.token, claim, not_before, attempt))
+        now = self.clock()
+        self._call(lambda s: s.batch_release(self.token, claim, not_before, now, attempt))
 
     # --- what the items need -------------------------------------------------------------------
 

@@ -13,9 +13,9 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 
-from app.state.store import UsageRow
+from app.state.store import USAGE_COUNTS, UsageRow
 
-COUNTS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "errors")
+COUNTS = USAGE_COUNTS  # batch_*: the part batch items made (app/batches)
 GROUPS = ("day", "key", "model")  # what a row may be summed by
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 RELATIVE = re.compile(r"(\d{1,5})d")

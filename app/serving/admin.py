@@ -25,6 +25,7 @@ from app.errors import AuthenticationFailed, GatewayError, InvalidRequest, NotFo
 from app.policy.auth import bearer_token
 from app.policy.limits import KeyPolicy
 from app.policy.usage import GROUPS, BadPeriod, period, report
+from app.state.batch_queue import BATCH_FLIGHTS
 from app.state.guard import GuardedStore
 
 JSON = "application/json"
@@ -78,7 +79,8 @@ def _status(
     store: GuardedStore,
 ) -> dict[str, Any]:
     health = dispatcher.balancer.snapshot()
-    service = _service_in_flight(list(dispatcher.clients), store)
+    names = list(dispatcher.clients)
+    service = _service_in_flight(names + [BATCH_FLIGHTS + name for name in names], store)
     backends = {
         name: {
             "url": client.name,
@@ -86,6 +88,7 @@ def _status(
             "dialect": client.config.dialect.name,
             **health[name],
             "service_in_flight": service.get(name),
+            "batch_in_flight": service.get(BATCH_FLIGHTS + name),
         }
         for name, client in dispatcher.clients.items()
     }
@@ -113,7 +116,8 @@ def _status(
 
 def _service_in_flight(names: list[str], store: GuardedStore) -> dict[str, int]:
     """Each backend's requests in flight across the service, as ``least_busy`` and
-    ``affinity`` routes count them (empty while the store is down)."""
+    ``affinity`` routes count them (every route's while batches are on), and its batch items
+    apart (empty while the store is down)."""
     try:
         return store.backend_loads(names)
     except GatewayError:

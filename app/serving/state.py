@@ -221,7 +221,7 @@ class RequestState:
         if outcome.path != MESSAGES_PATH or not model or outcome.rejected:
             return None
         failed = bool(outcome.error) or (outcome.status or 0) >= 400
-        return Usage(
+        usage = Usage(
             time.strftime("%Y-%m-%d", time.gmtime()),
             self.owner,
             model,
@@ -230,6 +230,10 @@ class RequestState:
             cached,
             errors=int(failed),
         )
+        if self.batch is not None:
+            usage.batch_requests = 1
+            usage.batch_input_tokens, usage.batch_output_tokens = usage.input_tokens, used_output
+        return usage
 
 
 def _backend_saw(outcome: RequestOutcome) -> bool:

@@ -140,11 +140,17 @@ class BatchQueue(ABC):
 
     @abstractmethod
     def batch_release(
-        self, token: str, claim: Claim, not_before: float, attempt: bool = True
+        self,
+        token: str,
+        claim: Claim,
+        not_before: float,
+        now: float | None = None,
+        attempt: bool = True,
     ) -> None:
         """Give an item back to be tried again from ``not_before`` (its backend was busy or
-        failed: one ``attempt`` more; or it was never sent: not one); nothing if ``token``
-        no longer holds it."""
+        failed: one ``attempt`` more; or it was never sent: not one); nothing if ``token`` no
+        longer holds it. In a canceling batch it is not tried again, and the batch ends at
+        ``now`` (None: the store's clock) if it was the last one running."""
 
     @abstractmethod
     def batch_finish(self, claim: Claim, kind: str, now: float) -> BatchRecord | None:

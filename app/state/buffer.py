@@ -15,7 +15,7 @@ import time
 import weakref
 
 from app.state.guard import GuardedStore
-from app.state.store import Usage
+from app.state.store import USAGE_COUNTS, Usage
 
 EVERY = 1.0
 _buffers: weakref.WeakSet[UsageBuffer] = weakref.WeakSet()
@@ -38,11 +38,8 @@ class UsageBuffer:
             if found is None:
                 self.pending[group] = usage
             else:
-                found.requests += usage.requests
-                found.input_tokens += usage.input_tokens
-                found.output_tokens += usage.output_tokens
-                found.cached_tokens += usage.cached_tokens
-                found.errors += usage.errors
+                for name in USAGE_COUNTS:
+                    setattr(found, name, getattr(found, name) + getattr(usage, name))
             if self.writer is None and not self.closed:
                 # Started on first use, so that it runs in the worker, after the fork.
                 self.writer = threading.Thread(target=self._write_on, name="usage", daemon=True)

@@ -13,6 +13,7 @@ The keys, under a prefix (``gw:`` by default):
     {prefix}f:{backend}                a backend's requests in flight, a sorted set scored by expiry
     {prefix}a:{hash}                   the backend that served a conversation (or session) last
     {prefix}aidx                       those entries, scored by expiry (to keep them bounded)
+    {prefix}batch:{id}, {prefix}batches...  message batches (app/state/redis_batches.py)
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from typing import TypeVar
 
 import redis
 
+from app.state.redis_batches import BatchScripts, RedisBatches
 from app.state.store import (
     THREAD_FOUND,
+    USAGE_COUNTS,
     Ask,
     Placed,
     Placement,
@@ -41,7 +44,7 @@ from app.state.store import (
 )
 
 TIMEOUT = 0.5  # seconds for a connection or a command: a slow store fails open (or closed) fast
-METRICS = ("requests", "input_tokens", "output_tokens", "cached_tokens", "errors")
+METRICS = USAGE_COUNTS
 
 # KEYS: n bucket keys, m budget keys, the lease set. ARGV: n, (per, capacity, cost) * n,
 # m, (limit, cost, keep) * m, max_concurrent, lease_ttl, lease_id.
@@ -256,7 +259,7 @@ T = TypeVar("T")
 Arg = str | bytes | int | float
 
 
-class RedisStore(Store):
+class RedisStore(Store, RedisBatches):
     def __init__(self, url: str, prefix: str = "gw:") -> None:
         self.prefix = prefix
         self.redis = redis.Redis.from_url(
@@ -268,6 +271,7 @@ class RedisStore(Store):
         self.end_script = self.redis.register_script(END)
         self.place_script = self.redis.register_script(PLACE)
         self.move_script = self.redis.register_script(MOVE)
+        self.batch_scripts = BatchScripts(self.redis)
 
     def _call(self, work: Callable[[], T]) -> T:
         try:
@@ -339,14 +343,8 @@ class RedisStore(Store):
             pipe = self.redis.pipeline(transaction=True)
             for usage in records:
                 field = json.dumps([usage.key, usage.model])
-                counts = (
-                    usage.requests,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                    usage.cached_tokens,
-                    usage.errors,
-                )
-                for metric, value in zip(METRICS, counts, strict=True):
+                for metric in METRICS:
+                    value = getattr(usage, metric)
                     if value:
                         pipe.hincrby(f"{p}u:{usage.day}", f"{field}|{metric}", value)
             pipe.sadd(f"{p}days", *{usage.day for usage in records})

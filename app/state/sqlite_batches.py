@@ -156,7 +156,12 @@ class SQLiteBatches(BatchQueue):
         )
 
     def batch_release(
-        self, token: str, claim: Claim, not_before: float, attempt: bool = True
+        self,
+        token: str,
+        claim: Claim,
+        not_before: float,
+        now: float | None = None,
+        attempt: bool = True,
     ) -> None:
         def release(db: sqlite3.Connection) -> None:
             changed = db.execute(
@@ -170,8 +175,7 @@ class SQLiteBatches(BatchQueue):
                 )
                 record = _get(db, claim.batch_id)
                 if record is not None and record.status == CANCELING and record.running <= 0:
-                    db.execute("DELETE FROM batch_claims WHERE batch = ?", (claim.batch_id,))
-                    _end(db, record, not_before)
+                    _end(db, record, self.clock() if now is None else now)
 
         self._transaction(release)
 
@@ -239,8 +243,11 @@ class SQLiteBatches(BatchQueue):
 
     def batch_sweep(self, now: float) -> list[str]:
         def sweep(db: sqlite3.Connection) -> list[str]:
+            # By status, not ``!= ended``: an index search, where ended batches (kept 29 days
+            # and more) would make it a scan of the table.
             late = db.execute(
-                f"{SELECT} WHERE status != ? AND expires_at <= ?", (ENDED, now)
+                f"{SELECT} WHERE status IN (?, ?) AND expires_at <= ?",
+                (IN_PROGRESS, CANCELING, now),
             ).fetchall()
             for row in late:
                 _end(db, _record(row), now)
@@ -267,7 +274,8 @@ def _claim_from(
     lease ran out), then new ones."""
     claims: list[Claim] = []
     due = db.execute(
-        "SELECT idx, token, attempts FROM batch_claims WHERE batch = ? AND until <= ? LIMIT ?",
+        "SELECT idx, token, attempts FROM batch_claims WHERE batch = ? AND until <= ? "
+        "ORDER BY until, idx LIMIT ?",
         (record.id, now, want),
     ).fetchall()
     for index, old_token, attempts in due:

@@ -31,6 +31,7 @@ from app.state.store import (
     THREAD_FOUND,
     THREAD_IN_FLIGHT,
     THREAD_NOT_FOUND,
+    USAGE_COUNTS,
     Ask,
     Placed,
     Placement,
@@ -91,13 +92,13 @@ SCHEMA = tuple(s.strip() for s in SCHEMA_SQL.split(";") if s.strip())
 
 
 ADD_USAGE = (
-    "INSERT INTO usage (day, key, model, requests, input_tokens, output_tokens, cached_tokens, "
-    "errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, key, model) DO UPDATE SET "
-    "requests = requests + excluded.requests, "
-    "input_tokens = input_tokens + excluded.input_tokens, "
-    "output_tokens = output_tokens + excluded.output_tokens, "
-    "cached_tokens = cached_tokens + excluded.cached_tokens, errors = errors + excluded.errors"
+    f"INSERT INTO usage (day, key, model, {', '.join(USAGE_COUNTS)}) "
+    f"VALUES (?, ?, ?, {', '.join('?' * len(USAGE_COUNTS))}) "
+    "ON CONFLICT (day, key, model) DO UPDATE SET "
+    + ", ".join(f"{name} = {name} + excluded.{name}" for name in USAGE_COUNTS)
 )
+# Columns a usage table made by an older release lacks, added when the store opens.
+ADDED_USAGE_COLUMNS = ("batch_requests", "batch_input_tokens", "batch_output_tokens")
 
 
 class SQLiteStore(Store, SQLiteBatches):
@@ -126,6 +127,12 @@ class SQLiteStore(Store, SQLiteBatches):
         with self._begun():
             for statement in SCHEMA + BATCH_SCHEMA:
                 self.db.execute(statement)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(usage)")}
+            for name in ADDED_USAGE_COLUMNS:
+                if name not in columns:
+                    self.db.execute(
+                        f"ALTER TABLE usage ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0"
+                    )
 
     # --- limits -----------------------------------------------------------------------------
 
@@ -200,14 +207,13 @@ class SQLiteStore(Store, SQLiteBatches):
 
     def add_usage(self, records: list[Usage]) -> None:
         rows = [
-            (u.day, u.key, u.model, u.requests, u.input_tokens, u.output_tokens)
-            + (u.cached_tokens, u.errors)
-            for u in records
+            (u.day, u.key, u.model, *(getattr(u, name) for name in USAGE_COUNTS)) for u in records
         ]
         self._transaction(lambda db: db.executemany(ADD_USAGE, rows))
 
     def usage(self, since: str, until: str, key: str | None, model: str | None) -> list[UsageRow]:
-        query = "SELECT * FROM usage WHERE day >= ? AND day <= ?"
+        query = f"SELECT day, key, model, {', '.join(USAGE_COUNTS)} FROM usage "
+        query += "WHERE day >= ? AND day <= ?"
         args: list[Any] = [since, until]
         if key is not None:
             query += " AND key = ?"

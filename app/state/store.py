@@ -100,6 +100,23 @@ class Usage:
     cached_tokens: int = 0
     errors: int = 0
     requests: int = 1
+    # The part of it that batch items made (app/batches), so a report tells the two apart.
+    batch_requests: int = 0
+    batch_input_tokens: int = 0
+    batch_output_tokens: int = 0
+
+
+# What a usage record adds up, in its columns' order.
+USAGE_COUNTS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_tokens",
+    "errors",
+    "batch_requests",
+    "batch_input_tokens",
+    "batch_output_tokens",
+)
 
 
 @dataclass
@@ -127,6 +144,9 @@ class UsageRow:
     output_tokens: int
     cached_tokens: int
     errors: int
+    batch_requests: int = 0
+    batch_input_tokens: int = 0
+    batch_output_tokens: int = 0
 
 
 # Why a placement chose its backend (the access line's ``routed``).

@@ -280,3 +280,24 @@ def test_opening_gives_up_with_the_reason_once_its_wait_is_over(tmp_path, monkey
             SQLiteStore(str(tmp_path))
     finally:
         release()
+
+
+def test_an_older_usage_table_keeps_its_records_and_gains_the_batch_counts(tmp_path: Path):
+    with sqlite3.connect(tmp_path / FILE) as db:
+        db.execute(
+            "CREATE TABLE usage (day TEXT NOT NULL, key TEXT NOT NULL, model TEXT NOT NULL, "
+            "requests INTEGER NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0, "
+            "output_tokens INTEGER NOT NULL DEFAULT 0, cached_tokens INTEGER NOT NULL DEFAULT 0, "
+            "errors INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, key, model)) WITHOUT ROWID"
+        )
+        db.execute("INSERT INTO usage VALUES ('2026-12-01', 'alice', 'm', 3, 30, 9, 0, 1)")
+    store = SQLiteStore(str(tmp_path))
+    try:
+        batch = Usage("2026-12-01", "alice", "m", 10, 4, batch_requests=1)
+        batch.batch_input_tokens, batch.batch_output_tokens = 10, 4
+        store.add_usage([batch])
+        (row,) = store.usage("2026-12-01", "2026-12-01", None, None)
+    finally:
+        store.close()
+    assert (row.requests, row.input_tokens, row.output_tokens, row.errors) == (4, 40, 13, 1)
+    assert (row.batch_requests, row.batch_input_tokens, row.batch_output_tokens) == (1, 10, 4)

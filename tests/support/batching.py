@@ -139,8 +139,17 @@ def rss_kib(pid: int) -> int:
 
 def service_in_flight(server: Gunicorn) -> dict[str, int]:
     """Each backend's interactive requests in flight across the service (/status)."""
+    return _status_field(server, "service_in_flight")
+
+
+def batch_in_flight(server: Gunicorn) -> dict[str, int]:
+    """Each backend's batch items in flight across the service (/status)."""
+    return _status_field(server, "batch_in_flight")
+
+
+def _status_field(server: Gunicorn, field: str) -> dict[str, int]:
     backends = requests.get(f"{server.url}/status", headers=ADMIN_AUTH, timeout=30).json()
-    return {name: b["service_in_flight"] for name, b in backends["backends"].items()}
+    return {name: backend[field] for name, backend in backends["backends"].items()}
 
 
 def metrics_text(server: Gunicorn) -> str:

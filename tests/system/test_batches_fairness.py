@@ -21,14 +21,15 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import requests
-from batching import MODEL, Deployment, batch_requests, sdk, wait_ended
+from batching import MODEL, Deployment, batch_in_flight, batch_requests, sdk, wait_ended
 from fakebackend import FakeBackend, JSONReply, Recorded, Reply, completion, last_text
 from servers import Gunicorn
 from waiting import eventually
@@ -94,20 +95,27 @@ class Service:
 
 
 @pytest.fixture
-def service(tmp_path) -> Iterator[Service]:
-    staged = Staged()
-    with FakeBackend() as backend, ThreadPoolExecutor(16) as pool:
-        backend.default = staged
-        deployment = Deployment.write(
-            tmp_path, backend.url, capacity=CAPACITY, share=SHARE, poll_interval=0.1
-        )
-        server = deployment.start(workers=2)
-        try:
-            yield Service(deployment, staged, server, pool)
-        finally:
-            for kind in KINDS:
-                staged.open(kind)
-            server.stop()
+def start(tmp_path) -> Iterator[Callable[..., Service]]:
+    """A gunicorn (two workers) in front of a staged backend, ``[batches]`` as given."""
+    with ExitStack() as stack:
+
+        def started(**batches: Any) -> Service:
+            staged = Staged()
+            backend = stack.enter_context(FakeBackend())
+            pool = stack.enter_context(ThreadPoolExecutor(16))
+            backend.default = staged
+            deployment = Deployment.write(tmp_path, backend.url, capacity=CAPACITY, **batches)
+            server = deployment.start(workers=2)
+            stack.callback(server.stop)
+            stack.callback(lambda: [staged.open(kind) for kind in KINDS])
+            return Service(deployment, staged, server, pool)
+
+        yield started
+
+
+@pytest.fixture
+def service(start: Callable[..., Service]) -> Service:
+    return start(share=SHARE, poll_interval=0.1)
 
 
 def ask(service: Service, number: int) -> Future[int]:
@@ -201,3 +209,19 @@ def in_flight(visits: list[Visit], arriving: Visit) -> dict[str, int]:
         if other.ended is None or other.ended > moment:
             busy[other.kind] += 1
     return busy
+
+
+def test_a_batch_item_that_outlasts_the_lease_keeps_its_place(start):
+    """A slot's lease is only for a worker that dies: an item answered after several leases
+    still holds its place, and the batch takes no more than its share meanwhile."""
+    service = start(share=SHARE, poll_interval=0.1, lease_seconds=1)
+    staged = service.staged
+    with sdk(service.server) as client:
+        batch = client.messages.batches.create(requests=batch_requests(10))
+        eventually(lambda: staged.held("batch") == BATCH_MOST, "the batch's share in use")
+        time.sleep(3)  # three leases: a slot not renewed would have run out by now
+        let_runners_look(service, batch.id)
+        assert staged.seen("batch") == BATCH_MOST
+        assert batch_in_flight(service.server) == {"default": BATCH_MOST}
+        staged.open("batch")
+        assert wait_ended(client, batch.id, timeout=120).request_counts.succeeded == 10

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from batching import (
     Deployment,
+    batch_in_flight,
     batch_requests,
     metrics_text,
     sdk,
@@ -114,6 +115,9 @@ def test_after_the_batch_the_gateway_holds_nothing(run: Run) -> None:
         wait_ended(client, run.batch_id, timeout=300)
     eventually(
         lambda: service_in_flight(run.server) == {"default": 0}, "no request in flight at /status"
+    )
+    eventually(
+        lambda: batch_in_flight(run.server) == {"default": 0}, "no batch slot held at /status"
     )
     eventually(
         lambda: metric_sum(metrics_text(run.server), "gateway_batch_items_in_flight") == 0,

@@ -36,6 +36,7 @@ from app.config import Route, Routing, Target
 @dataclass
 class Health:
     in_flight: int = 0
+    batch_in_flight: int = 0  # of those, batch items (app/batches): not held to the cap
     failures: int = 0  # consecutive
     opened_at: float | None = None  # breaker open since (monotonic), None when closed
     probing: bool = False  # a half-open probe is in flight
@@ -46,13 +47,14 @@ class Health:
 class Slot:
     """An admitted request's hold on a backend, given back by ``release`` exactly once."""
 
-    __slots__ = ("balancer", "backend", "probe", "held")
+    __slots__ = ("balancer", "backend", "probe", "held", "batch")
 
-    def __init__(self, balancer: Balancer, backend: str, probe: bool) -> None:
+    def __init__(self, balancer: Balancer, backend: str, probe: bool, batch: bool = False) -> None:
         self.balancer = balancer
         self.backend = backend
         self.probe = probe
         self.held = True
+        self.batch = batch
 
     def release(self, ok: bool | None) -> None:
         """``ok``: True served, False could not serve, None says nothing about the backend
@@ -121,24 +123,30 @@ class Balancer:
             pool.remove(target)
         return ordered + [t for t in targets if t.weight <= 0]
 
-    def acquire(self, backend: str) -> Slot | None:
+    def acquire(self, backend: str, batch: bool = False) -> Slot | None:
         """A slot on ``backend``; None when it is at its concurrency cap (load is shed to
-        the route's next target). A half-open backend's first request is its probe."""
+        the route's next target). A half-open backend's first request is its probe.
+
+        A ``batch`` item is admitted by its slot in the store, within the backend's capacity
+        for the whole service (app/batches/runner.py): the worker's cap is not its to use up,
+        or an interactive request would be refused as busy by a backend with room for it."""
         health = self.health[backend]
         limit = self.limits[backend]
-        if limit and health.in_flight >= limit:
+        if limit and not batch and health.in_flight - health.batch_in_flight >= limit:
             return None
         probe = self.state(backend) == "half_open" and not health.probing
         if probe:
             health.probing = True
         health.in_flight += 1
-        return Slot(self, backend, probe)
+        health.batch_in_flight += int(batch)
+        return Slot(self, backend, probe, batch)
 
     def settle(self, slot: Slot, ok: bool | None) -> None:
         """Only ``Slot.release`` calls this, once per slot."""
         backend = slot.backend
         health = self.health[backend]
         health.in_flight -= 1
+        health.batch_in_flight -= int(slot.batch)
         if slot.probe:
             health.probing = False
         if ok is True:

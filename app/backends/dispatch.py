@@ -136,7 +136,7 @@ class Dispatcher:
             target = queue.pop(0)
             if target not in prepared:  # the client's own mistakes leave before any backend
                 prepared[target] = self._prepare(target, body, batch=pinned is not None)
-            slot = self.balancer.acquire(target.backend)
+            slot = self.balancer.acquire(target.backend, batch=pinned is not None)
             if slot is None:
                 last = last or _busy(body["model"])
                 continue

@@ -99,13 +99,17 @@ def start(tmp_path) -> Iterator[Callable[..., Service]]:
     """A gunicorn (two workers) in front of a staged backend, ``[batches]`` as given."""
     with ExitStack() as stack:
 
-        def started(**batches: Any) -> Service:
+        def started(
+            workers: int = 2, upstream: dict[str, Any] | None = None, **batches: Any
+        ) -> Service:
             staged = Staged()
             backend = stack.enter_context(FakeBackend())
             pool = stack.enter_context(ThreadPoolExecutor(16))
             backend.default = staged
-            deployment = Deployment.write(tmp_path, backend.url, capacity=CAPACITY, **batches)
-            server = deployment.start(workers=2)
+            deployment = Deployment.write(
+                tmp_path, backend.url, capacity=CAPACITY, upstream=upstream, **batches
+            )
+            server = deployment.start(workers=workers)
             stack.callback(server.stop)
             stack.callback(lambda: [staged.open(kind) for kind in KINDS])
             return Service(deployment, staged, server, pool)
@@ -225,3 +229,20 @@ def test_a_batch_item_that_outlasts_the_lease_keeps_its_place(start):
         assert batch_in_flight(service.server) == {"default": BATCH_MOST}
         staged.open("batch")
         assert wait_ended(client, batch.id, timeout=120).request_counts.succeeded == 10
+
+
+def test_batch_items_leave_a_workers_own_cap_to_interactive_requests(start):
+    """``max_concurrency`` caps a worker's requests to a backend; the batch's items, admitted
+    on the service's idle room, must not use up that cap and get an interactive request
+    refused as busy while the backend has room for it."""
+    service = start(workers=1, upstream={"max_concurrency": BATCH_MOST}, share=SHARE)
+    staged = service.staged
+    with sdk(service.server) as client:
+        batch = client.messages.batches.create(requests=batch_requests(4))
+        eventually(lambda: staged.held("batch") == BATCH_MOST, "the batch's share in use")
+        answer = ask(service, 0)
+        eventually(lambda: staged.held("chat") == 1 or answer.done(), "the request answered")
+        staged.open("chat")
+        assert answer.result(timeout=120) == 200
+        staged.open("batch")
+        assert wait_ended(client, batch.id, timeout=120).request_counts.succeeded == 4

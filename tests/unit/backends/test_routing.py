@@ -243,6 +243,19 @@ def test_concurrency_cap() -> None:
     assert b.acquire("a") is not None
 
 
+def test_batch_items_leave_the_concurrency_cap_to_interactive_requests() -> None:
+    b = balancer(Clock(), limits={"a": 1, "b": 0})
+    items = [b.acquire("a", batch=True) for _ in range(2)]  # admitted by the store's slots
+    assert None not in items
+    slot = b.acquire("a")  # the cap is the interactive requests'
+    assert slot is not None
+    assert b.acquire("a") is None
+    for item in items:
+        item.release(ok=True)  # type: ignore[union-attr]
+    slot.release(ok=True)
+    assert b.snapshot()["a"]["in_flight"] == 0
+
+
 def test_least_busy_orders_by_in_flight() -> None:
     b = balancer(Clock())
     route = Route("r", ("*",), (Target("a"), Target("b")), "least_busy")

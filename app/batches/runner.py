@@ -72,6 +72,7 @@ class Runner:
         self.clock = clock
         self.token = secrets.token_hex(8)  # made in the worker, after the fork
         self.held: dict[Claim, None] = {}  # claims this worker holds: waiting or running
+        self.slots: dict[str, str] = {}  # slot -> backend, of this worker's items running
         self.owners: dict[str, str] = {}  # batch id -> the key it runs as
         self.cooling: dict[str, float] = {}  # backend -> when this worker may use it again
         self.pool = Pool(MAX_ITEMS)
@@ -149,6 +150,7 @@ class Runner:
             if placed is None:
                 return  # the batch was canceled while the item waited: it was given back
             backend, slot = placed
+            self.slots[slot] = backend
         item = BatchItem(owner, claim.batch_id, custom_id, backend)
         body = jsonc.dumps(params)
         self.pool.spawn(self._run, claim, item, body, slot)
@@ -195,6 +197,7 @@ class Runner:
             finally:
                 if slot is not None and item.backend is not None:
                     backend = item.backend
+                    self.slots.pop(slot, None)
                     self._call(lambda s: s.batch_unslot(backend, slot))
                     self.freed.set()
             self._settle(claim, item, ran)
@@ -288,12 +291,27 @@ class Runner:
         self.dispatcher.count_flights = oldest is not None or bool(self.held)
 
     def _renew(self) -> None:
+        """The leases of this worker's claims and of its items' slots on the backends: an
+        item's answer may take longer than a lease, and a slot run out would let another item
+        take its place, beyond the batch's share."""
         lease = self.batches.lease_seconds
         while True:
             gevent.sleep(lease / 3)
             claims = list(self.held)
             if claims:
                 self._renew_now(claims, lease)
+            if self.slots:
+                self._reslot(lease)
+
+    def _reslot(self, lease: float) -> None:
+        by_backend: dict[str, list[str]] = {}
+        for slot, backend in list(self.slots.items()):
+            by_backend.setdefault(backend, []).append(slot)
+        for backend, slots in by_backend.items():
+            try:
+                self._call(lambda s, b=backend, t=slots: s.batch_reslot(b, t, lease))  # type: ignore[misc]
+            except Overloaded as exc:
+                log.warning("batch runner: slots on %s not renewed: %s", backend, exc.message)
 
     def _renew_now(self, claims: list[Claim], lease: float) -> None:
         now = self.clock()

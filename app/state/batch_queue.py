@@ -185,6 +185,13 @@ class BatchQueue(ABC):
         None: no room now."""
 
     @abstractmethod
+    def batch_reslot(self, backend: str, slots: list[str], lease: float) -> None:
+        """The ``slots`` on ``backend`` that are still live run on until ``lease`` seconds
+        from now (the store's clock, as ``batch_slot``'s): an item keeps its slot as long as
+        its answer takes, and a lease runs out only for a worker that died. A slot given back,
+        or run out, is not taken again: another item may have its place."""
+
+    @abstractmethod
     def batch_unslot(self, backend: str, slot: str) -> None:
         """The batch item is over: its slot on ``backend`` is free."""
 

@@ -309,6 +309,24 @@ return ARGV[4]
 """
 
 
+# KEYS: the backend's batch flights. ARGV: lease, then the slots. Only live slots are renewed:
+# one run out may have been taken by another item.
+RESLOT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local lease = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  local ends = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if ends and tonumber(ends) > now then
+    redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
+  end
+end
+local ms = math.ceil(lease * 1000)
+if ms > 0 and redis.call('PTTL', KEYS[1]) < ms then redis.call('PEXPIRE', KEYS[1], ms) end
+return 0
+"""
+
+
 class BatchScripts:
     """The scripts, registered with a client (no round trip until the first call)."""
 
@@ -325,6 +343,7 @@ class BatchScripts:
         self.finish = script(FINISH)
         self.sweep = script(SWEEP)
         self.slot = client.register_script(SLOT)
+        self.reslot = client.register_script(RESLOT)
 
 
 class RedisBatches(BatchQueue):
@@ -459,6 +478,11 @@ class RedisBatches(BatchQueue):
         args: list[Arg] = [share, capacity, repr(lease), lease_id()]
         found = self._call(lambda: self.batch_scripts.slot(keys=keys, args=args))
         return _text(found) if found else None
+
+    def batch_reslot(self, backend: str, slots: list[str], lease: float) -> None:
+        keys = [f"{self.prefix}f:{BATCH_FLIGHTS}{backend}"]
+        args: list[Arg] = [repr(lease), *slots]
+        self._call(lambda: self.batch_scripts.reslot(keys=keys, args=args))
 
     def batch_unslot(self, backend: str, slot: str) -> None:
         self._call(lambda: self.redis.zrem(f"{self.prefix}f:{BATCH_FLIGHTS}{backend}", slot))

@@ -249,6 +249,16 @@ class SQLiteBatches(BatchQueue):
 
         return self._transaction(take)
 
+    def batch_reslot(self, backend: str, slots: list[str], lease: float) -> None:
+        def renew(db: sqlite3.Connection) -> None:
+            now = self.clock()
+            db.executemany(
+                "UPDATE flights SET expires = ? WHERE backend = ? AND id = ? AND expires > ?",
+                [(now + lease, BATCH_FLIGHTS + backend, slot, now) for slot in slots],
+            )
+
+        self._transaction(renew)
+
     def batch_unslot(self, backend: str, slot: str) -> None:
         self._transaction(
             lambda db: db.execute(

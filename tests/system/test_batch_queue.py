@@ -395,6 +395,22 @@ def test_a_batch_slot_whose_lease_ran_out_is_not_counted(store):
     assert store.batch_slot("a", 2, 2, LEASE) is not None
 
 
+def test_a_renewed_slot_runs_on_from_now_and_a_slot_gone_is_not_renewed(store):
+    first = store.batch_slot("a", 10, 2, LEASE)
+    second = store.batch_slot("a", 10, 2, LEASE)
+    assert first is not None and second is not None
+    store.batch_reslot("a", [first, second], LEASE)
+    assert store.batch_slot("a", 10, 2, LEASE) is None  # both still counted
+    store.batch_reslot("a", [first], -1.0)  # renewed to a lease already over: first is gone
+    third = store.batch_slot("a", 10, 2, LEASE)
+    assert third is not None
+    store.batch_unslot("a", third)
+    store.batch_unslot("a", second)
+    store.batch_reslot("a", [first, second], LEASE)  # run out, given back: neither comes back
+    assert store.batch_slot("a", 10, 2, LEASE) is not None
+    assert store.batch_slot("a", 10, 2, LEASE) is not None
+
+
 def test_a_canceling_batch_past_its_expiry_ends_with_its_unfinished_items_canceled(store):
     batch = new_batch(store, 1, 3)
     store.batch_claim("a", NOW, EXPIRES_AFTER * 2, 1)

@@ -28,8 +28,10 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from app import jsonc
 from app.backends.dispatch import Dispatcher
+from app.batches.service import Batches
 from app.config import LIMIT_FIELDS, ConfigError, Settings
 from app.console import keyring, live
+from app.console.batches_page import add_batch_routes
 from app.console.guard import same_origin, secure
 from app.console.sessions import COOKIE, PATH, Sessions, csrf_ok, csrf_token, who
 from app.errors import GatewayError
@@ -48,6 +50,7 @@ def create_console_blueprint(
     dispatcher: Dispatcher,
     keys: Mapping[bytes, KeyPolicy],
     store: GuardedStore,
+    batches: Batches | None = None,
 ) -> Blueprint:
     bp = Blueprint(
         "console",
@@ -98,7 +101,11 @@ def create_console_blueprint(
     @bp.context_processor
     def _context() -> dict[str, Any]:
         session_id = g.get("console_session")
-        return {"csrf": csrf_token(session_id) if session_id else "", "signed_in": session_id}
+        return {
+            "csrf": csrf_token(session_id) if session_id else "",
+            "signed_in": session_id,
+            "batches_on": batches is not None,
+        }
 
     @bp.get("/static/<path:filename>")
     def static(filename: str) -> BaseResponse:
@@ -266,6 +273,8 @@ def create_console_blueprint(
             entries = []
         return render_template("console/errors.html", page="errors", entries=entries)
 
+    if batches is not None:
+        add_batch_routes(bp, batches)
     return bp
 
 

@@ -29,7 +29,7 @@ from consolesite import (
     wait_reloaded,
     write_config,
 )
-from fakebackend import FakeBackend
+from fakebackend import FakeBackend, JSONReply, completion
 from servers import ROOT, Gunicorn
 from waiting import eventually
 
@@ -376,3 +376,43 @@ def test_a_key_s_limits_and_expiry_are_changed_and_the_change_audited(site) -> N
     audit = changed.text[changed.text.index("Audit log") :]
     assert audit.index(">change<") < audit.index(">create<")  # newest first
     assert key not in changed.text and key not in audit
+
+
+def test_the_batches_page_shows_every_keys_batches_with_progress_and_cancels_one(
+    site, module_backend: FakeBackend
+) -> None:
+    server, _ = site
+    before = module_backend.default
+    module_backend.default = JSONReply(completion("slow"), delay=5)  # the first item holds
+    try:
+        params = {**BODY, "messages": [{"role": "user", "content": "batched"}]}
+        made = requests.post(
+            server.url + "/v1/messages/batches",
+            json={"requests": [{"custom_id": f"c{i}", "params": params} for i in range(20)]},
+            headers={"x-api-key": OPS_KEY},
+            timeout=30,
+        )
+        assert made.status_code == 200, made.text
+        batch_id = made.json()["id"]
+        session = signed_in(server.url)
+        page = session.get(server.url + "/admin/batches").text
+        assert batch_id in page and "in_progress" in page and "ops" in page
+        assert 'href="/admin/batches"' in page  # in the navigation
+        csrf = csrf_of(session, server.url)
+        url = server.url + "/admin/batches/cancel"
+        assert session.post(url, data={"id": batch_id}).status_code == 403  # no CSRF token
+        canceled = session.post(url, data={"id": batch_id, "csrf": csrf}, allow_redirects=False)
+        assert canceled.status_code == 303
+        status = requests.get(
+            f"{server.url}/v1/messages/batches/{batch_id}",
+            headers={"x-api-key": OPS_KEY},
+            timeout=30,
+        ).json()
+        assert status["processing_status"] in ("canceling", "ended")
+        assert status["cancel_initiated_at"] is not None
+        unknown = session.post(url, data={"id": "msgbatch_none", "csrf": csrf})
+        assert unknown.status_code == 404
+        audit = session.get(server.url + "/admin/keys").text
+        assert "cancel batch" in audit
+    finally:
+        module_backend.default = before

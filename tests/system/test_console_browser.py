@@ -167,6 +167,9 @@ def test_an_operator_manages_a_key_from_creation_to_revocation(
         page.screenshot(path=shots / "overview.png", full_page=True)
         page.goto(url + "/admin/errors")
         page.screenshot(path=shots / "errors.png", full_page=True)
+        page.goto(url + "/admin/batches")
+        assert page.locator("#batches").count() == 1
+        page.screenshot(path=shots / "batches.png", full_page=True)
 
         # A cross-site form cannot revoke it: without the cookie (another site) or with it
         # (another origin of the same site), the console refuses.
@@ -202,7 +205,11 @@ def test_an_operator_manages_a_key_from_creation_to_revocation(
         )
         narrow.add_cookies(context.cookies())
         phone = narrow.new_page()
-        for name, path in (("overview", "/admin/"), ("keys", "/admin/keys")):
+        for name, path in (
+            ("overview", "/admin/"),
+            ("keys", "/admin/keys"),
+            ("batches", "/admin/batches"),
+        ):
             phone.goto(url + path)
             assert phone.url == url + path
             width = phone.evaluate("document.documentElement.scrollWidth")

@@ -33,6 +33,7 @@ from fakebackend import FakeBackend, StreamReply, chunks
 from servers import ROOT, Gunicorn, free_port, make_certificate, stop_process
 from waiting import eventually, wait_until_ready
 
+ADMIN_TOKEN = "admin-token-behind-nginx-0123456789"
 SITE = ROOT / "deploy" / "nginx" / "anthropic-gateway.conf"
 BODY = {
     "model": "claude-haiku-4-5",
@@ -213,7 +214,8 @@ def backend() -> Iterator[FakeBackend]:
 @pytest.fixture(scope="module")
 def gateway(nginx_bin: str, backend: FakeBackend, tmp_path_factory) -> Iterator[Gunicorn]:
     log_path = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
-    server = Gunicorn({"GATEWAY_UPSTREAM_URL": backend.url}, log_path)
+    env = {"GATEWAY_UPSTREAM_URL": backend.url, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}
+    server = Gunicorn(env, log_path)
     yield server
     server.stop()
 
@@ -459,3 +461,17 @@ def test_nginx_rejects_broken_http_in_anthropic_format(nginx, tls, raw, code):
     assert int(head.split(b" ")[1]) in code, head
     assert b"application/json" in head
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
+
+
+def test_the_console_signs_in_and_takes_its_forms_through_nginx_on_its_own_port(https, nginx):
+    """nginx's HTTPS port here is not 443: the Host the gateway sees must keep the port, or
+    the origin check refuses every form the console posts."""
+    https.session.headers["Origin"] = nginx.url
+    signed = https.post("/admin/sign-in", data={"token": ADMIN_TOKEN}, allow_redirects=False)
+    assert signed.status_code == 303, signed.text[:300]
+    assert "Secure" in signed.headers["Set-Cookie"]  # X-Forwarded-Proto: https reached it
+    assert https.get("/admin/keys").status_code == 200
+    foreign = https.post(
+        "/admin/sign-out", data={}, headers={"Origin": "https://evil.test"}, allow_redirects=False
+    )
+    assert foreign.status_code == 403

@@ -22,6 +22,7 @@ from flask import request
 
 from app.ops import metrics
 from app.ops.access_log import access_line, log_access
+from app.ops.tracing import RequestTrace
 from app.policy.limits import KeyPolicy, Reservation, rate_headers, settlement
 from app.serving.outcome import RequestOutcome
 from app.state.buffer import UsageBuffer
@@ -85,6 +86,7 @@ class RequestState:
         "rate_headers",
         "phase",
         "ledger",
+        "trace",
     )
 
     def __init__(self, started: float, request_id: str, ledger: Ledger) -> None:
@@ -97,6 +99,7 @@ class RequestState:
         self.reservation: Reservation | None = None  # what the key's limits admitted
         self.rate_headers: list[tuple[str, str]] = []  # go on the answer, whatever it is
         self.phase = Phase.RECEIVED
+        self.trace: RequestTrace | None = None  # its spans, when tracing is on (app.ops.tracing)
 
     @property
     def owner(self) -> str:
@@ -147,21 +150,21 @@ class RequestState:
         self.reservation = key.reservation(ask, verdict, estimate, max_tokens)
 
     def end(self) -> None:
-        """The request is over: its settlement, if it has not had it, and its access line
-        and metrics, each whatever happened to the others."""
+        """The request is over: its settlement, if it has not had it, its access line and
+        metrics, and its trace's spans, each whatever happened to the others."""
         outcome = self.outcome
         if outcome is None or self.phase is Phase.ENDED:
             return
-        started = self.started
-        run_each(
-            (
-                self.settle,
-                lambda: self.advance(Phase.ENDED),
-                lambda: metrics.record(outcome, time.monotonic() - started),
-                lambda: log_access(access_line(outcome), started),
-            ),
-            self.request_id,
+        started, trace = self.started, self.trace
+        steps: tuple[Callable[[], object], ...] = (
+            self.settle,
+            lambda: self.advance(Phase.ENDED),
+            lambda: metrics.record(outcome, time.monotonic() - started),
+            lambda: log_access(access_line(outcome), started),
         )
+        if trace is not None:  # the request's span ends last: its last byte has gone
+            steps += (lambda: trace.end(outcome, started),)
+        run_each(steps, self.request_id)
 
     def settle(self) -> None:
         """Its settlement with the store, once: its slot back and its reservations corrected,

@@ -33,7 +33,7 @@ from app.errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from app.ops import metrics
+from app.ops import metrics, tracing
 from app.ops.access_log import configure_logging, request_id_from
 from app.policy import auth
 from app.policy.limits import KeyPolicy, key_table
@@ -142,6 +142,9 @@ def _request_starter(keys: Mapping[bytes, KeyPolicy], ledger: Ledger) -> Callabl
             key=key.name if key is not None else None,
             forwarded_for=environ.get("HTTP_X_FORWARDED_FOR"),
         )
+        if tracing.tracer is not None:
+            rule = request.url_rule
+            state.trace = tracing.begin(environ, rule.rule if rule is not None else None)
         if keys and path.startswith("/v1/"):
             if key is None:
                 _refuse(digest, outcome)

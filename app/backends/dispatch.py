@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.backends.balancer import Balancer, Slot
 from app.backends.client import BackendClient
@@ -35,8 +35,10 @@ from app.backends.routing import backend_model
 from app.config import Route, Settings, Target
 from app.errors import GatewayError, Overloaded
 from app.ops import metrics
-from app.ops.tracing import AttemptSpan, RequestTrace
 from app.translate.request import clamp_max_tokens, stop_sequences, translate_request
+
+if TYPE_CHECKING:
+    from app.ops.spans import AttemptSpan, RequestTrace
 
 log = logging.getLogger("gateway")
 

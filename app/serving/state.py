@@ -16,19 +16,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import request
 
 from app.ops import metrics
 from app.ops.access_log import access_line, log_access
-from app.ops.tracing import RequestTrace
 from app.policy.limits import KeyPolicy, Reservation, rate_headers, settlement
 from app.serving.outcome import RequestOutcome
 from app.state.buffer import UsageBuffer
 from app.state.guard import GuardedStore
 from app.state.store import Ask, Usage
 from app.translate.tokens import estimate_request_tokens
+
+if TYPE_CHECKING:
+    from app.ops.spans import RequestTrace
 
 log = logging.getLogger("gateway")
 ENVIRON_KEY = "gateway.request"

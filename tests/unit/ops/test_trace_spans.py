@@ -15,7 +15,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from app.errors import Overloaded, UpstreamTimeout
 from app.ops import tracing
-from app.ops.tracing import RequestTrace, plan
+from app.ops.spans import RequestTrace
+from app.ops.tracing import plan
 from app.serving.outcome import Answer, RequestOutcome, Tokens
 
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}

@@ -153,7 +153,6 @@ def request_attributes(environ: Mapping[str, Any], route: str | None) -> dict[st
     found: dict[str, Any] = {
         "http.request.method": environ.get("REQUEST_METHOD", "GET"),
         "url.path": environ.get("PATH_INFO", ""),
-        "url.scheme": environ.get("wsgi.url_scheme", "http"),
     }
     if route:
         found["http.route"] = route
@@ -162,17 +161,16 @@ def request_attributes(environ: Mapping[str, Any], route: str | None) -> dict[st
 
 def server_attributes(outcome: RequestOutcome) -> dict[str, Any]:
     """What the request's span says at its end: the gateway's request id (the access line's
-    and the client's ``request-id``), who asked by key name, the route and backend, and how
-    it ended. The key's name is the operator's label for it, never the key."""
+    and the client's ``request-id``), who asked by key name, the route, and how it ended
+    (the backends and models are the attempts' spans'). The key's name is the operator's
+    label for it, never the key. Each attribute costs a few µs to record and export: only
+    those that say something the access line's request id would not find at once."""
     found: dict[str, Any] = {"gateway.request_id": outcome.request_id}
     if outcome.status is not None:
         found["http.response.status_code"] = outcome.status
     optional = (
         ("gateway.key_name", outcome.key),
         ("gateway.route", outcome.route),
-        ("gateway.model", outcome.model),
-        ("gateway.backend", outcome.backend),
-        ("gateway.attempts", outcome.attempts),
         ("gateway.rejected", outcome.rejected),
         ("gateway.client_disconnected", outcome.client_disconnected),
     )

@@ -269,7 +269,6 @@ def test_a_failover_is_two_client_spans_and_each_attempt_sends_its_own_context(w
     assert failed["gateway.backend"] == "flaky" and failed["error.type"] == "overloaded_error"
     assert clients[0].status.code == clients[0].status.STATUS_CODE_ERROR
     assert answered["gateway.backend"] == "good" and "error.type" not in answered
-    assert attributes(server)["gateway.attempts"] == 2
     # Each backend saw the context of its own attempt.
     assert len(world.flaky.requests) == flaky_before + 1
     assert len(world.good.requests) == good_before + 1

@@ -163,8 +163,8 @@ def server_attributes(outcome: RequestOutcome) -> dict[str, Any]:
     """What the request's span says at its end: the gateway's request id (the access line's
     and the client's ``request-id``), who asked by key name, the route, and how it ended
     (the backends and models are the attempts' spans'). The key's name is the operator's
-    label for it, never the key. Each attribute costs a few µs to record and export: only
-    those that say something the access line's request id would not find at once."""
+    label for it, never the key. Each attribute costs some µs to record and encode, so the
+    request's span keeps to these; the access line has the rest, under the same id."""
     found: dict[str, Any] = {"gateway.request_id": outcome.request_id}
     if outcome.status is not None:
         found["http.response.status_code"] = outcome.status

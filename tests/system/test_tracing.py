@@ -6,6 +6,7 @@ that never answers costing the requests nothing."""
 from __future__ import annotations
 
 import gzip
+import os
 import socket
 import threading
 import time
@@ -345,6 +346,9 @@ def test_sampling_at_ratio_zero_exports_nothing(tmp_path):
         try:
             for _ in range(5):
                 assert post(gateway.url, message()).status_code == 200
+            # The master never started the SDK: its batch thread would be a thread of its own
+            # there (in a worker it is a greenlet), and a fork would not carry it over.
+            assert os.listdir(f"/proc/{gateway.process.pid}/task") == [str(gateway.process.pid)]
         finally:
             gateway.stop()  # the worker's exit flushes what it has
             receiver.close()

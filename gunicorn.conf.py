@@ -91,22 +91,31 @@ control_socket_disable = control_socket is None
 
 
 def worker_exit(server, worker):
-    """On a worker's way out: its batch items back to the queue, and the usage records it has
-    not written yet (app/state/buffer.py)."""
+    """On a worker's way out: its batch items back to the queue, the usage records it has not
+    written yet (app/state/buffer.py), and the trace spans it has not sent (app/ops/tracing.py,
+    for a few seconds at most)."""
+    from app.ops import tracing
     from app.state.buffer import flush_all
 
     runner = getattr(worker, "wsgi", None) and worker.wsgi.extensions.get("gateway.batch_runner")
     if runner is not None:
         runner.stop()
-    flush_all()
+    try:
+        flush_all()
+    finally:
+        tracing.stop()
 
 
 def post_worker_init(worker):
     """In each worker, after gevent patched it: end streams cleanly when the drain time is up,
-    and start its batch runner (app/batches/runner.py)."""
+    start its batch runner (app/batches/runner.py), and start OpenTelemetry tracing if the
+    OTEL_* variables ask for it (its batch thread must be a greenlet, and must not exist in the
+    master: app/ops/tracing.py)."""
+    from app.ops import tracing
     from app.serving import lifecycle
 
     lifecycle.install(worker)
+    tracing.start()
     runner = worker.wsgi.extensions.get("gateway.batch_runner")
     if runner is not None:
         runner.start()

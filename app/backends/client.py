@@ -89,12 +89,17 @@ class BackendClient:
 
     # --- OpenAI Chat Completions ---------------------------------------------------------------
 
-    def complete(self, payload: dict[str, Any], request_id: str) -> dict[str, Any]:
-        """A non-streamed completion, parsed; raises GatewayError on any failure."""
-        response = self._post(self.json_request, payload, request_id)
+    def complete(
+        self, payload: dict[str, Any], request_id: str, *, trace: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """A non-streamed completion, parsed; raises GatewayError on any failure. ``trace``:
+        the attempt's trace context headers (``traceparent``), when tracing is on."""
+        response = self._post(self.json_request, payload, request_id, extra=trace)
         return self.read_json(response)
 
-    def open_stream(self, payload: dict[str, Any], request_id: str) -> requests.Response:
+    def open_stream(
+        self, payload: dict[str, Any], request_id: str, *, trace: Mapping[str, str] | None = None
+    ) -> requests.Response:
         """Start a streamed completion and return once the backend has answered 2xx.
 
         Waiting for the status before the first byte goes to the client keeps a backend error
@@ -105,17 +110,22 @@ class BackendClient:
         if self.stream_usage:
             payload["stream_options"] = {"include_usage": True}
         try:
-            return self._post(self.stream_request, payload, request_id)
+            return self._post(self.stream_request, payload, request_id, extra=trace)
         except _StreamOptionsRejected:
             log.warning("backend %s rejects stream_options; retrying without it", self.name)
             self.stream_usage = False
             payload.pop("stream_options", None)
-            return self._post(self.stream_request, payload, request_id)
+            return self._post(self.stream_request, payload, request_id, extra=trace)
 
     # --- Anthropic Messages, passed through ----------------------------------------------------
 
     def messages(
-        self, body: dict[str, Any], request_id: str, client_headers: Mapping[str, str]
+        self,
+        body: dict[str, Any],
+        request_id: str,
+        client_headers: Mapping[str, str],
+        *,
+        trace: Mapping[str, str] | None = None,
     ) -> dict[str, Any] | requests.Response:
         """POST the client's body to an Anthropic-speaking backend: a message, or an open stream."""
         extra = {h: client_headers[h] for h in ANTHROPIC_HEADERS if h in client_headers}
@@ -130,6 +140,8 @@ class BackendClient:
                 check_header_validity(item)
             except requests.exceptions.InvalidHeader:
                 raise InvalidRequest(f"{item[0]}: not a valid header value") from None
+        if trace:
+            extra.update(trace)
         stream = bool(body.get("stream"))
         template = self.stream_request if stream else self.json_request
         response = self._post(template, body, request_id, extra=extra)

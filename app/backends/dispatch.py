@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.backends.balancer import Balancer, Slot
 from app.backends.client import BackendClient
@@ -36,6 +36,9 @@ from app.config import Route, Settings, Target
 from app.errors import GatewayError, Overloaded
 from app.ops import metrics
 from app.translate.request import clamp_max_tokens, stop_sequences, translate_request
+
+if TYPE_CHECKING:
+    from app.ops.spans import AttemptSpan, RequestTrace
 
 log = logging.getLogger("gateway")
 
@@ -53,6 +56,7 @@ class Attempt:
     slot: Slot | None = None  # the backend slot this answer holds until ``finish``
     payload: dict[str, Any] | None = None  # what the backend was sent
     lease: Lease | None = None  # its place in the service-wide count, until ``finish``
+    span: AttemptSpan | None = None  # its trace span, when tracing is on (app.ops.tracing)
 
     @property
     def routed(self) -> str | None:
@@ -87,9 +91,11 @@ class Dispatcher:
         client_headers: Mapping[str, str],
         on_send: Callable[[BackendClient, dict[str, Any]], None] | None = None,
         pinned: str | None = None,
+        trace: RequestTrace | None = None,
     ) -> Attempt:
         """The first successful attempt; the caller must ``finish`` it when the answer is over.
-        ``on_send`` sees each attempt's backend and payload just before it goes out.
+        ``on_send`` sees each attempt's backend and payload just before it goes out; ``trace``
+        gets a span for each attempt, whose context goes to the backend.
 
         ``pinned``: a batch item, sent only to the backend that had room for it (its slot is
         the batch runner's, app/batches/runner.py), and at its batch priority."""
@@ -103,7 +109,7 @@ class Dispatcher:
             # While batches run, their runners see every request in flight on a backend.
             lease = self.placer.count(queue[0])
         try:
-            attempt = self._send(queue, body, request_id, client_headers, on_send, pinned)
+            attempt = self._send(queue, body, request_id, client_headers, on_send, pinned, trace)
         except BaseException:
             if lease is not None:
                 lease.release()
@@ -121,6 +127,7 @@ class Dispatcher:
         client_headers: Mapping[str, str],
         on_send: Callable[[BackendClient, dict[str, Any]], None] | None,
         pinned: str | None,
+        trace: RequestTrace | None,
     ) -> Attempt:
         budget = self.settings.routing.retries + 1
         again: list[Target] = []  # failed before the request reached them: may be tried again
@@ -144,9 +151,12 @@ class Dispatcher:
             made += 1
             if on_send is not None:
                 on_send(prepared[target].client, prepared[target].result)
+            span = _begin_span(trace, prepared[target], body) if trace is not None else None
             try:
-                attempt = self._call(prepared[target], body, request_id, client_headers)
+                attempt = self._call(prepared[target], body, request_id, client_headers, span)
             except GatewayError as exc:
+                if span is not None:
+                    span.failed(exc)
                 slot.release(_verdict(exc, target.backend, counted))
                 metrics.backend_failed(target.backend, exc.error_type)
                 exc.backend, exc.attempts = target.backend, made
@@ -157,11 +167,14 @@ class Dispatcher:
                 if not exc.reached:
                     again.append(target)
                 continue
-            except BaseException:
+            except BaseException as exc:
+                if span is not None:
+                    span.failed(exc)
                 slot.release(None)
                 raise
             attempt.slot = slot
             attempt.attempts = made
+            attempt.span = span
             return attempt
         raise last or _busy(body["model"])
 
@@ -186,8 +199,10 @@ class Dispatcher:
 
     def finish(self, attempt: Attempt, *, ok: bool | None) -> None:
         """Give back the backend's slot, telling the breaker how it went (None: no verdict),
-        and its place in the service-wide count. Safe to call more than once: only the first
-        call counts."""
+        and its place in the service-wide count, and note when its answer was over for its
+        span. Safe to call more than once: only the first call counts."""
+        if attempt.span is not None:
+            attempt.span.done()
         if attempt.slot is not None:
             attempt.slot.release(ok)
         if attempt.lease is not None:
@@ -225,15 +240,17 @@ class Dispatcher:
         body: dict[str, Any],
         request_id: str,
         client_headers: Mapping[str, str],
+        span: AttemptSpan | None,
     ) -> Attempt:
         """Send the prepared request; the answer replaces the payload in ``result``."""
         client, payload = prepared.client, prepared.result
+        trace = span.headers if span is not None else None
         if client.config.protocol == "anthropic":
-            result = client.messages(payload, request_id, client_headers)
+            result = client.messages(payload, request_id, client_headers, trace=trace)
         elif backend_streams(body):
-            result = client.open_stream(dict(payload), request_id)
+            result = client.open_stream(dict(payload), request_id, trace=trace)
         else:
-            result = client.complete(payload, request_id)
+            result = client.complete(payload, request_id, trace=trace)
         # The constructor, not dataclasses.replace, which walks the fields (about 1% of a
         # request's CPU in the profile).
         return Attempt(
@@ -251,6 +268,22 @@ def backend_streams(body: dict[str, Any]) -> bool:
     gave stop sequences, which the gateway matches itself (app.translate.text_filter) and
     which end the backend's work as soon as one appears."""
     return bool(body.get("stream") or stop_sequences(body))
+
+
+def _begin_span(trace: RequestTrace, prepared: Attempt, body: dict[str, Any]) -> AttemptSpan:
+    """An attempt's span: which backend, its dialect as the provider, the model asked for."""
+    config = prepared.client.config
+    payload = prepared.result
+    return trace.begin_attempt(
+        backend=prepared.target.backend,
+        provider=config.dialect.name,
+        model=prepared.model,
+        url=config.url,
+        stream=backend_streams(body),
+        max_tokens=payload.get(config.dialect.max_tokens_field)
+        if config.protocol == "openai"
+        else payload.get("max_tokens"),
+    )
 
 
 def has_tokenizer(client: BackendClient) -> bool:

@@ -124,6 +124,7 @@ class Messages:
             headers,
             on_send=count.start if count is not None else None,
             pinned=state.batch.backend if state.batch is not None else None,
+            trace=state.trace,
         )
         outcome = _outcome(state)
         outcome.backend = attempt.target.backend
@@ -152,6 +153,9 @@ def _whole_answer(
     the client can read it, so the client's next turn finds it."""
     if isinstance(attempt.result, requests.Response):
         attempt = replace(attempt, result=_read_whole(attempt))
+    if attempt.span is not None and isinstance(attempt.result, dict):
+        named = attempt.result.get("model")  # the backend's own name, for the trace
+        attempt.span.response_model = named if isinstance(named, str) else None
     return _answer(attempt, _message(attempt, body), outcome, stream, turn)
 
 

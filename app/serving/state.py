@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import request
 
@@ -30,6 +30,9 @@ from app.state.buffer import UsageBuffer
 from app.state.guard import GuardedStore
 from app.state.store import Ask, Usage
 from app.translate.tokens import estimate_request_tokens
+
+if TYPE_CHECKING:
+    from app.ops.spans import RequestTrace
 
 log = logging.getLogger("gateway")
 ENVIRON_KEY = "gateway.request"
@@ -89,6 +92,7 @@ class RequestState:
         "ledger",
         "admin",
         "batch",
+        "trace",
     )
 
     def __init__(self, started: float, request_id: str, ledger: Ledger) -> None:
@@ -103,6 +107,7 @@ class RequestState:
         self.phase = Phase.RECEIVED
         self.admin = False  # the admin token, on the routes that take it (batches)
         self.batch: BatchItem | None = None  # a batch item's request, run by the gateway
+        self.trace: RequestTrace | None = None  # its spans, when tracing is on (app.ops.tracing)
 
     @property
     def owner(self) -> str:
@@ -156,21 +161,21 @@ class RequestState:
         self.reservation = key.reservation(ask, verdict, estimate, max_tokens)
 
     def end(self) -> None:
-        """The request is over: its settlement, if it has not had it, and its access line
-        and metrics, each whatever happened to the others."""
+        """The request is over: its settlement, if it has not had it, its access line and
+        metrics, and its trace's spans, each whatever happened to the others."""
         outcome = self.outcome
         if outcome is None or self.phase is Phase.ENDED:
             return
-        started = self.started
-        run_each(
-            (
-                self.settle,
-                lambda: self.advance(Phase.ENDED),
-                lambda: metrics.record(outcome, time.monotonic() - started),
-                lambda: log_access(access_line(outcome), started),
-            ),
-            self.request_id,
+        started, trace = self.started, self.trace
+        steps: tuple[Callable[[], object], ...] = (
+            self.settle,
+            lambda: self.advance(Phase.ENDED),
+            lambda: metrics.record(outcome, time.monotonic() - started),
+            lambda: log_access(access_line(outcome), started),
         )
+        if trace is not None:  # the request's span ends last: its last byte has gone
+            steps += (lambda: trace.end(outcome, started),)
+        run_each(steps, self.request_id)
 
     def settle(self) -> None:
         """Its settlement with the store, once: its slot back and its reservations corrected,

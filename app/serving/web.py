@@ -39,7 +39,7 @@ from app.errors import (
     RequestTooLarge,
     UpstreamError,
 )
-from app.ops import metrics
+from app.ops import metrics, tracing
 from app.ops.access_log import configure_logging, request_id_from
 from app.policy import auth
 from app.policy.limits import KeyPolicy, key_table
@@ -82,8 +82,9 @@ def build_app(settings: Settings | None = None) -> Flask:
     keys = key_table(settings.keys)
     app.register_blueprint(create_blueprint(settings, dispatcher, store))
     app.register_blueprint(create_admin_blueprint(settings, dispatcher, keys, store))
-    batches = _add_batches(app, settings, store, dispatcher) if settings.batches.enabled else None
-    app.register_blueprint(create_console_blueprint(settings, dispatcher, keys, store, batches))
+    app.register_blueprint(create_console_blueprint(settings, dispatcher, keys, store))
+    if settings.batches.enabled:
+        _add_batches(app, settings, store, dispatcher)
     app.before_request(_request_starter(keys, ledger, settings.admin_token))
     app.after_request(_finish_request)
     app.teardown_request(_end_request)
@@ -95,7 +96,7 @@ def build_app(settings: Settings | None = None) -> Flask:
 
 def _add_batches(
     app: Flask, settings: Settings, store: GuardedStore, dispatcher: Dispatcher
-) -> Batches:
+) -> None:
     """The batch routes, and the worker's runner (started by gunicorn.conf.py's
     post_worker_init, once the worker is ready). While a batch is open, every request counts
     in the service-wide view of each backend's load, where batch items find idle room."""
@@ -107,7 +108,6 @@ def _add_batches(
     batches = Batches(settings.batches, store, files, on_create=opened)
     app.register_blueprint(create_batches_blueprint(settings, batches))
     app.extensions["gateway.batch_runner"] = Runner(app, settings, store, files, dispatcher)
-    return batches
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -177,6 +177,9 @@ def _request_starter(
             key=key.name if key is not None else None,
             forwarded_for=environ.get("HTTP_X_FORWARDED_FOR"),
         )
+        if tracing.tracer is not None:
+            rule = request.url_rule
+            state.trace = tracing.begin(environ, rule.rule if rule is not None else None)
         if item is not None:
             outcome.batch, outcome.custom_id = item.batch_id, item.custom_id
         if path.startswith(BATCHES_PATH) and auth.is_admin(environ, admin_token):

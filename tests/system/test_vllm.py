@@ -27,15 +27,14 @@ import anthropic
 import pytest
 import requests
 from servers import Gunicorn, free_port
+from tier import MODEL, T0, ask, check_grammar, sdk, shape, stream_events, text_of
 from vllm import ADMIN_TOKEN, BUILD_HINT, SERVED, VllmServer, start_gateway, vllm_command
 
 pytestmark = pytest.mark.vllm
 
-MODEL = "claude-sonnet-4-6"  # what the client asks for; the gateway sends SERVED
 COLORS = [{"role": "user", "content": "Name three colors."}]
 SYSTEM = "You are a terse assistant. Answer in one line."
 PREFILL = "1. Red\n2."
-T0 = {"temperature": 0}
 CLAUDE_CODE_OVERFLOW = re.compile(r"prompt is too long: (\d+) tokens > (\d+) maximum")
 
 
@@ -75,104 +74,17 @@ def messages_gateway(vllm: VllmServer, logs: Path) -> Iterator[Gunicorn]:
     server.stop()
 
 
-def _sdk(server: Gunicorn) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0) as client:
-        yield client
-
-
 @pytest.fixture(scope="module")
 def client(gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
-    yield from _sdk(gateway)
+    yield from sdk(gateway)
 
 
 @pytest.fixture(scope="module")
 def native(messages_gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
-    yield from _sdk(messages_gateway)
+    yield from sdk(messages_gateway)
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-RAW_EVENTS = {
-    "message_start",
-    "content_block_start",
-    "content_block_delta",
-    "content_block_stop",
-    "message_delta",
-    "message_stop",
-}
-DELTAS = {"text": {"text_delta"}, "tool_use": {"input_json_delta"}}
-
-
-def ask(client: anthropic.Anthropic, stream: bool, **request: Any) -> Any:
-    """One message, as JSON or rebuilt by the SDK from the stream (temperature 0)."""
-    request = {"model": MODEL, "extra_body": T0, **request}
-    if not stream:
-        return client.messages.create(**request)
-    with client.messages.stream(**request) as events:
-        return events.get_final_message()
-
-
-def stream_events(client: anthropic.Anthropic, **request: Any) -> tuple[list[Any], Any]:
-    """The raw stream events and the message the SDK rebuilt from them."""
-    request = {"model": MODEL, "extra_body": T0, **request}
-    with client.messages.stream(**request) as stream:
-        events = [event for event in stream if event.type in RAW_EVENTS]
-        return events, stream.get_final_message()
-
-
-def check_grammar(events: list[Any]) -> None:
-    """message_start (content_block_start delta* content_block_stop)* message_delta
-    message_stop, blocks numbered 0, 1, 2… in start order, each delta of its block's kind."""
-    kinds = [e.type for e in events]
-    assert kinds[0] == "message_start", kinds
-    assert kinds[-2:] == ["message_delta", "message_stop"], kinds
-    start = events[0].message
-    assert start.id.startswith("msg_") and start.model == MODEL and start.role == "assistant"
-    assert start.content == [] and start.stop_reason is None and start.stop_sequence is None
-    open_block: tuple[int, str] | None = None
-    count = 0
-    for event in events[1:-2]:
-        if event.type == "content_block_start":
-            assert open_block is None and event.index == count, kinds
-            open_block = (event.index, event.content_block.type)
-            count += 1
-        elif event.type == "content_block_delta":
-            assert open_block is not None and event.index == open_block[0], kinds
-            assert event.delta.type in DELTAS[open_block[1]], (open_block, event.delta.type)
-        elif event.type == "content_block_stop":
-            assert open_block is not None and event.index == open_block[0], kinds
-            open_block = None
-        else:
-            raise AssertionError(f"{event.type} between the blocks: {kinds}")
-    assert open_block is None
-
-
-def shape(message: Any) -> dict[str, Any]:
-    """A message as Anthropic defines it, minus the ids."""
-    content = []
-    for block in message.content:
-        if block.type == "text":
-            content.append(("text", block.text))
-        elif block.type == "tool_use":
-            content.append(("tool_use", block.name, block.input))
-        else:
-            content.append((block.type,))
-    assert message.id.startswith("msg_")
-    return {
-        "type": message.type,
-        "role": message.role,
-        "model": message.model,
-        "content": content,
-        "stop_reason": message.stop_reason,
-        "stop_sequence": message.stop_sequence,
-        "output_tokens": message.usage.output_tokens,
-        "prompt_tokens": message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0),
-    }
-
-
-def text_of(message: Any) -> str:
-    assert [b.type for b in message.content] == ["text"], message.content
-    return message.content[0].text
 
 
 def vllm_text(server: VllmServer, messages: list[dict[str, Any]], max_tokens: int) -> dict:

@@ -382,10 +382,12 @@ HUGE = [{"role": "user", "content": "word " * 2500}]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(client, vllm, stream):
+def test_prompt_longer_than_the_context_is_a_400_in_claude_codes_words_with_its_size(
+    client, vllm, stream
+):
     """vLLM stops tokenizing one token past the window, so it reports "at least 2049" tokens
-    whatever the prompt's size: Claude Code is told the prompt is too long, but not by how
-    much (a known difference, README)."""
+    whatever the prompt's size; Claude Code, which compacts by about the difference, is told
+    the exact size, counted by vLLM's /tokenize when the error comes."""
     size = vllm.prompt_tokens(HUGE)
     assert size > WINDOW + 1
     with pytest.raises(anthropic.BadRequestError) as caught:
@@ -394,7 +396,7 @@ def test_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(client, v
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     found = CLAUDE_CODE_OVERFLOW.search(body["error"]["message"])
     assert found, body["error"]["message"]
-    assert (int(found[1]), int(found[2])) == (WINDOW + 1, WINDOW)
+    assert (int(found[1]), int(found[2])) == (size, WINDOW)
     assert "at least 2049 input tokens" in body["error"]["message"]  # vLLM's words, kept
 
 
@@ -510,7 +512,9 @@ def test_native_forced_tool_call_is_a_tool_use_block(native, stream):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_native_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(native, stream):
-    """As through chat completions: "at least 2049" is all vLLM says of the prompt's size."""
+    """vLLM says no more of the prompt's size than "at least 2049", and, unlike through chat
+    completions, the gateway cannot count it: vLLM's /v1/messages/count_tokens stops at the
+    window too, and its /tokenize takes OpenAI's messages (a known difference, README)."""
     with pytest.raises(anthropic.BadRequestError) as caught:
         ask(native, stream, max_tokens=10, messages=HUGE)
     body = caught.value.body

@@ -524,6 +524,20 @@ def test_native_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(na
     assert (int(found[1]), int(found[2])) == (WINDOW + 1, WINDOW)
 
 
+def test_native_stream_message_start_carries_the_cache_counts(native, vllm):
+    """vLLM's own message_start has input_tokens (the whole prompt) and output_tokens only;
+    Anthropic's, and the gateway's through chat completions, have both cache counts too. The
+    passthrough adds them as 0; the cached part still comes in message_delta."""
+    size = vllm.prompt_tokens(CACHED)
+    ask(native, False, max_tokens=2, messages=CACHED)  # in vLLM's prefix cache from here on
+    events, message = stream_events(native, max_tokens=2, messages=CACHED)
+    start = events[0].message.usage
+    assert (start.cache_creation_input_tokens, start.cache_read_input_tokens) == (0, 0)
+    assert start.input_tokens == size
+    assert message.usage.cache_read_input_tokens and message.usage.cache_read_input_tokens > 0
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == size
+
+
 def test_native_client_disconnect_mid_stream_aborts_vllms_generation(messages_gateway, vllm):
     hang_up_mid_stream(messages_gateway, vllm)
 

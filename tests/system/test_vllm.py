@@ -538,6 +538,38 @@ def test_native_stream_message_start_carries_the_cache_counts(native, vllm):
     assert message.usage.input_tokens + message.usage.cache_read_input_tokens == size
 
 
+# A request vLLM's own validation refuses (its pydantic models: top_k must be an integer),
+# and one its handler refuses (a text block without text leaves nothing to render): what the
+# request adds to the body, and its messages.
+NATIVE_REFUSED = {
+    "validation": ({"top_k": "three"}, COLORS),
+    "handler": ({}, [{"role": "user", "content": [{"type": "text"}]}]),
+}
+
+
+@pytest.mark.parametrize("kind", NATIVE_REFUSED)
+def test_native_refusals_reach_the_client_as_anthropic_errors(native, vllm, kind):
+    """vLLM's /v1/messages answers a request its validation refuses in OpenAI's shape
+    (``{"error": {"type": "Bad Request", …}}``) and one its handler refuses in Anthropic's
+    with a type of its own (``BadRequestError``): through the passthrough the client gets
+    Anthropic's envelope and type for both, with vLLM's words."""
+    extra, messages = NATIVE_REFUSED[kind]
+    body = {"model": SERVED, "max_tokens": 5, "messages": messages, **extra}
+    direct = requests.post(vllm.url + "/v1/messages", json=body, timeout=30)
+    own = direct.json()
+    assert direct.status_code == 400, own
+    if kind == "validation":
+        assert "type" not in own and own["error"]["type"] == "Bad Request", own
+    else:
+        assert own["type"] == "error" and own["error"]["type"] == "BadRequestError", own
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        ask(native, False, max_tokens=5, messages=messages, extra_body={**T0, **extra})
+    error = caught.value.body
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"] == " ".join(own["error"]["message"].split())
+    assert error["request_id"].startswith("req_")
+
+
 def test_native_client_disconnect_mid_stream_aborts_vllms_generation(messages_gateway, vllm):
     hang_up_mid_stream(messages_gateway, vllm)
 

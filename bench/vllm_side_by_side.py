@@ -243,9 +243,9 @@ def openai_token(chunk: dict[str, Any]) -> bool:
 
 
 def ttft_sides(gateway: str, uncounted: str, vllm: str) -> dict[str, Side]:
-    """The same streamed prompt four ways: through the gateway (its prompt count asked of
+    """The same streamed prompt five ways: through the gateway (its prompt count asked of
     /tokenize beside the request, and, to isolate that count, a second gateway whose dialect
-    has no tokenizer), and to vLLM directly (its /v1/messages and its chat completions); and
+    has no tokenizer), to vLLM directly (its /v1/messages and its chat completions), and to
     vLLM's /v1/messages a second time, as a control."""
     body = {**ask(max_tokens=5), "stream": True}
     chat = {**body, "stream_options": {"include_usage": True}}

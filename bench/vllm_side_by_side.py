@@ -6,11 +6,15 @@ then the time to first token each adds.
 Run by hand (not a test) after ``scripts/vllm-server`` has installed vLLM (about 3 minutes,
 most of it vLLM starting):
 
-    .venv/bin/python bench/vllm_side_by_side.py [--rounds 5]
+    .venv/bin/python bench/vllm_side_by_side.py [--rounds 7] [--vllm URL] [--ttft-only]
 
-Everything listens on 127.0.0.1: one vLLM (SmolLM2-135M, started as tests/support/vllm.py starts it)
-and one gunicorn gateway (``dialect = "vllm"``) in front of it. "native" is vLLM's
-``/v1/messages`` asked directly, as a client pointed at vLLM would.
+Everything listens on 127.0.0.1: one vLLM (SmolLM2-135M, started as tests/support/vllm.py
+starts it, or the one at ``--vllm``) and gunicorn gateways (``dialect = "vllm"``) in front of
+it. "native" is vLLM's ``/v1/messages`` asked directly, as a client pointed at vLLM would.
+
+The time to first token is taken per phase (the response's headers, its first event, its first
+token) for the gateway, the gateway without its prompt count (``quirks.tokenizer = ""``), vLLM's
+/v1/messages and vLLM's chat completions, in interleaved rounds: see ``measure_ttft``.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "support")]
 
-from servers import free_port  # noqa: E402
+from servers import Gunicorn, free_port  # noqa: E402
 from vllm import BUILD_HINT, VllmServer, start_gateway, vllm_command  # noqa: E402
 
 MODEL = "smollm2"
@@ -205,50 +209,155 @@ CHECKS: list[tuple[str, Callable[[str], tuple[bool, str]]]] = [
 VLLM_URL = ""
 
 
-def main() -> None:
-    global VLLM_URL
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="streamed requests timed per side")
-    args = parser.parse_args()
+# --- time to first token ---------------------------------------------------------------------
+
+Phases = dict[str, float]  # seconds from the request to each of PHASES
+Side = Callable[[], Phases]
+PHASES = ("headers", "first event", "first token")
+NATIVE = "vLLM /v1/messages"
+
+
+def timed(url: str, body: dict[str, Any], first_token: Callable[[dict[str, Any]], bool]) -> Phases:
+    """One streamed request: seconds to the response's headers, to its first event and to its
+    first token (the first event ``first_token`` accepts)."""
+    start = time.perf_counter()
+    phases: Phases = {}
+    with requests.post(url, json=body, headers=HEADERS, stream=True, timeout=300) as response:
+        phases["headers"] = time.perf_counter() - start
+        for line in response.iter_lines():
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                continue
+            now = time.perf_counter() - start
+            phases.setdefault("first event", now)
+            if "first token" not in phases and first_token(json.loads(line[5:])):
+                phases["first token"] = now
+    return phases
+
+
+def anthropic_token(event: dict[str, Any]) -> bool:
+    return event.get("type") == "content_block_delta"
+
+
+def openai_token(chunk: dict[str, Any]) -> bool:
+    return any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or [])
+
+
+def ttft_sides(gateway: str, uncounted: str, vllm: str) -> dict[str, Side]:
+    """The same streamed prompt five ways: through the gateway (its prompt count asked of
+    /tokenize beside the request, and, to isolate that count, a second gateway whose dialect
+    has no tokenizer), to vLLM directly (its /v1/messages and its chat completions), and to
+    vLLM's /v1/messages a second time, as a control."""
+    body = {**ask(max_tokens=5), "stream": True}
+    chat = {**body, "stream_options": {"include_usage": True}}
+    native: Side = lambda: timed(vllm + "/v1/messages", body, anthropic_token)  # noqa: E731
+    return {
+        "gateway": lambda: timed(gateway + "/v1/messages", body, anthropic_token),
+        "gateway, no count": lambda: timed(uncounted + "/v1/messages", body, anthropic_token),
+        NATIVE: native,
+        "vLLM chat": lambda: timed(vllm + "/v1/chat/completions", chat, openai_token),
+        # The same as NATIVE: how far apart two identical sides come out is the run's noise.
+        "vLLM /v1/messages again": native,
+    }
+
+
+def measure_ttft(sides: dict[str, Side], rounds: int) -> dict[str, list[Phases]]:
+    """Interleaved: each round asks every side once, in an order that rotates, so that a
+    machine that slows down or speeds up (others share it) weighs on every side alike. Timed
+    one side after the other instead (all of one side's requests, then the other's), two
+    sides that are the same server differed by up to 700 ms on the shared 2-core machine."""
+    names = list(sides)
+    for name in names:
+        sides[name]()  # warm: the prefix cache and the connections
+    seen: dict[str, list[Phases]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seen[name].append(sides[name]())
+    return seen
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f}"
+
+
+def report_ttft(seen: dict[str, list[Phases]], access_ttft: list[float]) -> None:
+    rounds = len(next(iter(seen.values())))
+    print()
+    print(f"time to first token (ms), median of {rounds} interleaved rounds:")
+    print()
+    print("| side | headers | first event | first token | first token − vLLM's, per round |")
+    print("|---|---|---|---|---|")
+    native = seen[NATIVE]
+    for name, rows in seen.items():
+        medians = [ms(statistics.median(r[k] for r in rows)) for k in PHASES]
+        gaps = [r["first token"] - n["first token"] for r, n in zip(rows, native, strict=True)]
+        gap = f"{statistics.median(gaps) * 1000:+.0f}" if name != NATIVE else "-"
+        print(f"| {name} | {' | '.join(medians)} | {gap} |")
+    if access_ttft:
+        print()
+        print(f"the gateway's access log, ttft_ms median: {statistics.median(access_ttft):.0f}")
+
+
+class RunningVllm:
+    """A vLLM started elsewhere (``--vllm``): used as it is, left running."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.v1 = self.url + "/v1"
+
+    def stop(self) -> None:
+        pass
+
+
+def start_vllm(directory: Path) -> VllmServer:
     port = free_port()
     command = vllm_command(port)
     if command is None:
         sys.exit(BUILD_HINT)
+    return VllmServer(command, port, directory / "vllm.log")
+
+
+def compare(sides: dict[str, str]) -> None:
+    print(f"| feature | {' | '.join(sides)} |")
+    print("|---|---|---|")
+    for name, check in CHECKS:
+        cells = []
+        for base in sides.values():
+            try:
+                ok, seen = check(base)
+            except Exception as exc:  # noqa: BLE001 - a broken answer is a finding
+                ok, seen = False, f"{type(exc).__name__}: {exc}"[:90]
+            cells.append(f"{'yes' if ok else 'NO'}: {seen}")
+        print(f"| {name} | {' | '.join(cells)} |")
+
+
+def main() -> None:
+    global VLLM_URL
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (each side once)")
+    parser.add_argument(
+        "--vllm", metavar="URL", help="a vLLM already serving smollm2 (else one is started)"
+    )
+    parser.add_argument("--ttft-only", action="store_true", help="skip the feature table")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        vllm = VllmServer(command, port, Path(tmp) / "vllm.log")
-        gateway = None
+        vllm = RunningVllm(args.vllm) if args.vllm else start_vllm(Path(tmp))
+        gateways: list[Gunicorn] = []
         try:
             VLLM_URL = vllm.url
             gateway = start_gateway(vllm, Path(tmp), "gateway")
-            sides = {"gateway (chat)": gateway.url, "vLLM /v1/messages": vllm.url}
-            print(f"| feature | {' | '.join(sides)} |")
-            print("|---|---|---|")
-            for name, check in CHECKS:
-                cells = []
-                for base in sides.values():
-                    try:
-                        ok, seen = check(base)
-                    except Exception as exc:  # noqa: BLE001 - a broken answer is a finding
-                        ok, seen = False, f"{type(exc).__name__}: {exc}"[:90]
-                    cells.append(f"{'yes' if ok else 'NO'}: {seen}")
-                print(f"| {name} | {' | '.join(cells)} |")
-            ttft = {}
-            for side, base in sides.items():
-                sse(base, ask(max_tokens=5))  # warm
-                ttft[side] = statistics.median(
-                    sse(base, ask(max_tokens=5))[1] for _ in range(args.rounds)
-                )
-            gap = (ttft["gateway (chat)"] - ttft["vLLM /v1/messages"]) * 1000
-            print()
-            print(
-                "time to first token, median of "
-                f"{args.rounds}: "
-                + ", ".join(f"{s} {t * 1000:.0f} ms" for s, t in ttft.items())
-                + f"; the gateway adds {gap:.0f} ms"
-            )
+            gateways.append(gateway)
+            if not args.ttft_only:
+                compare({"gateway (chat)": gateway.url, "vLLM /v1/messages": vllm.url})
+            uncounted = start_gateway(vllm, Path(tmp), "uncounted", quirks={"tokenizer": ""})
+            gateways.append(uncounted)
+            before = len(gateway.access_lines())
+            seen = measure_ttft(ttft_sides(gateway.url, uncounted.url, vllm.url), args.rounds)
+            time.sleep(0.5)  # the last access line is written as its stream closes
+            lines = gateway.access_lines()[before + 1 :]  # after the warm-up request
+            report_ttft(seen, [line["ttft_ms"] for line in lines if "ttft_ms" in line])
         finally:
-            if gateway is not None:
-                gateway.stop()
+            for server in gateways:
+                server.stop()
             vllm.stop()
 
 

@@ -32,7 +32,7 @@ from app.backends.session import Template, Transport
 from app.config import Upstream
 from app.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
 from app.translate.redact import redact
-from app.translate.upstream_errors import error_from_status
+from app.translate.upstream_errors import PromptCounter, error_from_status
 
 log = logging.getLogger("gateway")
 
@@ -276,8 +276,22 @@ class BackendClient:
         extra: Mapping[str, str] | None = None,
     ) -> requests.Response:
         return self._send(
-            template, payload, request_id, read_timeout=self.first_byte_timeout, extra=extra
+            template,
+            payload,
+            request_id,
+            read_timeout=self.first_byte_timeout,
+            extra=extra,
+            count_prompt=self._prompt_counter(payload, request_id),
         )
+
+    def _prompt_counter(self, payload: dict[str, Any], request_id: str) -> PromptCounter | None:
+        """How an overflow's error learns the prompt's exact size when the backend gives only
+        a floor (vLLM's "at least N"): its tokenizer, asked then. Not for an Anthropic-speaking
+        backend: vLLM's own /v1/messages/count_tokens stops at the window as its answer does,
+        and its /tokenize takes OpenAI's messages, which the passthrough never builds."""
+        if self.config.protocol == "anthropic" or not self.config.dialect.tokenizer:
+            return None
+        return lambda: self.count_tokens(payload, request_id)
 
     def _send(
         self,
@@ -287,9 +301,11 @@ class BackendClient:
         *,
         read_timeout: float,
         extra: Mapping[str, str] | None = None,
+        count_prompt: PromptCounter | None = None,
     ) -> requests.Response:
         """One request, answered 2xx, its body still to read (the caller reads it whole, or
-        streams it); any other answer raises its gateway error."""
+        streams it); any other answer raises its gateway error (``count_prompt``: see
+        ``overflow_message``)."""
         headers = dict(extra or {})
         if request_id:  # ours, or checked against a strict pattern (app.ops.access_log)
             headers["X-Request-ID"] = request_id
@@ -306,7 +322,7 @@ class BackendClient:
         status = response.status_code
         if 200 <= status < 300:
             return response
-        raise self._status_error(response, payload)
+        raise self._status_error(response, payload, count_prompt)
 
     def _check_echo(self, response: requests.Response, request_id: str) -> None:
         """Refuse an answer that names another request. HTTP/1.1 cannot tell by itself: a
@@ -335,7 +351,10 @@ class BackendClient:
         )
 
     def _status_error(
-        self, response: requests.Response, payload: dict[str, Any] | None
+        self,
+        response: requests.Response,
+        payload: dict[str, Any] | None,
+        count_prompt: PromptCounter | None = None,
     ) -> Exception:
         status = response.status_code
         if status < 200 or 300 <= status < 400:
@@ -350,7 +369,7 @@ class BackendClient:
             if b"stream_options" in body:
                 return _StreamOptionsRejected()
         return error_from_status(
-            status, body, response.headers, self.name, self.config.dialect.name
+            status, body, response.headers, self.name, self.config.dialect.name, count_prompt
         )
 
     def _not_an_answer(self, response: requests.Response) -> GatewayError:

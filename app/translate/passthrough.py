@@ -49,7 +49,10 @@ class PassthroughStream(Ending):
         if kind == "message_start" and isinstance(event.get("message"), dict):
             event["message"]["model"] = self.model
             event["message"].update(passthrough_id(event["message"]))
-            self._usage.update(event["message"].get("usage") or {})
+            usage = event["message"].get("usage")
+            if isinstance(usage, dict):
+                usage.update(start_cache_fields(usage))
+                self._usage.update(usage)
         elif kind == "message_delta":
             self._usage.update(
                 {k: v for k, v in (event.get("usage") or {}).items() if v is not None}
@@ -94,6 +97,19 @@ def passthrough_id(message: dict[str, Any]) -> dict[str, Any]:
     if isinstance(backend_id, str) and backend_id.startswith("msg_"):
         return {}
     return {"id": ids.message_id()}
+
+
+CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def start_cache_fields(usage: Mapping[str, Any]) -> dict[str, int]:
+    """The cache counts message_start leaves out, as 0 (vLLM's own /v1/messages sends neither
+    there). Anthropic's API always sends both, and so does the gateway's translation of chat
+    completions; a client that adds them up for the prompt's size (protocol: input +
+    cache_creation + cache_read) would add None. 0 keeps vLLM's input_tokens the whole
+    prompt, which it is there; the cached part comes in message_delta, whose counts the SDKs
+    put over message_start's."""
+    return {key: 0 for key in CACHE_FIELDS if usage.get(key) is None}
 
 
 def passthrough_stop(message: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ included, because that wording is what Claude Code acts on (see ``overflow_messa
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from app import jsonc
@@ -70,16 +70,22 @@ DIALECT_CLIENT_FAULT_MARKERS: dict[str, tuple[str, ...]] = {
 
 
 def error_from_status(
-    status: int, body: bytes, headers: Mapping[str, str], backend: str, dialect: str = ""
+    status: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    backend: str,
+    dialect: str = "",
+    count_prompt: PromptCounter | None = None,
 ) -> GatewayError:
     """The gateway error for a non-2xx backend answer, marked with what the dispatcher
     needs: whether another backend may cure it (``retryable``: 429, 503, server errors) and
     whether it says this backend cannot serve (``backend_fault``: server errors and timeouts,
-    never a 429, a 503 or a 4xx)."""
+    never a 429, a 503 or a 4xx). ``count_prompt``: the prompt's exact size from the backend's
+    tokenizer, asked only for an overflow that gives a lower bound (``overflow_message``)."""
     detail, code, fields = _message(body)
     if status >= 500 and status not in (503, 504, 529) and _client_fault(detail, code, dialect):
         status = 400  # llama.cpp's 500 for "image input is not supported", and the like
-    error = _classify(status, detail, code, fields, headers, backend)
+    error = _classify(status, detail, code, fields, headers, backend, count_prompt)
     error.retryable = status in (429, 503, 529) or status >= 500
     error.backend_fault = status >= 500 and status not in (503, 529)
     return error
@@ -98,12 +104,13 @@ def _classify(
     fields: Mapping[str, Any],
     headers: Mapping[str, str],
     backend: str,
+    count_prompt: PromptCounter | None = None,
 ) -> GatewayError:
     kept = {h: headers[h] for h in RETRY_HEADERS if h in headers}
     prefix = f"backend {backend} returned HTTP {status}"
     if status in (400, 422):
         if is_overflow(f"{detail} {code}"):
-            return InvalidRequest(overflow_message(detail, fields))
+            return InvalidRequest(overflow_message(detail, fields, count_prompt))
         return InvalidRequest(detail or prefix)
     if status == 401:
         return AuthenticationFailed(f"{prefix}: the backend rejected the gateway's credentials")
@@ -183,6 +190,10 @@ CONTEXT_LIMITS = tuple(
         r"(\d+) maximum context length",  # Mistral
     )
 )
+# A prompt size that is a floor, not a count: vLLM's "your prompt contains at least N input
+# tokens".
+LOWER_BOUND = re.compile(r"at least \d+ (?:input|prompt) tokens", re.I)
+PromptCounter = Callable[[], int | None]  # the prompt's exact size, or None if it cannot say
 OUTPUT_TOKENS = tuple(
     re.compile(p, re.I)
     for p in (
@@ -203,17 +214,31 @@ def is_overflow(text: str) -> bool:
     return any(m in lowered for m in CONTEXT_OVERFLOW_MARKERS)
 
 
-def overflow_message(detail: str, fields: Mapping[str, Any] | None = None) -> str:
+def overflow_message(
+    detail: str,
+    fields: Mapping[str, Any] | None = None,
+    count_prompt: PromptCounter | None = None,
+) -> str:
     """The overflow in Anthropic's words, with the backend's own text after it.
 
     ``fields``: the backend's error object; llama.cpp counts there (``n_prompt_tokens``,
     ``n_ctx``). A prompt that fits while prompt plus ``max_tokens`` does not is worded as the
     ``max_tokens`` problem it is, so that Claude Code lowers ``max_tokens`` instead of compacting
     a conversation that was not too long.
+
+    vLLM (0.18 and later) stops tokenizing one token past the window and says "at least
+    N+1": Claude Code compacts by about the difference it reads, so that one token would make
+    it compact too little and fail again. ``count_prompt`` (the backend's tokenizer, which
+    counts a prompt of any size) gives the exact size instead; when it fails the lower bound
+    stands.
     """
     fields = fields or {}
     prompt = _count(fields.get("n_prompt_tokens")) or _first(PROMPT_TOKENS, detail)
     limit = _count(fields.get("n_ctx")) or _first(CONTEXT_LIMITS, detail)
+    if count_prompt is not None and prompt is not None and limit is not None and prompt > limit:
+        if LOWER_BOUND.search(detail):
+            exact = count_prompt()
+            prompt = exact if exact is not None and exact > prompt else prompt
     output = _first(OUTPUT_TOKENS, detail)
     head = _overflow_head(prompt, limit, output)
     return head if not detail or detail == head else f"{head} (backend: {detail})"

@@ -358,6 +358,33 @@ def test_vllm_tokenizer_renders_a_prefill_as_the_request_does(make_gateway, back
     assert sent["chat_template_kwargs"] == {"enable_thinking": False}
 
 
+VLLM_FLOOR = (
+    "This model's maximum context length is 2048 tokens. However, your prompt contains at least "
+    "2049 input tokens, which exceeds this limit even without any output tokens."
+)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_an_overflow_vllm_sizes_only_as_a_floor_is_sized_by_its_tokenizer(
+    make_gateway, backend, stream
+):
+    """vLLM's "at least 2049" of any prompt over 2048: the gateway asks /tokenize, on the
+    error, for the size Claude Code should compact by."""
+    backend.routes[("POST", "/tokenize")] = lambda req: JSONReply({"count": 2531, "tokens": []})
+    backend.reply(JSONReply({"error": {"message": VLLM_FLOOR, "code": 400}}, status=400))
+    messages = [{"role": "user", "content": "word " * 2500}]
+    with make_gateway({"dialect": "vllm"}).client() as client:
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            if stream:
+                with client.messages.stream(model="m", max_tokens=9, messages=messages) as events:
+                    events.get_final_message()
+            else:
+                client.messages.create(model="m", max_tokens=9, messages=messages)
+    message = caught.value.body["error"]["message"]
+    assert message.startswith("prompt is too long: 2531 tokens > 2048 maximum (backend: ")
+    assert backend.tokenizer_requests[-1].json["messages"] == messages
+
+
 def test_count_tokens_uses_llamacpp_template_then_tokenizer(make_gateway, backend):
     backend.routes[("POST", "/apply-template")] = lambda req: JSONReply({"prompt": "<|user|>hello"})
     backend.routes[("POST", "/tokenize")] = lambda req: JSONReply({"tokens": [1, 2, 3, 4]})

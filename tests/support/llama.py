@@ -28,9 +28,8 @@ from typing import Any
 
 import requests
 from servers import ROOT, Gunicorn, free_port, stop_process
+from tier import gateway_config, start_configured
 from waiting import wait_until_ready
-
-from app.config import API_KEYS_ENV, ENV_OVERRIDES
 
 SCRIPT = ROOT / "scripts" / "llama-server"
 MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -139,36 +138,12 @@ class LlamaServer:
 ADMIN_TOKEN = "llama-tier-admin"
 
 
-def gateway_config(
-    path: Path, backend: LlamaServer, protocol: str = "openai", **translate: str
-) -> Path:
-    """A gateway config for one llama.cpp backend: the ``llamacpp`` dialect (or llama.cpp's
-    own Anthropic endpoint with ``protocol="anthropic"``), no retries (a backend's answer
-    surfaces as is), /status behind ``ADMIN_TOKEN``, and ``[translate]`` settings when given."""
-    lines = [
-        "[upstream]",
-        f'url = "{backend.v1}"',
-        'dialect = "llamacpp"',
-        f'protocol = "{protocol}"',
-        "",
-        "[routing]",
-        "retries = 0",
-        "",
-        "[admin]",
-        f'token = "{ADMIN_TOKEN}"',
-    ]
-    if translate:
-        lines += ["", "[translate]", *(f'{k} = "{v}"' for k, v in translate.items())]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def start_gateway(
     backend: LlamaServer, directory: Path, name: str, protocol: str = "openai", **translate: str
 ) -> Gunicorn:
-    """Real gunicorn (gevent worker) in front of ``backend``, configured by a file alone."""
-    config = gateway_config(directory / f"{name}.toml", backend, protocol, **translate)
-    # A GATEWAY_* variable from the shell would override the file (empty ones are ignored);
-    # Gunicorn gives each gateway a state directory of its own.
-    blank = {var: "" for var in (*ENV_OVERRIDES, API_KEYS_ENV) if var != "GATEWAY_STATE_DIR"}
-    return Gunicorn({**blank, "GATEWAY_CONFIG": str(config)}, directory / f"{name}.log")
+    """Real gunicorn (gevent worker) in front of ``backend``: the ``llamacpp`` dialect (or
+    llama.cpp's own Anthropic endpoint with ``protocol="anthropic"``), and ``[translate]``
+    settings when given; the rest as tier.gateway_config has it."""
+    upstream = {"url": backend.v1, "dialect": "llamacpp", "protocol": protocol}
+    config = gateway_config(directory / f"{name}.toml", upstream, ADMIN_TOKEN, translate=translate)
+    return start_configured(config, directory / f"{name}.log")

@@ -25,14 +25,14 @@ import os
 import shlex
 import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import requests
 from servers import ROOT, Gunicorn
+from tier import gateway_config, start_configured
 from waiting import wait_until_ready
-
-from app.config import API_KEYS_ENV, ENV_OVERRIDES
 
 SCRIPT = ROOT / "scripts" / "vllm-server"
 SERVED = "smollm2"  # --served-model-name
@@ -158,32 +158,16 @@ class VllmServer:
 ADMIN_TOKEN = "vllm-tier-admin"
 
 
-def gateway_config(path: Path, backend: VllmServer, protocol: str = "openai") -> Path:
-    """A gateway config for one vLLM backend: the ``vllm`` dialect (or vLLM's own Anthropic
-    endpoint with ``protocol="anthropic"``), every client model name served by vLLM's one
-    model, no retries (vLLM's answer surfaces as is), /status behind ``ADMIN_TOKEN``."""
-    lines = [
-        "[upstream]",
-        f'url = "{backend.v1}"',
-        'dialect = "vllm"',
-        f'protocol = "{protocol}"',
-        f'model = "{SERVED}"',
-        "",
-        "[routing]",
-        "retries = 0",
-        "",
-        "[admin]",
-        f'token = "{ADMIN_TOKEN}"',
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def start_gateway(
-    backend: VllmServer, directory: Path, name: str, protocol: str = "openai"
+    backend: VllmServer,
+    directory: Path,
+    name: str,
+    protocol: str = "openai",
+    quirks: Mapping[str, str | int | bool] | None = None,
 ) -> Gunicorn:
-    """Real gunicorn (gevent worker) in front of ``backend``, configured by a file alone."""
-    config = gateway_config(directory / f"{name}.toml", backend, protocol)
-    # A GATEWAY_* variable from the shell would override the file (empty ones are ignored).
-    blank = {var: "" for var in (*ENV_OVERRIDES, API_KEYS_ENV) if var != "GATEWAY_STATE_DIR"}
-    return Gunicorn({**blank, "GATEWAY_CONFIG": str(config)}, directory / f"{name}.log")
+    """Real gunicorn (gevent worker) in front of ``backend``: the ``vllm`` dialect (or vLLM's
+    own Anthropic endpoint with ``protocol="anthropic"``), with ``quirks`` over it, every
+    client model name served by vLLM's one model; the rest as tier.gateway_config has it."""
+    upstream = {"url": backend.v1, "dialect": "vllm", "protocol": protocol, "model": SERVED}
+    config = gateway_config(directory / f"{name}.toml", upstream, ADMIN_TOKEN, quirks=quirks)
+    return start_configured(config, directory / f"{name}.log")

@@ -30,14 +30,13 @@ import pytest
 import requests
 from llama import ADMIN_TOKEN, BUILD_HINT, LlamaServer, llama_dir, start_gateway
 from servers import Gunicorn
+from tier import MODEL, T0, ask, check_grammar, sdk, shape, stream_events, text_of
 from waiting import eventually
 
 pytestmark = pytest.mark.llama_cpp
 
-MODEL = "claude-sonnet-4-6"  # what the client asks for; llama-server serves its one model
 COLORS = [{"role": "user", "content": "Name three colors."}]  # "1. Red\n2. Blue\n3. Green"
 PREFILL = "1. Red\n2."
-T0 = {"temperature": 0}
 # What Claude Code's error handling parses to shrink the conversation and retry.
 CLAUDE_CODE_OVERFLOW = re.compile(r"prompt is too long: (\d+) tokens > (\d+) maximum")
 
@@ -106,117 +105,22 @@ def messages_gateway(plain: LlamaServer, logs: Path) -> Iterator[Gunicorn]:
     server.stop()
 
 
-def _sdk(server: Gunicorn) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0) as client:
-        yield client
-
-
 @pytest.fixture(scope="module")
 def client(gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
-    yield from _sdk(gateway)
+    yield from sdk(gateway)
 
 
 @pytest.fixture(scope="module")
 def tool_client(tool_gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
-    yield from _sdk(tool_gateway)
+    yield from sdk(tool_gateway)
 
 
 @pytest.fixture(scope="module")
 def keep_client(keep_gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
-    yield from _sdk(keep_gateway)
+    yield from sdk(keep_gateway)
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-RAW_EVENTS = {
-    "message_start",
-    "content_block_start",
-    "content_block_delta",
-    "content_block_stop",
-    "message_delta",
-    "message_stop",
-}
-DELTAS = {
-    "text": {"text_delta"},
-    "tool_use": {"input_json_delta"},
-    "thinking": {"thinking_delta", "signature_delta"},
-}
-
-
-def ask(client: anthropic.Anthropic, stream: bool, **request: Any) -> Any:
-    """One message, as JSON or rebuilt by the SDK from the stream (temperature 0)."""
-    request = {"model": MODEL, "extra_body": T0, **request}
-    if not stream:
-        return client.messages.create(**request)
-    with client.messages.stream(**request) as events:
-        return events.get_final_message()
-
-
-def stream_events(client: anthropic.Anthropic, **request: Any) -> tuple[list[Any], Any]:
-    """The raw stream events (the SDK's own text/input_json helpers left out), and the message
-    the SDK rebuilt from them."""
-    request = {"model": MODEL, "extra_body": T0, **request}
-    with client.messages.stream(**request) as stream:
-        events = [event for event in stream if event.type in RAW_EVENTS]
-        return events, stream.get_final_message()
-
-
-def check_grammar(events: list[Any]) -> None:
-    """message_start (content_block_start delta* content_block_stop)* message_delta
-    message_stop, blocks numbered 0, 1, 2… in start order, each delta of its block's kind."""
-    kinds = [e.type for e in events]
-    assert kinds[0] == "message_start", kinds
-    assert kinds[-2:] == ["message_delta", "message_stop"], kinds
-    start = events[0].message
-    assert start.id.startswith("msg_") and start.model == MODEL and start.role == "assistant"
-    assert start.content == [] and start.stop_reason is None and start.stop_sequence is None
-    open_block: tuple[int, str] | None = None
-    count = 0
-    for event in events[1:-2]:
-        if event.type == "content_block_start":
-            assert open_block is None and event.index == count, kinds
-            open_block = (event.index, event.content_block.type)
-            count += 1
-        elif event.type == "content_block_delta":
-            assert open_block is not None and event.index == open_block[0], kinds
-            assert event.delta.type in DELTAS[open_block[1]], (open_block, event.delta.type)
-        elif event.type == "content_block_stop":
-            assert open_block is not None and event.index == open_block[0], kinds
-            open_block = None
-        else:
-            raise AssertionError(f"{event.type} between the blocks: {kinds}")
-    assert open_block is None
-
-
-def shape(message: Any) -> dict[str, Any]:
-    """A message as Anthropic defines it, minus what differs by nature between two answers
-    (the ids)."""
-    content = []
-    for block in message.content:
-        if block.type == "text":
-            content.append(("text", block.text))
-        elif block.type == "tool_use":
-            assert block.id
-            content.append(("tool_use", block.name, block.input))
-        else:
-            content.append((block.type,))
-    assert message.id.startswith("msg_")
-    usage = message.usage
-    return {
-        "type": message.type,
-        "role": message.role,
-        "model": message.model,
-        "content": content,
-        "stop_reason": message.stop_reason,
-        "stop_sequence": message.stop_sequence,
-        "output_tokens": usage.output_tokens,
-        "prompt_tokens": usage.input_tokens + (usage.cache_read_input_tokens or 0),
-    }
-
-
-def text_of(message: Any) -> str:
-    assert [b.type for b in message.content] == ["text"], message.content
-    return message.content[0].text
 
 
 def llama_text(server: LlamaServer, messages: list[dict[str, Any]], max_tokens: int) -> dict:
@@ -638,9 +542,9 @@ def test_a_batch_runs_on_llama_and_its_answers_are_what_direct_requests_get(name
     server = request.getfixturevalue(name)
     body: dict[str, Any] = {"model": MODEL, "max_tokens": 12, "messages": COLORS}
     params = {**body, **T0}
-    with anthropic.Anthropic(base_url=server.url, api_key="-", max_retries=0) as sdk:
-        direct = sdk.messages.create(**body, extra_body=T0)
-        batch = sdk.messages.batches.create(
+    with anthropic.Anthropic(base_url=server.url, api_key="-", max_retries=0) as llm:
+        direct = llm.messages.create(**body, extra_body=T0)
+        batch = llm.messages.batches.create(
             requests=[
                 {"custom_id": "colors", "params": params},
                 {"custom_id": "bad", "params": {"model": MODEL, "messages": COLORS}},
@@ -648,13 +552,13 @@ def test_a_batch_runs_on_llama_and_its_answers_are_what_direct_requests_get(name
         )
         done = eventually(
             lambda: (
-                (b := sdk.messages.batches.retrieve(batch.id)).processing_status == "ended" and b
+                (b := llm.messages.batches.retrieve(batch.id)).processing_status == "ended" and b
             ),
             what="the batch ended",
             timeout=120,
         )
         assert (done.request_counts.succeeded, done.request_counts.errored) == (1, 1)
-        decoder = sdk.messages.batches.results(batch.id)
+        decoder = llm.messages.batches.results(batch.id)
         try:
             found = {line.custom_id: line.result for line in decoder}
         finally:

@@ -27,15 +27,14 @@ import anthropic
 import pytest
 import requests
 from servers import Gunicorn, free_port
+from tier import MODEL, T0, ask, check_grammar, sdk, shape, stream_events, text_of
 from vllm import ADMIN_TOKEN, BUILD_HINT, SERVED, VllmServer, start_gateway, vllm_command
 
 pytestmark = pytest.mark.vllm
 
-MODEL = "claude-sonnet-4-6"  # what the client asks for; the gateway sends SERVED
 COLORS = [{"role": "user", "content": "Name three colors."}]
 SYSTEM = "You are a terse assistant. Answer in one line."
 PREFILL = "1. Red\n2."
-T0 = {"temperature": 0}
 CLAUDE_CODE_OVERFLOW = re.compile(r"prompt is too long: (\d+) tokens > (\d+) maximum")
 
 
@@ -75,104 +74,17 @@ def messages_gateway(vllm: VllmServer, logs: Path) -> Iterator[Gunicorn]:
     server.stop()
 
 
-def _sdk(server: Gunicorn) -> Iterator[anthropic.Anthropic]:
-    with anthropic.Anthropic(base_url=server.url, api_key="unused", max_retries=0) as client:
-        yield client
-
-
 @pytest.fixture(scope="module")
 def client(gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
-    yield from _sdk(gateway)
+    yield from sdk(gateway)
 
 
 @pytest.fixture(scope="module")
 def native(messages_gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
-    yield from _sdk(messages_gateway)
+    yield from sdk(messages_gateway)
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-RAW_EVENTS = {
-    "message_start",
-    "content_block_start",
-    "content_block_delta",
-    "content_block_stop",
-    "message_delta",
-    "message_stop",
-}
-DELTAS = {"text": {"text_delta"}, "tool_use": {"input_json_delta"}}
-
-
-def ask(client: anthropic.Anthropic, stream: bool, **request: Any) -> Any:
-    """One message, as JSON or rebuilt by the SDK from the stream (temperature 0)."""
-    request = {"model": MODEL, "extra_body": T0, **request}
-    if not stream:
-        return client.messages.create(**request)
-    with client.messages.stream(**request) as events:
-        return events.get_final_message()
-
-
-def stream_events(client: anthropic.Anthropic, **request: Any) -> tuple[list[Any], Any]:
-    """The raw stream events and the message the SDK rebuilt from them."""
-    request = {"model": MODEL, "extra_body": T0, **request}
-    with client.messages.stream(**request) as stream:
-        events = [event for event in stream if event.type in RAW_EVENTS]
-        return events, stream.get_final_message()
-
-
-def check_grammar(events: list[Any]) -> None:
-    """message_start (content_block_start delta* content_block_stop)* message_delta
-    message_stop, blocks numbered 0, 1, 2… in start order, each delta of its block's kind."""
-    kinds = [e.type for e in events]
-    assert kinds[0] == "message_start", kinds
-    assert kinds[-2:] == ["message_delta", "message_stop"], kinds
-    start = events[0].message
-    assert start.id.startswith("msg_") and start.model == MODEL and start.role == "assistant"
-    assert start.content == [] and start.stop_reason is None and start.stop_sequence is None
-    open_block: tuple[int, str] | None = None
-    count = 0
-    for event in events[1:-2]:
-        if event.type == "content_block_start":
-            assert open_block is None and event.index == count, kinds
-            open_block = (event.index, event.content_block.type)
-            count += 1
-        elif event.type == "content_block_delta":
-            assert open_block is not None and event.index == open_block[0], kinds
-            assert event.delta.type in DELTAS[open_block[1]], (open_block, event.delta.type)
-        elif event.type == "content_block_stop":
-            assert open_block is not None and event.index == open_block[0], kinds
-            open_block = None
-        else:
-            raise AssertionError(f"{event.type} between the blocks: {kinds}")
-    assert open_block is None
-
-
-def shape(message: Any) -> dict[str, Any]:
-    """A message as Anthropic defines it, minus the ids."""
-    content = []
-    for block in message.content:
-        if block.type == "text":
-            content.append(("text", block.text))
-        elif block.type == "tool_use":
-            content.append(("tool_use", block.name, block.input))
-        else:
-            content.append((block.type,))
-    assert message.id.startswith("msg_")
-    return {
-        "type": message.type,
-        "role": message.role,
-        "model": message.model,
-        "content": content,
-        "stop_reason": message.stop_reason,
-        "stop_sequence": message.stop_sequence,
-        "output_tokens": message.usage.output_tokens,
-        "prompt_tokens": message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0),
-    }
-
-
-def text_of(message: Any) -> str:
-    assert [b.type for b in message.content] == ["text"], message.content
-    return message.content[0].text
 
 
 def vllm_text(server: VllmServer, messages: list[dict[str, Any]], max_tokens: int) -> dict:
@@ -470,10 +382,12 @@ HUGE = [{"role": "user", "content": "word " * 2500}]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
-def test_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(client, vllm, stream):
+def test_prompt_longer_than_the_context_is_a_400_in_claude_codes_words_with_its_size(
+    client, vllm, stream
+):
     """vLLM stops tokenizing one token past the window, so it reports "at least 2049" tokens
-    whatever the prompt's size: Claude Code is told the prompt is too long, but not by how
-    much (a known difference, README)."""
+    whatever the prompt's size; Claude Code, which compacts by about the difference, is told
+    the exact size, counted by vLLM's /tokenize when the error comes."""
     size = vllm.prompt_tokens(HUGE)
     assert size > WINDOW + 1
     with pytest.raises(anthropic.BadRequestError) as caught:
@@ -482,7 +396,7 @@ def test_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(client, v
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     found = CLAUDE_CODE_OVERFLOW.search(body["error"]["message"])
     assert found, body["error"]["message"]
-    assert (int(found[1]), int(found[2])) == (WINDOW + 1, WINDOW)
+    assert (int(found[1]), int(found[2])) == (size, WINDOW)
     assert "at least 2049 input tokens" in body["error"]["message"]  # vLLM's words, kept
 
 
@@ -598,7 +512,9 @@ def test_native_forced_tool_call_is_a_tool_use_block(native, stream):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_native_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(native, stream):
-    """As through chat completions: "at least 2049" is all vLLM says of the prompt's size."""
+    """vLLM says no more of the prompt's size than "at least 2049", and, unlike through chat
+    completions, the gateway cannot count it: vLLM's /v1/messages/count_tokens stops at the
+    window too, and its /tokenize takes OpenAI's messages (a known difference, README)."""
     with pytest.raises(anthropic.BadRequestError) as caught:
         ask(native, stream, max_tokens=10, messages=HUGE)
     body = caught.value.body
@@ -606,6 +522,52 @@ def test_native_prompt_longer_than_the_context_is_a_400_in_claude_codes_words(na
     found = CLAUDE_CODE_OVERFLOW.search(body["error"]["message"])
     assert found, body["error"]["message"]
     assert (int(found[1]), int(found[2])) == (WINDOW + 1, WINDOW)
+
+
+def test_native_stream_message_start_carries_the_cache_counts(native, vllm):
+    """vLLM's own message_start has input_tokens (the whole prompt) and output_tokens only;
+    Anthropic's, and the gateway's through chat completions, have both cache counts too. The
+    passthrough adds them as 0; the cached part still comes in message_delta."""
+    size = vllm.prompt_tokens(CACHED)
+    ask(native, False, max_tokens=2, messages=CACHED)  # in vLLM's prefix cache from here on
+    events, message = stream_events(native, max_tokens=2, messages=CACHED)
+    start = events[0].message.usage
+    assert (start.cache_creation_input_tokens, start.cache_read_input_tokens) == (0, 0)
+    assert start.input_tokens == size
+    assert message.usage.cache_read_input_tokens and message.usage.cache_read_input_tokens > 0
+    assert message.usage.input_tokens + message.usage.cache_read_input_tokens == size
+
+
+# A request vLLM's own validation refuses (its pydantic models: top_k must be an integer),
+# and one its handler refuses (a text block without text leaves nothing to render): what the
+# request adds to the body, and its messages.
+NATIVE_REFUSED = {
+    "validation": ({"top_k": "three"}, COLORS),
+    "handler": ({}, [{"role": "user", "content": [{"type": "text"}]}]),
+}
+
+
+@pytest.mark.parametrize("kind", NATIVE_REFUSED)
+def test_native_refusals_reach_the_client_as_anthropic_errors(native, vllm, kind):
+    """vLLM's /v1/messages answers a request its validation refuses in OpenAI's shape
+    (``{"error": {"type": "Bad Request", …}}``) and one its handler refuses in Anthropic's
+    with a type of its own (``BadRequestError``): through the passthrough the client gets
+    Anthropic's envelope and type for both, with vLLM's words."""
+    extra, messages = NATIVE_REFUSED[kind]
+    body = {"model": SERVED, "max_tokens": 5, "messages": messages, **extra}
+    direct = requests.post(vllm.url + "/v1/messages", json=body, timeout=30)
+    own = direct.json()
+    assert direct.status_code == 400, own
+    if kind == "validation":
+        assert "type" not in own and own["error"]["type"] == "Bad Request", own
+    else:
+        assert own["type"] == "error" and own["error"]["type"] == "BadRequestError", own
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        ask(native, False, max_tokens=5, messages=messages, extra_body={**T0, **extra})
+    error = caught.value.body
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"] == " ".join(own["error"]["message"].split())
+    assert error["request_id"].startswith("req_")
 
 
 def test_native_client_disconnect_mid_stream_aborts_vllms_generation(messages_gateway, vllm):

@@ -397,6 +397,63 @@ def test_a_prompt_that_fits_with_too_large_a_max_tokens_asks_for_a_smaller_one(
     assert "prompt is too long" not in error.message  # no compaction: the history fits
 
 
+VLLM_0_32_OVERFLOW = openai_error(
+    "This model's maximum context length is 2048 tokens. However, your prompt contains at least "
+    "2049 input tokens, which exceeds this limit even without any output tokens. Please reduce "
+    "the length of the input prompt. (parameter=input_tokens, value=2049)",
+    type="BadRequestError",
+    param="input_tokens",
+    code=400,
+)
+
+
+def test_a_prompt_size_given_as_a_floor_is_replaced_by_the_tokenizers_count() -> None:
+    """vLLM says "at least 2049" of any prompt over a 2048 window: Claude Code would compact by
+    one token. The backend's tokenizer, asked on the error, says how far over it is."""
+    raw = json.dumps(VLLM_0_32_OVERFLOW).encode()
+    error = error_from_status(400, raw, {}, BACKEND, "vllm", count_prompt=lambda: 2531)
+    found = CLAUDE_CODE_PROMPT_TOO_LONG.search(as_claude_code_sees_it(error))
+    assert found is not None and found.groups() == ("2531", "2048")
+    assert "at least 2049 input tokens" in error.message  # the backend's words, kept
+
+
+def test_without_a_count_the_floor_stands() -> None:
+    raw = json.dumps(VLLM_0_32_OVERFLOW).encode()
+    for counter in (None, lambda: None):
+        error = error_from_status(400, raw, {}, BACKEND, "vllm", count_prompt=counter)
+        assert error.message.startswith("prompt is too long: 2049 tokens > 2048 maximum")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [PROMPT_TOO_LONG[1][0], LLAMACPP_OVERFLOW],
+    ids=["vllm_exact_size", "llamacpp"],
+)
+def test_the_tokenizer_is_not_asked_when_the_backend_gave_the_exact_size(body: dict) -> None:
+    def counter() -> int:
+        raise AssertionError("counted")
+
+    error = error_from_status(400, json.dumps(body).encode(), {}, BACKEND, count_prompt=counter)
+    assert error.message.startswith("prompt is too long: ")
+
+
+def test_the_tokenizer_is_not_asked_for_a_prompt_that_fits_beside_too_large_a_max_tokens() -> None:
+    """vLLM says "at least 769" there too, but the prompt is under the window: that is the
+    max_tokens problem, whatever its exact size."""
+    message = (
+        "This model's maximum context length is 32768 tokens. However, you requested 32000 "
+        "output tokens and your prompt contains at least 769 input tokens, for a total of at "
+        "least 32769 tokens."
+    )
+
+    def counter() -> int:
+        raise AssertionError("counted")
+
+    raw = json.dumps(openai_error(message)).encode()
+    error = error_from_status(400, raw, {}, BACKEND, count_prompt=counter)
+    assert CLAUDE_CODE_MAX_TOKENS.search(as_claude_code_sees_it(error))
+
+
 def test_llamacpps_counts_in_the_error_object_are_used_over_its_text() -> None:
     body = {
         "error": {

@@ -118,13 +118,10 @@ class Session:
             "metadata": {"user_id": json.dumps({"session_id": f"session-{self.index}"})},
         }
 
-    def turn(self, url: str, turn: int, sampler: Sampler | None = None) -> Outcome:
+    def turn(self, url: str, turn: int) -> Outcome:
         """One turn: its TTFT, or the error the client saw (the conversation then stays as it
-        was, and its next turn asks again, as a client would). A sampler reads both views of
-        the load just before the request goes, as a refinement on the request path would."""
+        was, and its next turn asks again, as a client would)."""
         outcome = Outcome(self.index, turn, follow_up=self.sent > 0)
-        if sampler is not None:
-            sampler.at_arrival()
         headers = {"x-request-id": f"fleet-t{turn}-s{self.index}-{secrets.token_hex(2)}"}
         started = time.perf_counter()
         text: list[str] = []
@@ -249,8 +246,7 @@ class Sampler:
     gateway: str
     replicas: Replicas
     interval: float
-    samples: list[Sample] = field(default_factory=list)  # every ``interval``
-    arrivals: list[Sample] = field(default_factory=list)  # as each request arrives
+    samples: list[Sample] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> threading.Thread:
@@ -260,16 +256,10 @@ class Sampler:
 
     def _run(self) -> None:
         while not self.stopping.wait(self.interval):
-            self._keep(self.samples)
-
-    def at_arrival(self) -> None:
-        self._keep(self.arrivals)
-
-    def _keep(self, into: list[Sample]) -> None:
-        try:
-            into.append(self._sample())
-        except (requests.RequestException, KeyError, ValueError):
-            pass  # a replica is down: nothing to compare
+            try:
+                self.samples.append(self._sample())
+            except (requests.RequestException, KeyError, ValueError):
+                pass  # a replica is down: nothing to compare
 
     def _sample(self) -> Sample:
         at, started = time.time(), time.perf_counter()
@@ -366,7 +356,7 @@ def run(home: Path, work: Path, strategy: str, args: argparse.Namespace) -> dict
     try:
         if sampler is not None:
             sampler.start()
-        outcomes = turns(gateway.url, replicas, strategy, args, sampler)
+        outcomes = turns(gateway.url, replicas, strategy, args)
         if sampler is not None:
             sampler.stopping.set()
         evaluated = replicas.evaluated()
@@ -387,12 +377,9 @@ def run(home: Path, work: Path, strategy: str, args: argparse.Namespace) -> dict
     if args.stop_after is not None:
         result["phases"] = phases(lines, args)
     if sampler is not None:
-        raw = {"every": sampler.samples, "at_arrival": sampler.arrivals}
-        (directory / "samples.json").write_text(
-            json.dumps({k: [vars(x) for x in v] for k, v in raw.items()})
-        )
+        samples = [vars(x) for x in sampler.samples]
+        (directory / "samples.json").write_text(json.dumps(samples))
         result["queue"] = compare(sampler.samples)
-        result["queue_at_arrival"] = compare(sampler.arrivals)
     return result
 
 
@@ -401,7 +388,6 @@ def turns(
     replicas: Replicas,
     strategy: str,
     args: argparse.Namespace,
-    sampler: Sampler | None,
 ) -> list[Outcome]:
     """Every session's turns, each turn's at once; the stop and the restart between them."""
     run_id = secrets.token_hex(3)
@@ -419,7 +405,7 @@ def turns(
                     Session(first + i, run_id, (first + i) % 2 if pinned else None)
                     for i in range(args.late_sessions)
                 ]
-            outcomes += pool.map(lambda s, t=turn: s.turn(url, t, sampler), sessions)
+            outcomes += pool.map(lambda s, t=turn: s.turn(url, t), sessions)
     return outcomes
 
 

@@ -523,8 +523,10 @@ class FakeBackend:
         reject_stream_options: bool = False,
         tls: ssl.SSLContext | None = None,
         echo_request_id: bool = False,
+        port: int = 0,
     ) -> None:
         self.reject_stream_options = reject_stream_options
+        self.listen_port = port  # 0: any free one; a port: a backend restarted where it was
         # Answers carry the request's X-Request-ID back, as vLLM can and most proxies do;
         # a test may turn it off or on between requests, as a restarted backend would.
         self.echo_request_id = echo_request_id
@@ -547,10 +549,10 @@ class FakeBackend:
     # --- lifecycle ---
 
     def start(self) -> FakeBackend:
-        """Listen on an ephemeral port and serve from a daemon thread."""
+        """Listen on the port given (any free one by default) and serve from a daemon thread."""
         if self._server is not None or self._stopping.is_set():
             raise RuntimeError("FakeBackend can only be started once")
-        server = _Server(("127.0.0.1", 0), _Handler)
+        server = _Server(("127.0.0.1", self.listen_port), _Handler)
         server.backend = self
         server.tls = self.tls
         self._server = server

@@ -62,8 +62,9 @@ class LlamaServer:
         ctx: int = 2048,
         slots: int = 2,
         extra: tuple[str, ...] = (),
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()  # a given port: a replica restarted where it was
         self.url = f"http://127.0.0.1:{self.port}"
         self.v1 = self.url + "/v1"
         self.log_path = log_path

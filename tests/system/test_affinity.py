@@ -413,3 +413,64 @@ def test_with_the_store_down_conversations_still_stick_and_nothing_fails(replica
     for conv in conversations:
         assert len(replica_of(replicas, conv.name)) == 1, conv.name
     assert len(set().union(*(replica_of(replicas, c.name) for c in conversations))) > 1
+
+
+def test_a_replica_that_comes_back_takes_new_conversations_and_the_moved_ones_stay(
+    replicas, tmp_path
+):
+    two = replicas[:2]
+    # Its breaker opens at its first failure and lets a probe through a second later.
+    path = config(tmp_path, two, breaker_failures=1, breaker_cooldown=1)
+    server = gateway(path, workers=2, GATEWAY_RETRIES="2")
+    served = {i: [replica] for i, replica in enumerate(two)}  # every life of each replica
+    try:
+        conversations = [Conversation(f"c{i}-{uuid.uuid4().hex[:8]}") for i in range(6)]
+        for conv in conversations:
+            conv.send(server.url)
+        homes = {c.name: replica_of(two, c.name).pop() for c in conversations}
+        dead = max(range(2), key=lambda r: list(homes.values()).count(r))
+        survivor = 1 - dead
+        orphans = [c for c in conversations if homes[c.name] == dead]
+        two[dead].stop()
+        for conv in conversations:  # the orphans move to the survivor
+            conv.send(server.url)
+        back = FakeBackend(port=two[dead].port).start()
+        served[dead].append(back)
+        time.sleep(1.5)  # every worker's breaker on it lets its next request through
+        # One moved conversation in flight on the survivor: the replica that came back is the
+        # least loaded, so the new conversations are its, one after another.
+        gated = GatedReply(completion("ok"))
+        two[survivor].reply(gated)  # its next request's answer only
+        newcomers = [Conversation(f"n{i}-{uuid.uuid4().hex[:8]}") for i in range(4)]
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(orphans[0].send, server.url)
+            try:
+                eventually(lambda: held.done() or in_flight(server)[survivor] == 1, "held")
+                assert not held.done(), "a moved conversation went back to the replica"
+                for conv in newcomers:
+                    conv.send(server.url)
+            finally:
+                gated.gate.set()
+            held.result()
+        for conv in conversations + newcomers:
+            conv.send(server.url)
+        reasons = routed(server, 27)
+        assert_idle_and_serving(server)
+    finally:
+        server.stop()
+        for life in served[dead][1:]:
+            life.stop()
+
+    def lives(name: str) -> list[int]:
+        return sorted(i for i in served for r in served[i] for _ in served_by([r], name))
+
+    for conv in orphans:  # its first turn where it died, then the survivor's for good
+        assert lives(conv.name) == sorted([dead] + [survivor] * (len(conv.messages) // 2 - 1))
+    for conv in conversations:
+        if conv not in orphans:
+            assert lives(conv.name) == [survivor] * 3
+    for conv in newcomers:
+        assert lives(conv.name) == [dead] * 2
+    assert sorted(reasons) == sorted(
+        ["new"] * 10 + ["failover"] * len(orphans) + ["prefix"] * (17 - len(orphans))
+    )

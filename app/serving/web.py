@@ -82,9 +82,8 @@ def build_app(settings: Settings | None = None) -> Flask:
     keys = key_table(settings.keys)
     app.register_blueprint(create_blueprint(settings, dispatcher, store))
     app.register_blueprint(create_admin_blueprint(settings, dispatcher, keys, store))
-    app.register_blueprint(create_console_blueprint(settings, dispatcher, keys, store))
-    if settings.batches.enabled:
-        _add_batches(app, settings, store, dispatcher)
+    batches = _add_batches(app, settings, store, dispatcher) if settings.batches.enabled else None
+    app.register_blueprint(create_console_blueprint(settings, dispatcher, keys, store, batches))
     app.before_request(_request_starter(keys, ledger, settings.admin_token))
     app.after_request(_finish_request)
     app.teardown_request(_end_request)
@@ -96,7 +95,7 @@ def build_app(settings: Settings | None = None) -> Flask:
 
 def _add_batches(
     app: Flask, settings: Settings, store: GuardedStore, dispatcher: Dispatcher
-) -> None:
+) -> Batches:
     """The batch routes, and the worker's runner (started by gunicorn.conf.py's
     post_worker_init, once the worker is ready). While a batch is open, every request counts
     in the service-wide view of each backend's load, where batch items find idle room."""
@@ -108,6 +107,7 @@ def _add_batches(
     batches = Batches(settings.batches, store, files, on_create=opened)
     app.register_blueprint(create_batches_blueprint(settings, batches))
     app.extensions["gateway.batch_runner"] = Runner(app, settings, store, files, dispatcher)
+    return batches
 
 
 def secrets_of(settings: Settings) -> list[str]:

@@ -73,6 +73,8 @@ class Balancer:
         on_breaker: Callable[[str, bool], None] | None = None,
     ) -> None:
         self.on_breaker = on_breaker  # told when a breaker opens (True) or closes (False)
+        # Told when a request starts or ends here (the batch runner publishes the loads).
+        self.on_load: Callable[[], None] | None = None
         self.limits = limits  # backend -> max concurrency (0: none)
         self.policy = policy
         self.clock = clock
@@ -138,6 +140,8 @@ class Balancer:
             health.probing = True
         if not batch:
             health.in_flight += 1
+            if self.on_load is not None:
+                self.on_load()
         return Slot(self, backend, probe, counted=not batch)
 
     def settle(self, slot: Slot, ok: bool | None) -> None:
@@ -146,6 +150,8 @@ class Balancer:
         health = self.health[backend]
         if slot.counted:
             health.in_flight -= 1
+            if self.on_load is not None:
+                self.on_load()
         if slot.probe:
             health.probing = False
         if ok is True:
@@ -167,6 +173,10 @@ class Balancer:
         """Exponential backoff with full jitter."""
         ceiling = min(self.policy.max_backoff, self.policy.backoff * (2**attempt))
         return ceiling * self.rng()
+
+    def loads(self) -> dict[str, int]:
+        """This worker's requests in flight per backend (batch items not among them)."""
+        return {name: health.in_flight for name, health in self.health.items()}
 
     def snapshot(self) -> dict[str, dict[str, object]]:
         return {

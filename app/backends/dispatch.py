@@ -78,10 +78,6 @@ class Dispatcher:
         self.balancer = balancer
         self.sleep = sleep
         self.placer = placer  # None: no state store, every worker orders by what it knows
-        # Every request takes its place in the service-wide count (not only on routes that
-        # order by it) while a batch is open: its items take only room that is idle
-        # (app/batches/runner.py turns this on and off).
-        self.count_flights = False
 
     def send(
         self,
@@ -105,9 +101,6 @@ class Dispatcher:
             queue = [target for target in queue if target.backend == pinned]
         elif self.placer is not None and route.strategy in PLACED:
             queue, lease = self.placer.order(route, queue, ready, body, client_headers)
-        elif self.placer is not None and self.count_flights and queue:
-            # While batches run, their runners see every request in flight on a backend.
-            lease = self.placer.count(queue[0])
         try:
             attempt = self._send(queue, body, request_id, client_headers, on_send, pinned, trace)
         except BaseException:

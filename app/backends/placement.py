@@ -93,15 +93,6 @@ class Placer:
             placement.new_factor = routing.affinity_new_factor
         return placement
 
-    def count(self, target: Target) -> Lease | None:
-        """A place in the service-wide count on ``target``'s backend, for a route that does
-        not order by it (None: the store did not answer)."""
-        placement = Placement([target.backend], lease_ttl=self.settings.state.lease_seconds)
-        placed = self.store.place(placement)
-        if placed is None:
-            return None
-        return Lease(self.store, placed.backend, placed.lease, None)
-
     def landed(self, lease: Lease, backend: str) -> None:
         """The request went to ``backend``: when that is not where it was placed, its lease
         and its conversation move there."""

@@ -1,10 +1,12 @@
 """Each worker's batch runner: it claims items, waits for a backend with room, runs them, and
 keeps their results.
 
-One loop per worker claims one item at a time. While any batch is open, every request of the
-worker counts in the whole service's requests in flight per backend (a store round trip at its
-start and at its end, which is what batch slots are judged by); once the census of a sweep
-finds none open, requests go back to costing the store nothing.
+One loop per worker claims one item at a time. Each worker also publishes its interactive
+requests in flight per backend to the store (``publish_loads``): as they change, off the
+requests' own path (at most fifty writes a second, a burst being one), and once a second
+regardless. Batch slots are judged by the sum of every live
+worker's, so requests that were running before a batch began count too, and a request costs
+the store nothing for it.
 
 An item goes to a backend only while the store gives it a slot there
 (app/state/batch_queue.py ``batch_slot``): within ``[batches] share`` of the backend's
@@ -49,6 +51,11 @@ from app.state.guard import GuardedStore
 log = logging.getLogger("gateway")
 
 SWEEP_EVERY = 10.0  # seconds between a worker's sweeps (expiry, archiving)
+# A worker's interactive load per backend, published for every worker's batch slots: written
+# when it changes (at most one write per gap), at least this often, and valid for this long.
+PUBLISH_GAP = 0.02
+PUBLISH_AGAIN = 1.0
+PUBLISH_TTL = 3.0
 MAX_ITEMS = 256  # items one worker runs at once, whatever the slots allow
 ERROR_PAUSE = 1.0  # after the store failed
 
@@ -81,7 +88,11 @@ class Runner:
         self.greenlets: list[gevent.Greenlet[Any, Any]] = []
 
     def start(self) -> None:
-        self.greenlets = [gevent.spawn(self._loop), gevent.spawn(self._renew)]
+        self.greenlets = [
+            gevent.spawn(self._loop),
+            gevent.spawn(self._renew),
+            gevent.spawn(self._publish),
+        ]
 
     def stop(self) -> None:
         """The worker is leaving: its items stop and go back to the queue at once, rather
@@ -121,7 +132,6 @@ class Runner:
             return False
         claim = claims[0]
         self.held[claim] = None
-        self.dispatcher.count_flights = True
         try:
             self._start(claim)
         except BaseException:
@@ -288,7 +298,32 @@ class Runner:
         census = self._call(lambda s: s.batch_census())
         oldest = census.oldest_open
         metrics.batches_seen(census.by_status, now - oldest if oldest is not None else 0.0)
-        self.dispatcher.count_flights = oldest is not None or bool(self.held)
+
+    def _publish(self) -> None:
+        """This worker's interactive requests in flight per backend, into the store: as soon
+        as a request starts or ends (the balancer says so; a burst is one write, at most one
+        every ``PUBLISH_GAP``), and every ``PUBLISH_AGAIN`` regardless, so that its entry
+        outlives it by ``PUBLISH_TTL`` at most."""
+        changed = Event()
+        self.dispatcher.balancer.on_load = changed.set
+        published: dict[str, int] | None = None
+        at = 0.0
+        while True:
+            changed.wait(PUBLISH_AGAIN)
+            changed.clear()
+            loads = self.dispatcher.balancer.loads()
+            now = time.monotonic()
+            if (loads != published or now - at >= PUBLISH_AGAIN) and self._published(loads):
+                published, at = loads, now
+            gevent.sleep(PUBLISH_GAP)
+
+    def _published(self, loads: dict[str, int]) -> bool:
+        try:
+            self._call(lambda s: s.publish_loads(self.token, loads, PUBLISH_TTL))
+        except Overloaded as exc:
+            log.warning("batch runner: loads not published: %s", exc.message)
+            return False
+        return True
 
     def _renew(self) -> None:
         """The leases of this worker's claims and of its items' slots on the backends: an

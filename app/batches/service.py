@@ -47,13 +47,11 @@ class Batches:
         store: GuardedStore,
         files: BatchFiles,
         clock: Callable[[], float] = time.time,
-        on_create: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.files = files
         self.clock = clock
-        self.on_create = on_create  # told once a batch is kept
 
     def create(self, environ: dict[str, Any], owner: str, body_timeout: float) -> BatchRecord:
         """Read the body into the batch's files, then keep the batch in the store: once this
@@ -74,8 +72,6 @@ class Batches:
         except BaseException:
             self.files.remove(batch_id)
             raise
-        if self.on_create is not None:
-            self.on_create()
         return record
 
     def get(self, batch_id: str, viewer: Viewer) -> BatchRecord:

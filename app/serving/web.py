@@ -97,14 +97,10 @@ def _add_batches(
     app: Flask, settings: Settings, store: GuardedStore, dispatcher: Dispatcher
 ) -> Batches:
     """The batch routes, and the worker's runner (started by gunicorn.conf.py's
-    post_worker_init, once the worker is ready). While a batch is open, every request counts
-    in the service-wide view of each backend's load, where batch items find idle room."""
+    post_worker_init, once the worker is ready), which also publishes the worker's requests in
+    flight per backend, where every worker's batch items find the idle room."""
     files = BatchFiles(batch_directory(settings))
-
-    def opened() -> None:
-        dispatcher.count_flights = True  # from now on, until a census finds no batch open
-
-    batches = Batches(settings.batches, store, files, on_create=opened)
+    batches = Batches(settings.batches, store, files)
     app.register_blueprint(create_batches_blueprint(settings, batches))
     app.extensions["gateway.batch_runner"] = Runner(app, settings, store, files, dispatcher)
     return batches

@@ -36,6 +36,7 @@ CANCELED = "canceled"
 EXPIRED = "expired"
 DONE_KINDS = (SUCCEEDED, ERRORED)
 
+WORKER_LOADS = "loads"  # what publish_loads keeps, per backend
 BATCH_FLIGHTS = "batch:"  # + a backend's name: its batch items' flights, apart from the rest
 EXPIRES_AFTER = 24 * 3600.0  # a batch not ended by then ends, its unfinished items expired
 ARCHIVED_AFTER = 29 * 86400.0  # from creation: the results are removed, the record kept
@@ -177,12 +178,17 @@ class BatchQueue(ABC):
         """For the metrics: batches by status, and the oldest one still running."""
 
     @abstractmethod
+    def publish_loads(self, worker: str, loads: dict[str, int], ttl: float) -> None:
+        """One worker's interactive requests in flight per backend, as of now, until it
+        publishes again or ``ttl`` seconds pass (a worker that died stops counting then)."""
+
+    @abstractmethod
     def batch_slot(self, backend: str, capacity: int, share: int, lease: float) -> str | None:
         """A slot for one batch item on ``backend``, leased for ``lease`` seconds, if it has
         room: fewer than ``share`` batch items in flight on it, and fewer than ``capacity``
-        requests in all (the interactive ones are the placement's flights, counted by every
-        worker and host; a batch item takes no room an interactive request is waiting for).
-        None: no room now."""
+        requests in all (the interactive ones as every live worker last published them); a
+        batch item takes no room an interactive request is using or waiting for. None: no
+        room now."""
 
     @abstractmethod
     def batch_reslot(self, backend: str, slots: list[str], lease: float) -> None:

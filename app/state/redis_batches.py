@@ -19,6 +19,8 @@ The keys, under the store's prefix (``gw:`` by default):
     {prefix}batches:ended              ended batches not archived, scored by ``created_at``
     {prefix}f:batch:{backend}          batch items' slots on a backend: the placement's flight
                                        set (redis_store.py) under BATCH_FLIGHTS + the name
+    {prefix}loads:{backend}            each worker's interactive requests in flight on it, a
+                                       hash of worker -> "count:ends" (publish_loads)
 
 Nothing is kept per item until it is handed out, and a batch's claims go when it ends, so a
 queue of a million waiting items costs a hash each batch. The done bitmap stays while the
@@ -48,6 +50,7 @@ from app.state.batch_queue import (
     ENDED,
     EXPIRES_AFTER,
     IN_PROGRESS,
+    WORKER_LOADS,
     BatchCensus,
     BatchPage,
     BatchQueue,
@@ -290,22 +293,45 @@ end
 return ids
 """
 
-# KEYS: the backend's batch flights, its interactive flights. ARGV: share, capacity, lease,
+# KEYS: the backend's batch flights, its workers' published loads. ARGV: share, capacity, lease,
 # slot. The placement's way (redis_store.py PLACE): Redis's clock, live flights only.
 SLOT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local share, capacity, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local batch = redis.call('ZCARD', KEYS[1])
-local interactive = redis.call('ZCARD', KEYS[2])
+local interactive = 0
+local loads = redis.call('HGETALL', KEYS[2])
+for i = 1, #loads, 2 do
+  local count, ends = string.match(loads[i + 1], '^(%d+):(.*)$')
+  if tonumber(ends) > now then
+    interactive = interactive + tonumber(count)
+  else
+    redis.call('HDEL', KEYS[2], loads[i])  -- a worker that stopped publishing
+  end
+end
 if batch >= share or batch + interactive >= capacity then return false end
 redis.call('ZADD', KEYS[1], now + lease, ARGV[4])
 local ms = math.ceil(lease * 1000)
 -- The set lives as long as its longest lease (a shorter one never cuts the others short).
 if ms > 0 and redis.call('PTTL', KEYS[1]) < ms then redis.call('PEXPIRE', KEYS[1], ms) end
 return ARGV[4]
+"""
+
+
+# KEYS: each backend's worker loads (a hash: worker -> "count:ends"). ARGV: worker, ttl, then
+# the counts in KEYS' order.
+PUBLISH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local ttl = tonumber(ARGV[2])
+for i, key in ipairs(KEYS) do
+  redis.call('HSET', key, ARGV[1], ARGV[i + 2] .. ':' .. (now + ttl))
+  local ms = math.ceil(ttl * 1000)
+  if redis.call('PTTL', key) < ms then redis.call('PEXPIRE', key, ms) end
+end
+return 0
 """
 
 
@@ -344,6 +370,7 @@ class BatchScripts:
         self.sweep = script(SWEEP)
         self.slot = client.register_script(SLOT)
         self.reslot = client.register_script(RESLOT)
+        self.publish = client.register_script(PUBLISH)
 
 
 class RedisBatches(BatchQueue):
@@ -472,9 +499,16 @@ class RedisBatches(BatchQueue):
             if i // 8 - first < len(bits) and bits[i // 8 - first] >> (7 - i % 8) & 1
         ]
 
+    def publish_loads(self, worker: str, loads: dict[str, int], ttl: float) -> None:
+        names = list(loads)
+        keys = [f"{self.prefix}{WORKER_LOADS}:{name}" for name in names]
+        args: list[Arg] = [worker, repr(ttl), *(int(loads[name]) for name in names)]
+        if keys:
+            self._call(lambda: self.batch_scripts.publish(keys=keys, args=args))
+
     def batch_slot(self, backend: str, capacity: int, share: int, lease: float) -> str | None:
         p = self.prefix
-        keys = [f"{p}f:{BATCH_FLIGHTS}{backend}", f"{p}f:{backend}"]
+        keys = [f"{p}f:{BATCH_FLIGHTS}{backend}", f"{p}{WORKER_LOADS}:{backend}"]
         args: list[Arg] = [share, capacity, repr(lease), lease_id()]
         found = self._call(lambda: self.batch_scripts.slot(keys=keys, args=args))
         return _text(found) if found else None

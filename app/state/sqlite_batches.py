@@ -46,6 +46,10 @@ CREATE TABLE IF NOT EXISTS batch_claims (
     attempts INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (batch, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS batch_claims_due ON batch_claims (batch, until);
+CREATE TABLE IF NOT EXISTS worker_loads (
+    backend TEXT NOT NULL, worker TEXT NOT NULL, count INTEGER NOT NULL, expires REAL NOT NULL,
+    PRIMARY KEY (backend, worker)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS batch_done (
     batch TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (batch, idx)
 ) WITHOUT ROWID;
@@ -226,18 +230,32 @@ class SQLiteBatches(BatchQueue):
 
         return self._locked(count)
 
+    def publish_loads(self, worker: str, loads: dict[str, int], ttl: float) -> None:
+        def publish(db: sqlite3.Connection) -> None:
+            now = self.clock()
+            expires = now + ttl
+            db.execute("DELETE FROM worker_loads WHERE expires <= ?", (now,))  # dead workers
+            db.executemany(
+                "INSERT INTO worker_loads (backend, worker, count, expires) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (backend, worker) DO UPDATE SET count = excluded.count, "
+                "expires = excluded.expires",
+                [(backend, worker, count, expires) for backend, count in loads.items()],
+            )
+
+        self._transaction(publish)
+
     def batch_slot(self, backend: str, capacity: int, share: int, lease: float) -> str | None:
         def take(db: sqlite3.Connection) -> str | None:
             now = self.clock()
             mine = BATCH_FLIGHTS + backend
-            counted = dict(
-                db.execute(
-                    "SELECT backend, COUNT(*) FROM flights WHERE backend IN (?, ?) "
-                    "AND expires > ? GROUP BY backend",
-                    (backend, mine, now),
-                ).fetchall()
-            )
-            batch, interactive = counted.get(mine, 0), counted.get(backend, 0)
+            (batch,) = db.execute(
+                "SELECT COUNT(*) FROM flights WHERE backend = ? AND expires > ?", (mine, now)
+            ).fetchone()
+            (interactive,) = db.execute(
+                "SELECT COALESCE(SUM(count), 0) FROM worker_loads WHERE backend = ? "
+                "AND expires > ?",
+                (backend, now),
+            ).fetchone()
             if batch >= share or batch + interactive >= capacity:
                 return None
             slot = lease_id()

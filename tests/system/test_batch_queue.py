@@ -23,7 +23,7 @@ from app.state.batch_queue import (
 )
 from app.state.redis_store import RedisStore
 from app.state.sqlite_store import SQLiteStore
-from app.state.store import Placement, Store
+from app.state.store import Store
 
 NOW = 1_800_000_000.0
 LEASE = 60.0
@@ -377,21 +377,22 @@ def test_batch_slots_stay_within_their_share(store):
     assert store.batch_slot("a", 10, 2, LEASE) is None
 
 
-def test_interactive_requests_in_flight_take_room_from_batch_items(store):
-    placed = [store.place(Placement(["a"])) for _ in range(2)]
+def test_the_workers_published_requests_in_flight_take_room_from_batch_items(store):
+    store.publish_loads("w1", {"a": 1, "b": 0}, LEASE)
+    store.publish_loads("w2", {"a": 1, "b": 3}, LEASE)  # two workers' interactive requests
     assert store.batch_slot("a", 3, 3, LEASE) is not None  # 2 interactive + 1 = capacity
     assert store.batch_slot("a", 3, 3, LEASE) is None
-    assert store.backend_loads(["a"]) == {"a": 2}  # batch items are not interactive load
-    assert store.place(Placement(["a", "b"])).loads == {"a": 2, "b": 0}
-    store.unplace("a", placed[0].lease)
+    assert store.batch_slot("b", 3, 3, LEASE) is None  # b is full of w2's requests
+    assert store.backend_loads(["a"]) == {"a": 0}  # batch items are not interactive load
+    store.publish_loads("w1", {"a": 0, "b": 0}, LEASE)  # a worker's next word replaces its last
     assert store.batch_slot("a", 3, 3, LEASE) is not None
 
 
-def test_a_batch_slot_whose_lease_ran_out_is_not_counted(store):
+def test_a_batch_slot_whose_lease_ran_out_is_not_counted_nor_a_dead_workers_load(store):
     assert store.batch_slot("a", 5, 1, -1.0) is not None  # its runner died long ago
     assert store.batch_slot("a", 5, 1, LEASE) is not None
     assert store.batch_slot("a", 5, 1, LEASE) is None
-    store.place(Placement(["a"], lease_ttl=-1.0))  # an interactive lease left behind
+    store.publish_loads("gone", {"a": 4}, -1.0)  # a worker that stopped publishing
     assert store.batch_slot("a", 2, 2, LEASE) is not None
 
 

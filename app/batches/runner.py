@@ -27,7 +27,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import gevent
 from gevent.event import Event
@@ -47,6 +47,7 @@ from app.state.batch_queue import ERRORED, SUCCEEDED, BatchRecord, Claim
 from app.state.guard import GuardedStore
 
 log = logging.getLogger("gateway")
+T = TypeVar("T")
 
 SWEEP_EVERY = 10.0  # seconds between a worker's sweeps (expiry, archiving)
 MAX_ITEMS = 256  # items one worker runs at once, whatever the slots allow
@@ -234,7 +235,8 @@ class Runner:
         return True
 
     def _finish(self, claim: Claim, kind: str, line: bytes) -> None:
-        if not self.files.write_result(claim.batch_id, claim.index, line, self.token):
+        write = self.files.write_result
+        if not _off_loop(write, claim.batch_id, claim.index, line, self.token):
             kept = self.files.result(claim.batch_id, claim.index)
             kind = jsonc.loads(kept)["result"]["type"] if kept else kind
         self._count(claim, kind)
@@ -322,6 +324,13 @@ class Runner:
 
     def _call(self, work: Callable[[Any], Any]) -> Any:
         return self.store.run(work)
+
+
+def _off_loop(work: Callable[..., T], *args: Any) -> T:
+    """``work`` in gevent's pool of threads, this greenlet waiting for it: a result's ``fsync``
+    (milliseconds, more on a busy disk or over NFS) would otherwise stop the whole worker,
+    interactive streams included, for as long as it takes (the bench's (b), bench/README.md)."""
+    return gevent.get_hub().threadpool.apply(work, args)
 
 
 def _refusal(params: dict[str, Any]) -> GatewayError | None:

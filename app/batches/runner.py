@@ -27,11 +27,12 @@ import math
 import secrets
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import gevent
 from gevent.event import Event
 from gevent.pool import Pool
+from gevent.threadpool import ThreadPool
 
 from app import ids, jsonc
 from app.backends.dispatch import Dispatcher
@@ -47,11 +48,11 @@ from app.state.batch_queue import ERRORED, SUCCEEDED, BatchRecord, Claim
 from app.state.guard import GuardedStore
 
 log = logging.getLogger("gateway")
-T = TypeVar("T")
 
 SWEEP_EVERY = 10.0  # seconds between a worker's sweeps (expiry, archiving)
 MAX_ITEMS = 256  # items one worker runs at once, whatever the slots allow
 ERROR_PAUSE = 1.0  # after the store failed
+WRITERS = 4  # threads writing one worker's result files
 
 
 class Runner:
@@ -80,8 +81,16 @@ class Runner:
         self.freed = Event()  # set when an item of this worker gives its slot back
         self.swept_at = 0.0
         self.greenlets: list[gevent.Greenlet[Any, Any]] = []
+        # Result files are written and synced in threads while the item's greenlet waits: an
+        # ``fsync`` (milliseconds, more on a busy disk or NFS) on the event loop stopped the
+        # whole worker, interactive streams included, for about a quarter of the time under
+        # the batch bench (bench/README.md). A pool of their own, so that a slow disk never
+        # holds up the hub's, which resolves the backends' host names. Made by ``start``, in
+        # the worker's loop.
+        self.writers: ThreadPool | None = None
 
     def start(self) -> None:
+        self.writers = ThreadPool(WRITERS)
         self.greenlets = [gevent.spawn(self._loop), gevent.spawn(self._renew)]
 
     def stop(self) -> None:
@@ -235,8 +244,9 @@ class Runner:
         return True
 
     def _finish(self, claim: Claim, kind: str, line: bytes) -> None:
+        assert self.writers is not None, "items run only once the runner has started"
         write = self.files.write_result
-        if not _off_loop(write, claim.batch_id, claim.index, line, self.token):
+        if not self.writers.apply(write, (claim.batch_id, claim.index, line, self.token)):
             kept = self.files.result(claim.batch_id, claim.index)
             kind = jsonc.loads(kept)["result"]["type"] if kept else kind
         self._count(claim, kind)
@@ -324,13 +334,6 @@ class Runner:
 
     def _call(self, work: Callable[[Any], Any]) -> Any:
         return self.store.run(work)
-
-
-def _off_loop(work: Callable[..., T], *args: Any) -> T:
-    """``work`` in gevent's pool of threads, this greenlet waiting for it: a result's ``fsync``
-    (milliseconds, more on a busy disk or over NFS) would otherwise stop the whole worker,
-    interactive streams included, for as long as it takes (the bench's (b), bench/README.md)."""
-    return gevent.get_hub().threadpool.apply(work, args)
 
 
 def _refusal(params: dict[str, Any]) -> GatewayError | None:

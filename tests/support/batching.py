@@ -158,3 +158,12 @@ def metrics_text(server: Gunicorn) -> str:
 
 def seconds_since(start: float) -> float:
     return round(time.monotonic() - start, 1)
+
+
+def results(batches: Any, batch_id: str) -> list[Any]:
+    """Every result line, the SDK's decoder closed after (it holds the connection)."""
+    decoder = batches.results(batch_id)
+    try:
+        return list(decoder)
+    finally:
+        decoder.close()

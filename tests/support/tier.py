@@ -11,6 +11,7 @@ from typing import Any
 
 import anthropic
 from servers import Gunicorn
+from waiting import eventually
 
 from app.config import API_KEYS_ENV, ENV_OVERRIDES
 
@@ -151,3 +152,40 @@ def shape(message: Any) -> dict[str, Any]:
 def text_of(message: Any) -> str:
     assert [b.type for b in message.content] == ["text"], message.content
     return message.content[0].text
+
+
+def batch_beside_direct(server: Gunicorn, body: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """``body`` asked directly (temperature 0), then as one item of a batch beside an item
+    with no ``max_tokens``: the direct message, and the batch's results by custom_id (``ask``
+    for the first item, ``bad`` for the second), once the batch has ended."""
+    with anthropic.Anthropic(base_url=server.url, api_key="-", max_retries=0) as llm:
+        direct = llm.messages.create(**body, extra_body=T0)
+        bad = {key: value for key, value in body.items() if key != "max_tokens"}
+        batch = llm.messages.batches.create(
+            requests=[
+                {"custom_id": "ask", "params": {**body, **T0}},
+                {"custom_id": "bad", "params": bad},
+            ]
+        )
+        eventually(
+            lambda: llm.messages.batches.retrieve(batch.id).processing_status == "ended",
+            what="the batch ended",
+            timeout=300,
+        )
+        decoder = llm.messages.batches.results(batch.id)
+        try:
+            return direct, {line.custom_id: line.result for line in decoder}
+        finally:
+            decoder.close()
+
+
+def assert_same_answer_but_for_id_and_cache(message: Any, direct: Any) -> None:
+    """The batch's message is the direct one but for its id and for how much of the prompt
+    the backend found in its cache (the second asking finds it)."""
+    assert message.id != direct.id
+    assert message.model_dump(exclude={"id", "usage"}) == direct.model_dump(exclude={"id", "usage"})
+    used, asked = message.usage, direct.usage
+    assert used.input_tokens + (used.cache_read_input_tokens or 0) == (
+        asked.input_tokens + (asked.cache_read_input_tokens or 0)
+    )
+    assert used.output_tokens == asked.output_tokens

@@ -19,6 +19,7 @@ from typing import Any
 import anthropic
 import pytest
 import requests
+from batching import results
 from fakebackend import FakeBackend, JSONReply, Recorded, completion, error_body
 from metrics import metric_sum
 from servers import ROOT, Gunicorn
@@ -89,15 +90,6 @@ def client(gateway: Gunicorn, key: str = ALICE) -> anthropic.Anthropic:
 def item(custom_id: str, text: str = "hi", **params: Any) -> dict[str, Any]:
     body = {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": text}]}
     return {"custom_id": custom_id, "params": {**body, **params}}
-
-
-def results(batches: Any, batch_id: str) -> list[Any]:
-    """Every result line, the SDK's decoder closed after (it holds the connection)."""
-    decoder = batches.results(batch_id)
-    try:
-        return list(decoder)
-    finally:
-        decoder.close()
 
 
 def ended(sdk: anthropic.Anthropic, batch_id: str, timeout: float = 60) -> Any:

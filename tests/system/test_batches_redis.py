@@ -5,23 +5,13 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import anthropic
 import pytest
+from batching import results
 from fakebackend import FakeBackend, JSONReply, completion
 from servers import Gunicorn, RedisServer, redis_available
 from waiting import eventually
-
-
-def results(batches: Any, batch_id: str) -> list[Any]:
-    """Every result line, the SDK's decoder closed after (it holds the connection)."""
-    decoder = batches.results(batch_id)
-    try:
-        return list(decoder)
-    finally:
-        decoder.close()
-
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 

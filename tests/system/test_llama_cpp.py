@@ -30,7 +30,17 @@ import pytest
 import requests
 from llama import ADMIN_TOKEN, BUILD_HINT, LlamaServer, llama_dir, start_gateway
 from servers import Gunicorn
-from tier import MODEL, T0, ask, check_grammar, sdk, shape, stream_events, text_of
+from tier import (
+    MODEL,
+    ask,
+    assert_same_answer_but_for_id_and_cache,
+    batch_beside_direct,
+    check_grammar,
+    sdk,
+    shape,
+    stream_events,
+    text_of,
+)
 from waiting import eventually
 
 pytestmark = pytest.mark.llama_cpp
@@ -536,42 +546,13 @@ def test_kept_billing_header_makes_llama_recompute_the_prompt(keep_client):
 
 @pytest.mark.parametrize("name", ["gateway", "messages_gateway"])
 def test_a_batch_runs_on_llama_and_its_answers_are_what_direct_requests_get(name, request):
-    """Through the translation and through llama.cpp's own /v1/messages alike: the SDK's
-    batch calls, and a succeeded result that is the direct answer but for its id (at
-    temperature 0, llama.cpp answers one prompt the same way each time)."""
+    """The SDK's batch calls through the translation and through llama.cpp's own /v1/messages:
+    a succeeded result is the direct answer (temperature 0) but for its id and the cache's
+    share of the prompt; a bad item is errored alone."""
     server = request.getfixturevalue(name)
-    body: dict[str, Any] = {"model": MODEL, "max_tokens": 12, "messages": COLORS}
-    params = {**body, **T0}
-    with anthropic.Anthropic(base_url=server.url, api_key="-", max_retries=0) as llm:
-        direct = llm.messages.create(**body, extra_body=T0)
-        batch = llm.messages.batches.create(
-            requests=[
-                {"custom_id": "colors", "params": params},
-                {"custom_id": "bad", "params": {"model": MODEL, "messages": COLORS}},
-            ]
-        )
-        done = eventually(
-            lambda: (
-                (b := llm.messages.batches.retrieve(batch.id)).processing_status == "ended" and b
-            ),
-            what="the batch ended",
-            timeout=120,
-        )
-        assert (done.request_counts.succeeded, done.request_counts.errored) == (1, 1)
-        decoder = llm.messages.batches.results(batch.id)
-        try:
-            found = {line.custom_id: line.result for line in decoder}
-        finally:
-            decoder.close()
-    message = found["colors"].message
-    assert message.id != direct.id
-    # But for how much of the prompt llama.cpp found in its cache (the second asking finds it).
-    assert message.model_dump(exclude={"id", "usage"}) == direct.model_dump(exclude={"id", "usage"})
-    used, asked = message.usage, direct.usage
-    assert used.input_tokens + used.cache_read_input_tokens == (
-        asked.input_tokens + asked.cache_read_input_tokens
-    )
-    assert used.output_tokens == asked.output_tokens
+    body = {"model": MODEL, "max_tokens": 12, "messages": COLORS}
+    direct, found = batch_beside_direct(server, body)
+    assert_same_answer_but_for_id_and_cache(found["ask"].message, direct)
     assert found["bad"].error.error.type == "invalid_request_error"
 
 

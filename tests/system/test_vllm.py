@@ -27,9 +27,19 @@ import anthropic
 import pytest
 import requests
 from servers import Gunicorn, free_port
-from tier import MODEL, T0, ask, check_grammar, sdk, shape, stream_events, text_of
+from tier import (
+    MODEL,
+    T0,
+    ask,
+    assert_same_answer_but_for_id_and_cache,
+    batch_beside_direct,
+    check_grammar,
+    sdk,
+    shape,
+    stream_events,
+    text_of,
+)
 from vllm import ADMIN_TOKEN, BUILD_HINT, SERVED, VllmServer, start_gateway, vllm_command
-from waiting import eventually
 
 pytestmark = pytest.mark.vllm
 
@@ -580,37 +590,13 @@ def test_native_client_disconnect_mid_stream_aborts_vllms_generation(messages_ga
 
 @pytest.mark.parametrize("name", ["gateway", "messages_gateway"])
 def test_a_batch_runs_on_vllm_and_its_answers_are_what_direct_requests_get(name, request):
-    """The SDK's batch calls through the translation and through vLLM's own /v1/messages: a
-    succeeded result is the direct answer (temperature 0) but for its id and how much of the
-    prompt vLLM found in its prefix cache the second time; a bad item is errored alone."""
+    """The SDK's batch calls through the translation and through vLLM's own /v1/messages:
+    a succeeded result is the direct answer (temperature 0) but for its id and the cache's
+    share of the prompt; a bad item is errored alone."""
     server = request.getfixturevalue(name)
-    body: dict[str, Any] = {"model": MODEL, "max_tokens": 8, "messages": COLORS}
-    with anthropic.Anthropic(base_url=server.url, api_key="-", max_retries=0) as llm:
-        direct = llm.messages.create(**body, extra_body=T0)
-        batch = llm.messages.batches.create(
-            requests=[
-                {"custom_id": "colors", "params": {**body, **T0}},
-                {"custom_id": "bad", "params": {"model": MODEL, "messages": COLORS}},
-            ]
-        )
-        done = eventually(
-            lambda: (
-                (b := llm.messages.batches.retrieve(batch.id)).processing_status == "ended" and b
-            ),
-            what="the batch ended",
-            timeout=300,
-        )
-        assert (done.request_counts.succeeded, done.request_counts.errored) == (1, 1)
-        decoder = llm.messages.batches.results(batch.id)
-        try:
-            found = {line.custom_id: line.result for line in decoder}
-        finally:
-            decoder.close()
-    message = found["colors"].message
-    assert message.id != direct.id
-    assert message.model_dump(exclude={"id", "usage"}) == direct.model_dump(exclude={"id", "usage"})
-    assert prompt_of(message) == prompt_of(direct)
-    assert message.usage.output_tokens == direct.usage.output_tokens
+    body = {"model": MODEL, "max_tokens": 8, "messages": COLORS}
+    direct, found = batch_beside_direct(server, body)
+    assert_same_answer_but_for_id_and_cache(found["ask"].message, direct)
     assert found["bad"].error.error.type == "invalid_request_error"
 
 

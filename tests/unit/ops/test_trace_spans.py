@@ -90,7 +90,7 @@ def begin_attempt(trace: RequestTrace, backend: str = "good", model: str = "m") 
         backend=backend,
         provider="vllm",
         model=model,
-        url="http://user:pw@10.0.0.5:8000/v1",
+        url="http://user:pw@127.0.0.1:8000/v1",
         stream=True,
         max_tokens=64,
     )
@@ -122,7 +122,7 @@ def test_a_request_continues_the_callers_trace_and_its_attempts_are_children(exp
     assert ok.attributes["gen_ai.response.finish_reasons"] == ("end_turn",)
     # From the attempt's start, which came 0.2 s after the request's.
     assert ok.attributes["gen_ai.response.time_to_first_chunk"] == pytest.approx(0.3)
-    assert ok.attributes["server.address"] == "10.0.0.5"  # not the URL's credentials
+    assert ok.attributes["server.address"] == "127.0.0.1"  # not the URL's credentials
     assert server.attributes["http.response.status_code"] == 200
 
 

@@ -58,7 +58,6 @@ PUBLISH_GAP = 0.02
 PUBLISH_AGAIN = 1.0
 PUBLISH_TTL = 3.0
 MAX_ITEMS = 256  # items one worker runs at once, whatever the slots allow
-ERROR_PAUSE = 1.0  # after the store failed
 WRITERS = 4  # threads writing one worker's result files
 
 

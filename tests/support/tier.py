@@ -189,3 +189,12 @@ def assert_same_answer_but_for_id_and_cache(message: Any, direct: Any) -> None:
         asked.input_tokens + (asked.cache_read_input_tokens or 0)
     )
     assert used.output_tokens == asked.output_tokens
+
+
+def own_answer(server: Any, messages: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """The backend's own chat completions answer to the prompt (llama.cpp's or vLLM's, straight,
+    not through the gateway): its choice, with the usage."""
+    response = server.chat({"messages": messages, "max_tokens": max_tokens})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return {**body["choices"][0], "usage": body["usage"]}

@@ -36,6 +36,7 @@ from tier import (
     assert_same_answer_but_for_id_and_cache,
     batch_beside_direct,
     check_grammar,
+    own_answer,
     sdk,
     shape,
     stream_events,
@@ -130,22 +131,11 @@ def keep_client(keep_gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
     yield from sdk(keep_gateway)
 
 
-# --- helpers ---------------------------------------------------------------------------------
-
-
-def llama_text(server: LlamaServer, messages: list[dict[str, Any]], max_tokens: int) -> dict:
-    """llama.cpp's own answer to the prompt: its message and usage."""
-    response = server.chat({"messages": messages, "max_tokens": max_tokens})
-    assert response.status_code == 200, response.text
-    body = response.json()
-    return {**body["choices"][0], "usage": body["usage"]}
-
-
 # --- text and streams ------------------------------------------------------------------------
 
 
 def test_text_answer_is_a_message_with_llamas_text_and_usage(client, plain):
-    own = llama_text(plain, COLORS, 40)
+    own = own_answer(plain, COLORS, 40)
     message = ask(client, False, max_tokens=40, messages=COLORS)
     assert message.type == "message" and message.role == "assistant" and message.model == MODEL
     assert message.id.startswith("msg_")
@@ -171,7 +161,7 @@ def test_streamed_text_follows_the_event_grammar_and_equals_the_json_message(cli
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_stop_sequence_ends_the_text_before_it_and_is_named(client, plain, stream):
-    full = llama_text(plain, COLORS, 40)["message"]["content"]
+    full = own_answer(plain, COLORS, 40)["message"]["content"]
     assert "Blue" in full
     message = ask(client, stream, max_tokens=40, messages=COLORS, stop_sequences=["Blue"])
     assert message.stop_reason == "stop_sequence"
@@ -181,7 +171,7 @@ def test_stop_sequence_ends_the_text_before_it_and_is_named(client, plain, strea
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_more_than_four_stop_sequences_all_apply(client, plain, stream):
-    full = llama_text(plain, COLORS, 40)["message"]["content"]
+    full = own_answer(plain, COLORS, 40)["message"]["content"]
     stops = ["zebra", "quartz", "violin", "pepper", "Green"]  # the fifth is the one that fires
     assert all(s not in full for s in stops[:4]) and "Green" in full
     message = ask(client, stream, max_tokens=40, messages=COLORS, stop_sequences=stops)
@@ -192,7 +182,7 @@ def test_more_than_four_stop_sequences_all_apply(client, plain, stream):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_max_tokens_cuts_the_answer_with_stop_reason_max_tokens(client, plain, stream):
-    own = llama_text(plain, COLORS, 3)
+    own = own_answer(plain, COLORS, 3)
     assert own["finish_reason"] == "length"
     message = ask(client, stream, max_tokens=3, messages=COLORS)
     assert message.stop_reason == "max_tokens" and message.stop_sequence is None
@@ -203,7 +193,7 @@ def test_max_tokens_cuts_the_answer_with_stop_reason_max_tokens(client, plain, s
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_prefill_answer_is_the_continuation_only(client, plain, stream):
     prefilled = [*COLORS, {"role": "assistant", "content": PREFILL}]
-    own = llama_text(plain, prefilled, 40)["message"]["content"]
+    own = own_answer(plain, prefilled, 40)["message"]["content"]
     # llama.cpp continues the prefill but answers with the prefill and the continuation.
     continuation = own[len(PREFILL) :] if own.startswith(PREFILL) else own
     assert continuation.strip()
@@ -218,7 +208,7 @@ def test_llamas_own_messages_endpoint_names_its_stop_sequence_with_stop_reason_s
     messages_gateway, plain
 ):
     """llama.cpp's /v1/messages says ``stop_sequence: "Blue"`` beside ``end_turn``."""
-    full = llama_text(plain, COLORS, 40)["message"]["content"]
+    full = own_answer(plain, COLORS, 40)["message"]["content"]
     with anthropic.Anthropic(base_url=messages_gateway.url, api_key="-", max_retries=0) as sdk:
         for stream in (False, True):
             message = ask(sdk, stream, max_tokens=40, messages=COLORS, stop_sequences=["Blue"])

@@ -34,6 +34,7 @@ from tier import (
     assert_same_answer_but_for_id_and_cache,
     batch_beside_direct,
     check_grammar,
+    own_answer,
     sdk,
     shape,
     stream_events,
@@ -98,14 +99,6 @@ def native(messages_gateway: Gunicorn) -> Iterator[anthropic.Anthropic]:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def vllm_text(server: VllmServer, messages: list[dict[str, Any]], max_tokens: int) -> dict:
-    """vLLM's own answer to the prompt: its choice and usage."""
-    response = server.chat({"messages": messages, "max_tokens": max_tokens})
-    assert response.status_code == 200, response.text
-    body = response.json()
-    return {**body["choices"][0], "usage": body["usage"]}
-
-
 def prompt_of(message: Any) -> int:
     return message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
 
@@ -114,7 +107,7 @@ def prompt_of(message: Any) -> int:
 
 
 def test_text_answer_is_a_message_with_vllms_text_and_usage(client, vllm):
-    own = vllm_text(vllm, COLORS, 20)
+    own = own_answer(vllm, COLORS, 20)
     message = ask(client, False, max_tokens=20, messages=COLORS)
     assert message.type == "message" and message.role == "assistant" and message.model == MODEL
     assert message.id.startswith("msg_")
@@ -189,7 +182,7 @@ def test_a_repeated_prompt_reports_vllms_prefix_cache_as_cache_read_input_tokens
 
 
 def _full_colors(vllm: VllmServer) -> str:
-    return vllm_text(vllm, COLORS, 20)["message"]["content"]
+    return own_answer(vllm, COLORS, 20)["message"]["content"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -203,7 +196,7 @@ def test_stop_sequence_ends_the_text_before_it_and_is_named(client, vllm, stream
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_max_tokens_cuts_the_answer_with_stop_reason_max_tokens(client, vllm, stream):
-    own = vllm_text(vllm, COLORS, 3)
+    own = own_answer(vllm, COLORS, 3)
     assert own["finish_reason"] == "length"
     message = ask(client, stream, max_tokens=3, messages=COLORS)
     assert message.stop_reason == "max_tokens" and message.stop_sequence is None
@@ -474,7 +467,7 @@ def test_models_list_what_vllm_serves(client, vllm):
 
 
 def test_native_text_answer_is_vllms_text_and_usage(native, vllm):
-    own = vllm_text(vllm, COLORS, 20)
+    own = own_answer(vllm, COLORS, 20)
     message = ask(native, False, max_tokens=20, messages=COLORS)
     assert message.type == "message" and message.role == "assistant" and message.model == MODEL
     assert message.id.startswith("msg_")

@@ -83,8 +83,22 @@ def gateway(
     server.stop()
 
 
+OPENED: list[anthropic.Anthropic] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_clients() -> Iterator[None]:
+    """The SDK clients the tests made, closed with the module: one left to the garbage
+    collector drops its pooled connections in whatever test runs then, as a ResourceWarning."""
+    yield
+    while OPENED:
+        OPENED.pop().close()
+
+
 def client(gateway: Gunicorn, key: str = ALICE) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=gateway.url, api_key=key, max_retries=0)
+    sdk = anthropic.Anthropic(base_url=gateway.url, api_key=key, max_retries=0)
+    OPENED.append(sdk)
+    return sdk
 
 
 def item(custom_id: str, text: str = "hi", **params: Any) -> dict[str, Any]:

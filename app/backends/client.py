@@ -25,10 +25,11 @@ from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
+from requests.models import PreparedRequest
 from requests.utils import check_header_validity
 
 from app import jsonc
-from app.backends.session import Template, Transport
+from app.backends.session import ClosedWhileIdle, Template, Transport
 from app.config import Upstream
 from app.errors import GatewayError, InvalidRequest, UpstreamError, UpstreamTimeout
 from app.translate.redact import redact
@@ -190,9 +191,7 @@ class BackendClient:
         """The backend answers HTTP through the configured TLS and proxy settings: any status
         below 500 (a 401 or 404 says the server is up; a 503 says it is still loading)."""
         try:
-            response = self.transport.send(
-                self.list_request.request(None), stream=True, read_timeout=READY_TIMEOUT
-            )
+            response = self._transmit(self.list_request.request(None), READY_TIMEOUT)
         except BODY_ERRORS:
             return False
         response.close()
@@ -311,9 +310,7 @@ class BackendClient:
             headers["X-Request-ID"] = request_id
         body = None if payload is None else jsonc.dumps(payload)
         try:
-            response = self.transport.send(
-                template.request(body, headers), stream=True, read_timeout=read_timeout
-            )
+            response = self._transmit(template.request(body, headers), read_timeout)
         except BODY_ERRORS as exc:
             raise self.transport_error(exc) from None
         _check_framing(response, self.name)
@@ -323,6 +320,22 @@ class BackendClient:
         if 200 <= status < 300:
             return response
         raise self._status_error(response, payload, count_prompt)
+
+    def _transmit(self, request: PreparedRequest, read_timeout: float) -> requests.Response:
+        """Send ``request``; once more when it met the keep-alive race, which the backend
+        never read (app.backends.session.KeptAliveConnection). urllib3 leaves an empty place
+        in the pool for the closed connection, so the second sending opens a new one."""
+        try:
+            return self.transport.send(request, stream=True, read_timeout=read_timeout)
+        except requests.ConnectionError as exc:
+            if not _has(exc, ClosedWhileIdle):
+                raise
+        log.info(
+            "backend %s closed a kept-alive connection as a request went out on it; "
+            "sent again on a new one",
+            self.name,
+        )
+        return self.transport.send(request, stream=True, read_timeout=read_timeout)
 
     def _check_echo(self, response: requests.Response, request_id: str) -> None:
         """Refuse an answer that names another request. HTTP/1.1 cannot tell by itself: a

@@ -8,7 +8,9 @@ every call goes to that adapter's public ``send`` with settings fixed at start:
 
 - the pool holds as many connections as the worker can have requests in flight, and never
   blocks (the balancer caps concurrency per backend);
-- urllib3 retries nothing (``app.backends.dispatch`` owns retries and failover);
+- urllib3 retries nothing (``app.backends.dispatch`` owns retries and failover); its
+  connections tell the keep-alive race apart (``KeptAliveConnection``), for the backend client
+  to send such a request once more;
 - proxies come from the config or, with ``trust_env``, from the environment, read once here
   instead of on every call as ``Session.request`` does;
 - TLS is verified, against the backend's ``ca_bundle`` if it names one, with its optional
@@ -22,14 +24,16 @@ CPU through ``Session.post``, 449 µs with ``trust_env`` off, 259 µs through th
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 from requests.models import PreparedRequest
 from requests.structures import CaseInsensitiveDict
 from requests.utils import get_environ_proxies
-from urllib3 import BaseHTTPResponse
-from urllib3.connectionpool import ConnectionPool
+from urllib3 import BaseHTTPResponse, PoolManager, ProxyManager
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import ConnectionPool, HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.util import Retry, Timeout
 
 from app.config import Upstream
@@ -39,9 +43,66 @@ from app.config import Upstream
 NO_RETRIES = Retry(total=0, read=False, redirect=False, raise_on_redirect=False)
 
 
+class ClosedWhileIdle(ConnectionError):
+    """The backend closed a kept-alive connection as a request went out on it."""
+
+
+class KeptAliveConnection:
+    """A connection that knows whether it was reused, to tell the keep-alive race apart.
+
+    A server closes an idle connection when its keep-alive timeout runs out (5 s in
+    llama.cpp's httplib and in uvicorn, which serves vLLM). urllib3 replaces a pooled
+    connection whose close has already arrived, but when the close crosses the request on the
+    wire, the request meets a closed socket and the answer is no answer at all. That happened
+    once in a test run against llama.cpp; with ``retries = 0``, or one backend, it was a 502.
+    The server never read the request (RFC 9112, section 9.3.1), so sending it again on a new
+    connection is safe, and is what HTTP clients do for requests they may repeat: a completion
+    has no side effect. A connection closed without an answer to its *first* request is
+    another matter (a backend that crashed, or refuses): that is left to the dispatcher.
+    """
+
+    requests_sent = 0
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        self.requests_sent += 1
+        super().request(*args, **kwargs)  # type: ignore[misc]
+
+    def getresponse(self) -> Any:
+        try:
+            return super().getresponse()  # type: ignore[misc]
+        except ConnectionResetError as exc:  # http.client.RemoteDisconnected is one
+            if self.requests_sent < 2:
+                raise
+            raise ClosedWhileIdle(f"a kept-alive connection was closed: {exc}") from exc
+
+
+class KeptAliveHTTPConnection(KeptAliveConnection, HTTPConnection):
+    pass
+
+
+class KeptAliveHTTPSConnection(KeptAliveConnection, HTTPSConnection):
+    pass
+
+
+class BackendHTTPPool(HTTPConnectionPool):
+    ConnectionCls = KeptAliveHTTPConnection
+
+
+class BackendHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = KeptAliveHTTPSConnection
+
+
+POOL_CLASSES: dict[str, type[HTTPConnectionPool]] = {
+    "http": BackendHTTPPool,
+    "https": BackendHTTPSPool,
+}
+
+
 class BackendAdapter(HTTPAdapter):
-    """The transport to one backend. Three of HTTPAdapter's documented extension points are
-    overridden, each to drop work a backend answer does not need:
+    """The transport to one backend. ``init_poolmanager`` and ``proxy_manager_for`` give its
+    pools connections that know when they were reused (``KeptAliveConnection``). Three more
+    of HTTPAdapter's documented extension points are overridden, each to drop work a backend
+    answer does not need:
 
     - ``build_response`` keeps urllib3's (already case-insensitive) header mapping as it is
       and collects no cookies: the gateway keeps none, and copying the headers into
@@ -59,6 +120,18 @@ class BackendAdapter(HTTPAdapter):
         super().__init__(
             pool_connections=4, pool_maxsize=pool_size, max_retries=NO_RETRIES, pool_block=False
         )
+
+    def init_poolmanager(
+        self, connections: int, maxsize: int, block: bool = False, **pool_kwargs: Any
+    ) -> None:
+        super().init_poolmanager(connections, maxsize, block, **pool_kwargs)
+        self.poolmanager.pool_classes_by_scheme = POOL_CLASSES
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> PoolManager:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if type(manager) is ProxyManager:  # a SOCKS proxy's pools make connections of their own
+            manager.pool_classes_by_scheme = POOL_CLASSES
+        return manager
 
     def get_connection_with_tls_context(
         self,

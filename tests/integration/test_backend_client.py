@@ -210,6 +210,45 @@ def test_connection_closed_by_server_between_requests_is_replaced_silently(serve
     assert srv.connections == 2
 
 
+def closing_kept_alive(*, fresh_answer: bool) -> Callable:
+    """A handler that answers the first request on its first connection, then reads the next
+    request on it and closes without a word: the server's keep-alive timeout running out as
+    that request crossed it on the wire. Later connections are answered when ``fresh_answer``,
+    else closed the same way."""
+
+    def handler(conn: socket.socket, srv: RawServer) -> None:
+        first_connection = srv.connections == 1
+        request = read_request(conn)
+        srv.requests.append(request)
+        if first_connection:
+            conn.sendall(OK)
+            srv.requests.append(read_request(conn))
+        elif fresh_answer:
+            conn.sendall(OK)
+
+    return handler
+
+
+def test_a_request_crossing_a_keep_alive_close_is_sent_again_on_a_new_connection(server):
+    srv = server(closing_kept_alive(fresh_answer=True))
+    client = client_for(srv)
+    assert complete(client) == {"ok": True}
+    assert complete(client, {"model": "m", "n": 2}) == {"ok": True}
+    assert srv.connections == 2
+    assert [r.endswith(b'"n":2}') for r in srv.requests] == [False, True, True]
+
+
+def test_a_request_crossing_a_keep_alive_close_is_sent_again_once(server):
+    srv = server(closing_kept_alive(fresh_answer=False))
+    client = client_for(srv)
+    complete(client)
+    with pytest.raises(UpstreamError) as caught:
+        complete(client)
+    assert caught.value.status == 502
+    assert caught.value.reached  # the new connection was closed unanswered: a backend fault
+    assert (srv.connections, len(srv.requests)) == (2, 3)
+
+
 def test_connection_close_header_prevents_reuse(server):
     srv = server(serving(lambda n: answer_with(b"{}", headers="Connection: close\r\n")))
     client = client_for(srv)

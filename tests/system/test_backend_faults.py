@@ -20,6 +20,7 @@ import requests
 from fakebackend import (
     EchoReply,
     FakeBackend,
+    HangReply,
     HugeLineReply,
     JSONReply,
     RawReply,
@@ -219,6 +220,17 @@ def test_a_late_stray_answer_naming_another_request_is_refused(sdk, world):
     assert "sent an answer to another request" in caught.value.body["error"]["message"]
     for _ in range(3):
         serves_the_next_request(sdk)
+
+
+def test_a_request_crossing_the_backends_keep_alive_close_is_answered(sdk, world):
+    """The backend reads a request on a kept-alive connection and closes it unanswered, as
+    when its keep-alive timeout runs out while the request is on its way: the gateway, with
+    ``retries = 0``, sends it once more on a new connection, streamed or not."""
+    serves_the_next_request(sdk)  # the worker has a connection to the backend in its pool
+    for stream in (False, True):
+        world["plain"].reply(HangReply(0))  # read, then closed without a word
+        ask(sdk, stream=stream)
+    serves_the_next_request(sdk)
 
 
 def test_a_gzip_bomb_is_a_502_and_the_worker_stays_small(sdk, world):

@@ -308,7 +308,7 @@ def _stream(
     in_flight = metrics.streams_in_flight(attempt.target.backend)
 
     def on_end(end: StreamOutcome) -> None:
-        outcome.status, outcome.delivery = 200, Delivery.STREAM
+        _note_delivery(outcome, end)
         run_each(
             (
                 in_flight.dec,
@@ -334,6 +334,7 @@ def _stream(
     )
     response.direct_passthrough = True  # app.serving.relay.StreamBody: gunicorn iterates the relay
     in_flight.inc()
+    state.stream = body
     state.advance(Phase.STREAMING)
     return response
 
@@ -342,13 +343,24 @@ def _nothing() -> None:
     pass
 
 
+def _note_delivery(outcome: RequestOutcome, end: StreamOutcome) -> None:
+    """How the stream left. One that never did was replaced by an error answer, whose status
+    is the outcome's already, or its client hung up just as it was built (499)."""
+    if end.relayed:
+        outcome.status, outcome.delivery = 200, Delivery.STREAM
+        outcome.client_disconnected = not end.completed
+    elif outcome.status is None:
+        outcome.status, outcome.delivery, outcome.client_disconnected = 499, Delivery.NONE, True
+
+
 def _note_end(
     outcome: RequestOutcome, end: StreamOutcome, translator: Translator, started: float
 ) -> None:
     """What the stream did, into the request's outcome; the usage last, as the one part a
-    backend's odd stream can make unreadable."""
+    backend's odd stream can make unreadable. Nothing, for a stream that never left."""
+    if not end.relayed:
+        return
     outcome.error = translator.error_type
-    outcome.client_disconnected = not end.completed
     outcome.bytes_out = end.bytes_out
     if end.first_token_at is not None:
         outcome.ttft = end.first_token_at - started

@@ -42,9 +42,10 @@ class StreamOutcome:
     """What the relay saw of the stream, for the request's outcome once it is over
     (app.serving.messages puts it there)."""
 
-    __slots__ = ("first_token_at", "completed", "bytes_out")
+    __slots__ = ("relayed", "first_token_at", "completed", "bytes_out")
 
     def __init__(self) -> None:
+        self.relayed = False  # False at the end: its response never left the app
         self.first_token_at: float | None = None
         self.completed = False  # False at the end means the client went away mid-stream
         self.bytes_out = 0
@@ -54,25 +55,32 @@ class StreamBody:
     """A relayed stream as a WSGI body, handed to gunicorn as it is (the Flask response is
     ``direct_passthrough``): gunicorn then resumes the relay generator itself for each piece,
     with no werkzeug wrapper adding two Python calls per chunk. ``close`` (gunicorn calls it
-    when the response is over or the client has gone) closes the generator, and ends the
-    stream's bookkeeping even if the generator never ran."""
+    when the response is over or the client has gone; the request's last hook when the
+    response never left the app) closes the generator, and ends the stream's bookkeeping
+    even if the generator never ran: then it closes the backend's answer too (``unread``),
+    which only the generator would otherwise have read or closed."""
 
-    __slots__ = ("pieces", "outcome", "on_end", "ended")
+    __slots__ = ("pieces", "outcome", "on_end", "ended", "unread")
 
     def __init__(self, on_end: Callable[[StreamOutcome], None]) -> None:
         self.outcome = StreamOutcome()
         self.on_end = on_end
         self.ended = False
         self.pieces: Iterator[bytes] = iter(())
+        self.unread: Callable[[], None] = _nothing
 
     def __iter__(self) -> Iterator[bytes]:
         return self.pieces
 
     def close(self) -> None:
-        close = getattr(self.pieces, "close", None)
-        if close is not None:
-            close()
-        self.end()
+        try:
+            close = getattr(self.pieces, "close", None)
+            if close is not None:
+                close()
+            if not self.ended:  # the generator never ran
+                self.unread()
+        finally:
+            self.end()
 
     def end(self) -> None:
         if not self.ended:
@@ -94,7 +102,12 @@ def relay(
     ``observe`` sees every list of events before it is written (a thread keeps its reply)."""
     stream = StreamBody(on_end)
     stream.pieces = _relay(stream, client, response, translator, deadline, ping_interval, observe)
+    stream.unread = response.close
     return stream
+
+
+def _nothing() -> None:
+    pass
 
 
 def _relay(
@@ -107,6 +120,7 @@ def _relay(
     observe: Observer | None,
 ) -> Iterator[bytes]:
     outcome = stream.outcome
+    outcome.relayed = True
     pump = Pump(client.chunks(response), lambda: _stop_reading(response))
     try:
         start = translator.start()

@@ -33,6 +33,7 @@ from app.translate.tokens import estimate_request_tokens
 
 if TYPE_CHECKING:
     from app.ops.spans import RequestTrace
+    from app.serving.relay import StreamBody
 
 log = logging.getLogger("gateway")
 ENVIRON_KEY = "gateway.request"
@@ -93,6 +94,7 @@ class RequestState:
         "admin",
         "batch",
         "trace",
+        "stream",
     )
 
     def __init__(self, started: float, request_id: str, ledger: Ledger) -> None:
@@ -108,6 +110,7 @@ class RequestState:
         self.admin = False  # the admin token, on the routes that take it (batches)
         self.batch: BatchItem | None = None  # a batch item's request, run by the gateway
         self.trace: RequestTrace | None = None  # its spans, when tracing is on (app.ops.tracing)
+        self.stream: StreamBody | None = None  # its answer, when that is a relayed stream
 
     @property
     def owner(self) -> str:

@@ -212,7 +212,9 @@ def _finish_request(response: Response) -> Response:
     state = current()
     if state is None:
         return response
-    streaming = state.phase is Phase.STREAMING
+    # (An error answer that replaced a relayed stream is answered as any other: the stream is
+    # closed by the last hook, _end_request.)
+    streaming = state.stream is not None and response.response is state.stream
     unread = state.phase < Phase.BODY_READ
     state.advance(Phase.ANSWERED)
     response.headers["request-id"] = state.request_id
@@ -241,9 +243,19 @@ def _has_body(environ: Mapping[str, Any]) -> bool:
 def _end_request(error: BaseException | None) -> None:
     """The last hook of every request, run also when no response left the app (the client
     hung up while the backend worked, ``ClientGone``): what the request held goes back, and
-    it still gets its access line and its settlement."""
+    it still gets its access line and its settlement.
+
+    With an error, the app's answer is an error response or none: a relayed stream built
+    before it never reaches the server, which would have closed it, so it is closed here
+    (its backend connection, its slot, its gauge, its request's end)."""
     state = current()
-    if state is None or state.phase >= Phase.ANSWERED or state.outcome is None:
+    if state is None:
+        return
+    if error is not None and state.stream is not None:
+        stream, state.stream = state.stream, None
+        stream.close()
+        return
+    if state.phase >= Phase.ANSWERED or state.outcome is None:
         return
     outcome = state.outcome
     outcome.status, outcome.client_disconnected, outcome.delivery = 499, True, Delivery.NONE

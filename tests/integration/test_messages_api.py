@@ -18,6 +18,7 @@ from fakebackend import (
     completion,
     error_body,
 )
+from metrics import metric_sum
 
 USER_HI = [{"role": "user", "content": "hi"}]
 
@@ -260,6 +261,40 @@ def test_stream_cut_by_backend_ends_with_error_event(client, backend):
     backend.reply(StreamReply(chunks(["a", "b", "c"]), cut_after=2))
     with pytest.raises(anthropic.APIStatusError, match="before the answer was complete"):
         stream_final(client)
+
+
+def test_a_stream_replaced_by_an_error_answer_gives_back_what_it_held(
+    make_gateway, backend, gateway_log
+):
+    """A relayed stream built, then replaced by an error answer before it left the app (here
+    an after-request hook of the test's own fails for it): the client gets the error, the
+    backend sees its connection closed, nothing stays in flight, and the access line says 500
+    once."""
+    gateway = make_gateway(admin={"token": "t"})
+
+    @gateway.app.after_request
+    def fail_streams(response):
+        if response.mimetype == "text/event-stream":
+            raise RuntimeError("an after-request hook failed")
+        return response
+
+    backend.reply(StreamReply(chunks(["x"] * 100), delay=0.1))  # ten seconds of answer
+    reply = requests.post(
+        gateway.url + "/v1/messages",
+        json={"model": "m", "max_tokens": 64, "messages": USER_HI, "stream": True},
+        timeout=30,
+    )
+    assert reply.status_code == 500
+    assert reply.json()["error"]["type"] == "api_error"
+    assert backend.wait_closed(1, timeout=5)  # long before the answer's end
+    status = requests.get(gateway.url + "/status", headers={"x-api-key": "t"}, timeout=5).json()
+    assert status["backends"]["default"]["in_flight"] == 0
+    metrics = requests.get(gateway.url + "/metrics", timeout=5).text
+    assert metric_sum(metrics, "gateway_streams_in_flight") == 0
+    lines = [r.msg for r in gateway_log.records if r.name == "gateway.access"]
+    assert [(line["status"], line["request_id"]) for line in lines if line["stream"]] == [
+        (500, reply.headers["request-id"])
+    ]
 
 
 def test_in_stream_backend_error_becomes_error_event(client, backend):

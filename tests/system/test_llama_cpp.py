@@ -455,8 +455,11 @@ LONG = [{"role": "user", "content": "Write a very long story about a dragon."}]
 
 
 def test_client_disconnect_mid_stream_frees_the_llama_slot(gateway, plain):
-    """The story runs to max_tokens (900) if nobody stops it: at 50-150 tokens a second that
-    is several seconds after the hang-up, while a freed slot is seen within 3."""
+    """The story runs to max_tokens (900) if nobody stops it. After the hang-up llama.cpp stops
+    generating it: counted in tokens, not seconds, so that a slow machine cannot fail it, most
+    of what remained at the hang-up is never generated. (The wait is bounded only so that a
+    gateway that never hangs up cannot hold the test forever.)"""
+    predicted = plain.metric("tokens_predicted_total")
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
     body = {"model": MODEL, "max_tokens": 900, "stream": True, "temperature": 0, "messages": LONG}
     conn.request("POST", "/v1/messages", json.dumps(body), {"Content-Type": "application/json"})
@@ -469,13 +472,16 @@ def test_client_disconnect_mid_stream_frees_the_llama_slot(gateway, plain):
         deltas += line.startswith(b"event: content_block_delta")
     busy = [s for s in plain.slots() if s["is_processing"]]
     assert len(busy) == 1
-    assert busy[0]["next_token"][0]["n_remain"] >= 600
+    remaining = busy[0]["next_token"][0]["n_remain"]
+    assert remaining >= 600
     conn.sock.shutdown(socket.SHUT_RDWR)  # the client hangs up without reading on
     conn.close()
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 300
     while any(s["is_processing"] for s in plain.slots()):
-        assert time.monotonic() < deadline, "llama.cpp still generating 3 s after the hang-up"
+        assert time.monotonic() < deadline, "llama.cpp still generating 300 s after the hang-up"
         time.sleep(0.05)
+    generated = plain.metric("tokens_predicted_total") - predicted  # counted when a slot frees
+    assert generated < 900 - remaining // 2, f"{generated} of 900 tokens generated"
 
 
 # --- the prefix cache and Claude Code's attribution line -------------------------------------

@@ -4,6 +4,7 @@ tests/system/test_observability_gunicorn.py; the log line itself: tests/unit/ops
 from __future__ import annotations
 
 import json
+import time
 
 import requests
 from fakebackend import FakeBackend, StreamReply, chunks
@@ -45,15 +46,29 @@ def test_access_log_has_the_fields_an_operator_needs(gateway, backend, gateway_l
 
 def test_metrics_count_requests_tokens_and_errors(gateway, backend):
     before = requests.get(gateway.url + "/metrics", timeout=10).text
+
+    def grew_in(text: str, name: str, **labels: str) -> float:
+        return metric_sum(text, name, **labels) - metric_sum(before, name, **labels)
+
     requests.post(gateway.url + "/v1/messages", json=BODY, timeout=10)
     backend.reply(StreamReply(chunks(["x"])))
     requests.post(gateway.url + "/v1/messages", json={**BODY, "stream": True}, timeout=10)
-    after = requests.get(gateway.url + "/metrics", timeout=10)
+    # A request is counted once the server has closed its answer, just after its last byte:
+    # a scrape at once may come first.
+    deadline = time.monotonic() + 30
+    while True:
+        after = requests.get(gateway.url + "/metrics", timeout=10)
+        text = after.text
+        if (
+            grew_in(text, "gateway_requests_total", route="default") >= 2
+            or time.monotonic() > deadline
+        ):
+            break
+        time.sleep(0.05)
     assert after.headers["content-type"].startswith("text/plain")
-    text = after.text
 
     def grew(name: str, **labels: str) -> float:
-        return metric_sum(text, name, **labels) - metric_sum(before, name, **labels)
+        return grew_in(text, name, **labels)
 
     assert grew("gateway_requests_total", route="default", status="200", stream="false") == 1
     assert grew("gateway_requests_total", route="default", status="200", stream="true") == 1

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -31,13 +33,29 @@ def test_metrics_add_up_across_gunicorn_workers(tmp_path, workers):
                 server.url + "/v1/messages", json={**BODY, "stream": True}, timeout=10
             )
             assert reply.status_code == 200
-            text = requests.get(server.url + "/metrics", timeout=10).text
+            # A stream is counted once its worker has closed it, just after its last byte:
+            # a scrape at once may come first.
+            text = _scrape_until(server, lambda t: _requests(t) >= sent + 1)
         finally:
             server.stop()
     assert len(_workers(server)) > 1, "requests did not spread over workers: a vacuous check"
-    assert metric_sum(text, "gateway_requests_total", route="default") == sent + 1
+    assert _requests(text) == sent + 1
     assert metric_sum(text, "gateway_tokens_total", direction="output") == 5 * (sent + 1)
     assert re.search(r'gateway_streams_in_flight\{backend="default"\} 0\.0', text)
+
+
+def _requests(text: str) -> float:
+    return metric_sum(text, "gateway_requests_total", route="default")
+
+
+def _scrape_until(server: Gunicorn, done: Callable[[str], bool], seconds: float = 30) -> str:
+    """/metrics once ``done`` says so, or as it is after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        text = requests.get(server.url + "/metrics", timeout=10).text
+        if done(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
 
 
 def _post_status(server: Gunicorn) -> int:

@@ -62,12 +62,14 @@ class StreamBody:
 
     __slots__ = ("pieces", "outcome", "on_end", "ended", "unread")
 
-    def __init__(self, on_end: Callable[[StreamOutcome], None]) -> None:
+    def __init__(
+        self, on_end: Callable[[StreamOutcome], None], unread: Callable[[], None] | None = None
+    ) -> None:
         self.outcome = StreamOutcome()
         self.on_end = on_end
         self.ended = False
         self.pieces: Iterator[bytes] = iter(())
-        self.unread: Callable[[], None] = _nothing
+        self.unread = unread
 
     def __iter__(self) -> Iterator[bytes]:
         return self.pieces
@@ -77,7 +79,7 @@ class StreamBody:
             close = getattr(self.pieces, "close", None)
             if close is not None:
                 close()
-            if not self.ended:  # the generator never ran
+            if not self.ended and self.unread is not None:  # the generator never ran
                 self.unread()
         finally:
             self.end()
@@ -100,14 +102,9 @@ def relay(
 ) -> StreamBody:
     """``deadline`` (monotonic): past it the stream ends with a timeout error event.
     ``observe`` sees every list of events before it is written (a thread keeps its reply)."""
-    stream = StreamBody(on_end)
+    stream = StreamBody(on_end, unread=response.close)
     stream.pieces = _relay(stream, client, response, translator, deadline, ping_interval, observe)
-    stream.unread = response.close
     return stream
-
-
-def _nothing() -> None:
-    pass
 
 
 def _relay(

@@ -4,11 +4,11 @@ tests/system/test_observability_gunicorn.py; the log line itself: tests/unit/ops
 from __future__ import annotations
 
 import json
-import time
 
 import requests
 from fakebackend import FakeBackend, StreamReply, chunks
 from metrics import BODY, metric_sum
+from waiting import eventually
 
 
 def test_access_log_has_the_fields_an_operator_needs(gateway, backend, gateway_log):
@@ -53,18 +53,17 @@ def test_metrics_count_requests_tokens_and_errors(gateway, backend):
     requests.post(gateway.url + "/v1/messages", json=BODY, timeout=10)
     backend.reply(StreamReply(chunks(["x"])))
     requests.post(gateway.url + "/v1/messages", json={**BODY, "stream": True}, timeout=10)
+
     # A request is counted once the server has closed its answer, just after its last byte:
     # a scrape at once may come first.
-    deadline = time.monotonic() + 30
-    while True:
+    def scrape() -> requests.Response | None:
         after = requests.get(gateway.url + "/metrics", timeout=10)
-        text = after.text
-        if (
-            grew_in(text, "gateway_requests_total", route="default") >= 2
-            or time.monotonic() > deadline
-        ):
-            break
-        time.sleep(0.05)
+        return (
+            after if grew_in(after.text, "gateway_requests_total", route="default") >= 2 else None
+        )
+
+    after = eventually(scrape, "the streamed request counted")
+    text = after.text
     assert after.headers["content-type"].startswith("text/plain")
 
     def grew(name: str, **labels: str) -> float:

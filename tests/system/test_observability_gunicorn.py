@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -13,6 +11,7 @@ import requests
 from fakebackend import FakeBackend, StreamReply, chunks
 from metrics import BODY, metric_sum
 from servers import Gunicorn
+from waiting import eventually
 
 
 @pytest.mark.parametrize("workers", [3])
@@ -35,7 +34,7 @@ def test_metrics_add_up_across_gunicorn_workers(tmp_path, workers):
             assert reply.status_code == 200
             # A stream is counted once its worker has closed it, just after its last byte:
             # a scrape at once may come first.
-            text = _scrape_until(server, lambda t: _requests(t) >= sent + 1)
+            text = eventually(lambda: _scrape_if(server, sent + 1), "the last request counted")
         finally:
             server.stop()
     assert len(_workers(server)) > 1, "requests did not spread over workers: a vacuous check"
@@ -48,14 +47,10 @@ def _requests(text: str) -> float:
     return metric_sum(text, "gateway_requests_total", route="default")
 
 
-def _scrape_until(server: Gunicorn, done: Callable[[str], bool], seconds: float = 30) -> str:
-    """/metrics once ``done`` says so, or as it is after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        text = requests.get(server.url + "/metrics", timeout=10).text
-        if done(text) or time.monotonic() > deadline:
-            return text
-        time.sleep(0.05)
+def _scrape_if(server: Gunicorn, counted: int) -> str | None:
+    """/metrics, once it counts ``counted`` requests."""
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return text if _requests(text) >= counted else None
 
 
 def _post_status(server: Gunicorn) -> int:
